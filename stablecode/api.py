@@ -1,0 +1,57 @@
+"""The Python API: load a model and its tokenizer once, then complete code."""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import torch
+
+from stablecode.checkpoint import load_model, resolve_model_dir
+from stablecode.generate import Completion, Sequence, generate
+from stablecode.sampling import SamplingParams
+from stablecode.tokenizer import load_tokenizer
+
+
+class Completer:
+    """Code completion with one model: `Completer(path).complete("def fib(n):").text`.
+
+    `model` is a checkpoint directory or an embedded model name; None means the embedded default.
+    """
+
+    def __init__(self, model: str | os.PathLike | None = None, *, dtype: str | torch.dtype | None = None,
+                 device: str | torch.device | None = None, quantize: str | None = None, progress: bool = False):
+        self.model_dir = resolve_model_dir(model)
+        self.model = load_model(self.model_dir, dtype=dtype, device=device, quantize=quantize, progress=progress)
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.config = self.model.config
+        self.device = self.model.rotary_cos.device
+
+    def sequence(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, repetition_penalty: float = 1.0, stop: list[str] | tuple[str, ...] | None = None,
+                 seed: int | None = None) -> Sequence:
+        """A prepared (tokenized, context-fitted) sequence for `prompt`."""
+        sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
+                                  repetition_penalty=repetition_penalty, seed=seed)
+        return Sequence(self.tokenizer.encode(prompt), self.tokenizer, self.config.max_position_embeddings,
+                        max_new_tokens=max_new_tokens, sampling=sampling, stop_strings=tuple(stop or ()),
+                        device=self.device)
+
+    def complete(self, prompt: str, **options) -> Completion:
+        """Complete one prompt. Options: max_new_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed."""
+        return self.complete_batch([prompt], **options)[0]
+
+    def complete_batch(self, prompts: list[str], **options) -> list[Completion]:
+        """Complete several prompts in one batch (seed i+k for prompt k when a seed is given)."""
+        seed = options.pop("seed", None)
+        sequences = [self.sequence(p, seed=None if seed is None else seed + i, **options)
+                     for i, p in enumerate(prompts)]
+        for _ in generate(self.model, sequences):
+            pass
+        return [s.result() for s in sequences]
+
+    def stream(self, prompt: str, **options) -> Iterator[str]:
+        """Yield the completion's text piece by piece as it is generated."""
+        sequence = self.sequence(prompt, **options)
+        for _, piece in generate(self.model, [sequence]):
+            yield piece

@@ -1,0 +1,293 @@
+"""Checkpoints in Hugging Face layout: config.json + safetensors (single or sharded) or weights-only .bin.
+
+Loading builds the model on the meta device and assigns tensors one at a time from memory-mapped
+files, so the weights are never held twice. Saving writes what transformers' GPTNeoXForCausalLM loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from stablecode.config import ModelConfig
+from stablecode.errors import CheckpointError, ConfigError
+from stablecode.model import GPTNeoX
+
+# Buffers that old GPT-NeoX checkpoints carry and we recompute (or never need).
+IGNORED_SUFFIXES = ("attention.bias", "attention.masked_bias", "attention.rotary_emb.inv_freq")
+EMBEDDED_MODELS_DIR = Path(__file__).parent / "models"
+DEFAULT_MODEL = "stablecode-nano"
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+# ---- atomic file writing ---------------------------------------------------------------------
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, fsync, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def replace_directory(staging: Path, destination: Path) -> None:
+    """Move a fully written `staging` directory to `destination`, replacing it as atomically as POSIX allows."""
+    destination = Path(destination)
+    old = destination.with_name(f".{destination.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if destination.exists():
+        os.replace(destination, old)
+    os.replace(staging, destination)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+# ---- resolving names and dtypes --------------------------------------------------------------
+
+def resolve_model_dir(model: str | os.PathLike | None) -> Path:
+    """A checkpoint directory, or the name of an embedded model (default: stablecode-nano)."""
+    if model is None:
+        model = DEFAULT_MODEL
+    path = Path(model)
+    if path.is_dir():
+        return path
+    embedded = EMBEDDED_MODELS_DIR / str(model)
+    if embedded.is_dir() and (embedded / "config.json").exists():
+        return embedded
+    if str(model) == DEFAULT_MODEL:
+        raise CheckpointError(f"the embedded model {DEFAULT_MODEL!r} is not installed in {embedded}; "
+                              "pass --model DIR with a checkpoint directory")
+    raise CheckpointError(f"{model}: no such checkpoint directory (and not an embedded model name)")
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise CheckpointError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def check_device_dtype(device: torch.device, dtype: torch.dtype) -> None:
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise CheckpointError(f"dtype {dtype} is not supported for inference (use float32, bfloat16 or float16)")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CheckpointError("device 'cuda' was asked for but no CUDA GPU is available")
+        if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            raise CheckpointError(f"{torch.cuda.get_device_name(device)} cannot run bfloat16; use --dtype float16")
+
+
+# ---- reading tensors -------------------------------------------------------------------------
+
+def _weight_files(directory: Path) -> tuple[str, list[Path]]:
+    for index_name, kind in (("model.safetensors.index.json", "safetensors"), ("pytorch_model.bin.index.json", "bin")):
+        index = directory / index_name
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a valid shard index ({e})") from None
+            files = sorted({directory / name for name in weight_map.values()})
+            missing = [str(f) for f in files if not f.exists()]
+            if missing:
+                raise CheckpointError(f"{index} names shard files that do not exist: {', '.join(missing)}")
+            return kind, files
+    if (directory / "model.safetensors").exists():
+        return "safetensors", [directory / "model.safetensors"]
+    if (directory / "pytorch_model.bin").exists():
+        return "bin", [directory / "pytorch_model.bin"]
+    raise CheckpointError(f"{directory}: no weights found (expected model.safetensors, "
+                          "model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json)")
+
+
+def iter_checkpoint_tensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor in the checkpoint, read lazily from mmapped files."""
+    kind, files = _weight_files(directory)
+    for file in files:
+        if kind == "safetensors":
+            try:
+                with safe_open(str(file), framework="pt", device="cpu") as f:
+                    for name in f.keys():
+                        yield name, f.get_tensor(name)
+            except SafetensorError as e:
+                raise CheckpointError(f"{file}: corrupted or truncated safetensors file ({e})") from None
+        else:
+            try:
+                # weights_only: tensors and plain containers only, never arbitrary pickled objects.
+                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # torch raises several types for bad pickles and zip files
+                raise CheckpointError(f"{file}: cannot be read as a weights-only PyTorch file ({e})") from None
+            if not isinstance(state, dict):
+                raise CheckpointError(f"{file}: expected a dict of tensors, found {type(state).__name__}")
+            for name, tensor in state.items():
+                if not isinstance(tensor, torch.Tensor):
+                    raise CheckpointError(f"{file}: entry {name!r} is not a tensor")
+                yield name, tensor
+
+
+def load_config(directory: str | os.PathLike) -> ModelConfig:
+    directory = Path(directory)
+    if not (directory / "config.json").exists():
+        raise CheckpointError(f"{directory}: config.json not found")
+    try:
+        return ModelConfig.from_json_file(directory / "config.json")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def load_model(path: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None,
+               device: str | torch.device | None = None, quantize: str | None = None,
+               progress: bool = False) -> GPTNeoX:
+    """Load a checkpoint directory (or embedded model name) into a GPTNeoX in eval mode."""
+    directory = resolve_model_dir(path)
+    config = load_config(directory)
+    device = torch.device(device or "cpu")
+    dtype = parse_dtype(dtype)
+
+    with torch.device("meta"):
+        model = GPTNeoX(config)
+    expected = {name: p for name, p in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("embed_out.weight", None)
+    if config.shared_layernorm:
+        skipped_shared = (".post_attention_layernorm.weight", ".post_attention_layernorm.bias")
+    else:
+        skipped_shared = ()
+
+    loaded: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    mismatched: list[str] = []
+    stored_dtype = None
+    tensors = iter_checkpoint_tensors(directory)
+    if progress:
+        from tqdm import tqdm
+
+        tensors = tqdm(tensors, total=len(expected), desc=f"loading {directory.name}", unit="tensor", leave=False)
+    for name, tensor in tensors:
+        if name.endswith(IGNORED_SUFFIXES) or name.endswith(skipped_shared):
+            continue
+        if config.tie_word_embeddings and name == "embed_out.weight":
+            continue
+        if name not in expected:
+            unexpected.append(name)
+            continue
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            mismatched.append(f"{name}: expected {tuple(expected[name].shape)}, found {tuple(tensor.shape)}")
+            continue
+        if stored_dtype is None and tensor.is_floating_point():
+            stored_dtype = tensor.dtype
+        target = dtype or (tensor.dtype if tensor.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32)
+        loaded[name] = tensor.to(device=device, dtype=target)
+    if unexpected or mismatched or len(loaded) != len(expected):
+        problems = []
+        missing = sorted(set(expected) - set(loaded) - {m.split(":")[0] for m in mismatched})
+        if missing:
+            problems.append(f"missing tensors ({len(missing)}): {', '.join(missing[:20])}"
+                            + (" ..." if len(missing) > 20 else ""))
+        if unexpected:
+            problems.append(f"unexpected tensors ({len(unexpected)}): {', '.join(sorted(unexpected)[:20])}"
+                            + (" ..." if len(unexpected) > 20 else ""))
+        if mismatched:
+            problems.append("shape mismatches: " + "; ".join(mismatched[:20]))
+        raise CheckpointError(f"{directory}: checkpoint does not match config.json: " + " | ".join(problems))
+    final_dtype = next(iter(loaded.values())).dtype
+    check_device_dtype(device, final_dtype)
+
+    model.load_state_dict(loaded, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.embed_out.weight = model.gpt_neox.embed_in.weight
+    model.reset_rotary_tables()
+    model.eval()
+    if quantize:
+        from stablecode.quantize import quantize_model
+
+        quantize_model(model, quantize)
+    return model
+
+
+# ---- writing ---------------------------------------------------------------------------------
+
+def hf_state_dict(model: GPTNeoX) -> dict[str, torch.Tensor]:
+    """The state dict transformers expects: tied head left out, a shared norm written as both norms."""
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if model.config.tie_word_embeddings and name == "embed_out.weight":
+            continue
+        state[name] = tensor.detach().contiguous()
+        if model.config.shared_layernorm and ".input_layernorm." in name:
+            state[name.replace(".input_layernorm.", ".post_attention_layernorm.")] = tensor.detach().clone()
+    return state
+
+
+def save_checkpoint(model: GPTNeoX, directory: str | os.PathLike, max_shard_size: int | None = None,
+                    tokenizer_file: str | os.PathLike | None = None, dtype: torch.dtype | None = None,
+                    extra_files: dict[str, bytes] | None = None) -> Path:
+    """Write config.json + safetensors (sharded above max_shard_size bytes) atomically as a directory."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+    try:
+        state = hf_state_dict(model)
+        if dtype is not None:
+            state = {k: v.to(dtype) for k, v in state.items()}
+        state = {k: v.cpu() for k, v in state.items()}
+        config = model.config.to_hf_dict()
+        config["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        metadata = {"format": "pt"}
+        if max_shard_size is None:
+            save_file(state, str(staging / "model.safetensors"), metadata=metadata)
+        else:
+            shards: list[dict[str, torch.Tensor]] = [{}]
+            size = 0
+            for name, tensor in state.items():
+                nbytes = tensor.numel() * tensor.element_size()
+                if shards[-1] and size + nbytes > max_shard_size:
+                    shards.append({})
+                    size = 0
+                shards[-1][name] = tensor
+                size += nbytes
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(staging / file), metadata=metadata)
+                weight_map.update({name: file for name in shard})
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            (staging / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+        if tokenizer_file is not None:
+            shutil.copyfile(tokenizer_file, staging / "tokenizer.json")
+        for name, data in (extra_files or {}).items():
+            (staging / name).write_bytes(data)
+        for file in staging.iterdir():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+        replace_directory(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory

@@ -1,0 +1,200 @@
+"""Generation: prefill, decode loop, stop strings, context truncation, batching and streaming.
+
+Data flows one way: ids → model (+ KV cache) → logits → sampler → ids → incremental detokenizer
+→ text pieces → stop-string check → caller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from stablecode.model import GPTNeoX
+from stablecode.sampling import SamplingParams, sample_token
+from stablecode.tokenizer import IncrementalDecoder, Tokenizer
+
+
+@dataclass
+class Completion:
+    """The result of completing one prompt."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop": EOS or a stop string; "length": max_new_tokens or the context filled up
+    truncated_prompt_tokens: int = 0  # tokens cut from the start of the prompt to fit the context
+    token_ids: list[int] = field(default_factory=list)
+
+
+def fit_to_context(prompt_ids: list[int], max_new_tokens: int, context_length: int) -> tuple[list[int], int, int]:
+    """Keep the most recent prompt tokens (the code nearest the cursor) so prompt + output fits.
+
+    Returns (prompt_ids, tokens_cut, max_new_tokens); max_new_tokens shrinks only when it alone
+    would not leave room for one prompt token.
+    """
+    max_new_tokens = max(0, min(max_new_tokens, context_length - 1))
+    room = context_length - max_new_tokens
+    if len(prompt_ids) <= room:
+        return prompt_ids, 0, max_new_tokens
+    cut = len(prompt_ids) - room
+    return prompt_ids[cut:], cut, max_new_tokens
+
+
+class StopStringMatcher:
+    """Holds back text while it could be the start of a stop string; cuts at the first stop string."""
+
+    def __init__(self, stop_strings: list[str] | tuple[str, ...] = ()):
+        self.stop_strings = [s for s in stop_strings if s]
+        self.longest = max((len(s) for s in self.stop_strings), default=0)
+        self.text = ""
+        self.emitted = 0
+        self.stopped = False
+
+    def push(self, piece: str) -> str:
+        """Add newly decoded text; return the part that is now safe to show."""
+        if self.stopped or not piece:
+            return ""
+        self.text += piece
+        if not self.stop_strings:
+            self.emitted = len(self.text)
+            return piece
+        search_from = max(0, self.emitted - self.longest + 1)
+        hits = [i for i in (self.text.find(s, search_from) for s in self.stop_strings) if i >= 0]
+        if hits:
+            self.stopped = True
+            return self._emit_until(min(hits))
+        held = 0
+        for stop in self.stop_strings:
+            for n in range(min(len(stop) - 1, len(self.text) - self.emitted), held, -1):
+                if self.text.endswith(stop[:n]):
+                    held = n
+                    break
+        return self._emit_until(len(self.text) - held)
+
+    def flush(self) -> str:
+        """At the end of generation the held-back text was not a stop string after all."""
+        return "" if self.stopped else self._emit_until(len(self.text))
+
+    def _emit_until(self, end: int) -> str:
+        end = max(end, self.emitted)
+        piece = self.text[self.emitted:end]
+        self.emitted = end
+        return piece
+
+
+class Sequence:
+    """One prompt being completed: its tokens, sampler state, streamed text and stop condition."""
+
+    def __init__(self, prompt_ids: list[int], tokenizer: Tokenizer, context_length: int, max_new_tokens: int = 64,
+                 sampling: SamplingParams = SamplingParams(), stop_strings: list[str] | tuple[str, ...] = (),
+                 eos_ids: frozenset[int] | None = None, device="cpu"):
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        prompt_ids, self.truncated_prompt_tokens, self.max_new_tokens = fit_to_context(
+            list(prompt_ids), max_new_tokens, context_length)
+        # An empty prompt starts from the end-of-text token, as the model saw between documents.
+        self.prompt_ids = prompt_ids or [tokenizer.eos_id]
+        if len(self.prompt_ids) + self.max_new_tokens > context_length:
+            self.max_new_tokens = context_length - len(self.prompt_ids)
+        self.tokenizer = tokenizer
+        self.sampling = sampling
+        self.generator = sampling.make_generator(device) if not sampling.greedy else None
+        self.eos_ids = eos_ids if eos_ids is not None else frozenset({tokenizer.eos_id})
+        self.special_ids = tokenizer.special_ids
+        self.generated_ids: list[int] = []
+        self.detokenizer = IncrementalDecoder(tokenizer)
+        self.stops = StopStringMatcher(stop_strings)
+        self.text = ""
+        self.finish_reason: str | None = None if self.max_new_tokens > 0 else "length"
+        self._penalty_ids = (torch.tensor(self.prompt_ids, device=device)
+                             if sampling.repetition_penalty != 1.0 else None)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def position(self) -> int:
+        """Cache slot of the next token fed to the model."""
+        return len(self.prompt_ids) + len(self.generated_ids) - 1
+
+    def choose(self, logits: torch.Tensor) -> int:
+        return sample_token(logits, self.sampling, self.generator, self._penalty_ids)
+
+    def append(self, token_id: int) -> str:
+        """Record a sampled token; return the text it makes visible (may be empty)."""
+        self.generated_ids.append(token_id)
+        if self._penalty_ids is not None:
+            self._penalty_ids = torch.cat((self._penalty_ids, self._penalty_ids.new_tensor([token_id])))
+        piece = ""
+        if token_id in self.eos_ids:
+            self.finish_reason = "stop"
+            piece = self._finish_text()
+        else:
+            if token_id not in self.special_ids:  # special tokens never reach the text
+                piece = self.stops.push(self.detokenizer.add(token_id))
+            if self.stops.stopped:
+                self.finish_reason = "stop"
+            elif len(self.generated_ids) >= self.max_new_tokens:
+                self.finish_reason = "length"
+                piece += self._finish_text()
+        self.text += piece
+        return piece
+
+    def _finish_text(self) -> str:
+        piece = self.stops.push(self.detokenizer.flush())
+        if not self.stops.stopped:
+            piece += self.stops.flush()
+        return piece
+
+    def result(self) -> Completion:
+        return Completion(text=self.text, prompt_tokens=len(self.prompt_ids),
+                          completion_tokens=len(self.generated_ids), finish_reason=self.finish_reason or "length",
+                          truncated_prompt_tokens=self.truncated_prompt_tokens, token_ids=list(self.generated_ids))
+
+
+@torch.inference_mode()
+def generate(model: GPTNeoX, sequences: list[Sequence]) -> Iterator[tuple[int, str]]:
+    """Complete a batch of sequences together, yielding (index, text piece) as text becomes visible.
+
+    Prompts of different lengths are prefilled right-padded in one pass; each row then decodes at
+    its own position, and a row that finishes leaves the batch.
+    """
+    if not sequences:
+        return
+    device = model.rotary_cos.device
+    lengths = [len(s.prompt_ids) for s in sequences]
+    model.setup_kv_cache(len(sequences), max(n + s.max_new_tokens for n, s in zip(lengths, sequences)))
+    try:
+        padded = torch.full((len(sequences), max(lengths)), sequences[0].tokenizer.eos_id, dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            padded[row, :lengths[row]] = torch.tensor(seq.prompt_ids)
+        last = torch.tensor(lengths).sub(1)[:, None]
+        logits = model(padded.to(device), input_pos=0, logit_positions=last.to(device))[:, -1]
+        active = [i for i, s in enumerate(sequences) if not s.finished]
+        while active:
+            still_active = []
+            next_tokens = []
+            for row, index in enumerate(active):
+                seq = sequences[index]
+                token = seq.choose(logits[row])
+                piece = seq.append(token)
+                if piece:
+                    yield index, piece
+                if not seq.finished:
+                    still_active.append(index)
+                    next_tokens.append(token)
+            active = still_active
+            if not active:
+                break
+            tokens = torch.tensor(next_tokens, device=device)[:, None]
+            positions = [sequences[i].position for i in active]
+            if active == list(range(len(active))) and len(set(positions)) == 1:
+                logits = model(tokens, input_pos=positions[0])[:, -1]
+            else:
+                logits = model(tokens, input_pos=torch.tensor(positions, device=device)[:, None],
+                               cache_rows=torch.tensor(active, device=device))[:, -1]
+    finally:
+        model.clear_kv_cache()

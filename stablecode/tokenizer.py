@@ -1,0 +1,93 @@
+"""The tokenizer that sits next to the weights (`tokenizer.json`), through Hugging Face `tokenizers`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+
+from stablecode.errors import TokenizerError
+
+EOS_TOKEN = "<|endoftext|>"
+
+
+class Tokenizer:
+    """Byte-level BPE tokenizer: `encode(text) -> ids`, `decode(ids) -> text` (special tokens dropped)."""
+
+    def __init__(self, backend: HFTokenizer, source: str = "tokenizer.json"):
+        self.backend = backend
+        self.source = source
+        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        self.special_ids = frozenset(
+            token_id for token_id, token in backend.get_added_tokens_decoder().items() if token.special)
+        eos = backend.token_to_id(EOS_TOKEN)
+        self.eos_id = 0 if eos is None else eos
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "Tokenizer":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if not path.exists():
+            raise TokenizerError(f"{path}: tokenizer.json not found (it must sit next to the weights)")
+        try:
+            return cls(HFTokenizer.from_file(str(path)), source=str(path))
+        except Exception as e:  # the Rust library raises a plain Exception for bad JSON
+            raise TokenizerError(f"{path}: not a valid tokenizer.json ({e})") from None
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_text(self, token_id: int) -> str:
+        return self.decode([token_id], skip_special_tokens=False)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+
+def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
+    """The tokenizer of a checkpoint directory, a tokenizer.json file, or an embedded model name."""
+    if path is not None and Path(path).is_file():
+        return Tokenizer.from_file(path)
+    from stablecode.checkpoint import resolve_model_dir
+
+    return Tokenizer.from_file(resolve_model_dir(path))
+
+
+class IncrementalDecoder:
+    """Turns tokens arriving one at a time into text pieces.
+
+    Decodes a short window of recent tokens and emits only the new suffix, holding it back while
+    it ends in an incomplete UTF-8 sequence, so no character is ever broken, dropped or repeated.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix_text = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
+        new_text = self.tokenizer.decode(self.ids[self.prefix_offset:])
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            piece = new_text[len(prefix_text):]
+            self.prefix_offset = self.read_offset
+            self.read_offset = len(self.ids)
+            return piece
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (e.g. bytes that never completed a character)."""
+        prefix_text = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
+        new_text = self.tokenizer.decode(self.ids[self.prefix_offset:])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return new_text[len(prefix_text):]
