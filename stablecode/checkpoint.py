@@ -36,12 +36,19 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file beside `path`, fsync, then rename: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would make the result private
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -284,8 +291,10 @@ def save_checkpoint(model: GPTNeoX, directory: str | os.PathLike, max_shard_size
         for name, data in (extra_files or {}).items():
             (staging / name).write_bytes(data)
         for file in staging.iterdir():
+            os.chmod(file, 0o666 & ~_umask())
             with open(file, "rb") as f:
                 os.fsync(f.fileno())
+        os.chmod(staging, 0o777 & ~_umask())
         replace_directory(staging, directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

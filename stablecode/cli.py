@@ -1,0 +1,188 @@
+"""`stablecode` command line: thin calls into the Python API.
+
+Each subcommand is one `add_<name>_command(subparsers)` function that registers its parser and
+sets `func`; errors the user can fix (StablecodeError, bad values) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from stablecode.errors import StablecodeError
+
+
+def _model_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="checkpoint directory in Hugging Face layout, or an embedded model name "
+                             "(default: the embedded stablecode-nano)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="weights dtype (default: as stored)")
+    parser.add_argument("--device", default=None, help="cpu (default) or cuda")
+    parser.add_argument("--quantize", default=None, choices=["int8", "int4"], help="weight-only quantization")
+
+
+# ---- init ------------------------------------------------------------------------------------
+
+def add_init_command(subparsers) -> None:
+    p = subparsers.add_parser("init", help="write a randomly initialised checkpoint (tests, benchmarks, smoke runs)")
+    p.add_argument("--preset", required=True, help="named preset, e.g. stablecode-completion-alpha-3b-4k, tiny")
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer.json to place next to the weights")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-shard-size", type=int, default=None, help="shard the safetensors above this many bytes")
+    p.set_defaults(func=run_init)
+
+
+def run_init(args) -> None:
+    import torch
+
+    from stablecode.checkpoint import parse_dtype, save_checkpoint
+    from stablecode.config import ModelConfig
+    from stablecode.model import GPTNeoX, init_weights
+
+    config = ModelConfig.from_preset(args.preset)
+    if args.tokenizer is not None and not args.tokenizer.is_file():
+        raise StablecodeError(f"{args.tokenizer}: tokenizer file not found")
+    dtype = parse_dtype(args.dtype)
+    generator = torch.Generator().manual_seed(args.seed)
+    # Built directly in the target dtype so the 3B never needs its fp32 size in memory.
+    with torch.device("cpu"):
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            model = GPTNeoX(config)
+        finally:
+            torch.set_default_dtype(previous)
+    model.reset_rotary_tables()
+    init_weights(model, generator)
+    save_checkpoint(model, args.out, max_shard_size=args.max_shard_size, tokenizer_file=args.tokenizer)
+    print(f"wrote {config.name} ({config.num_parameters:,} parameters, {args.dtype}, seed {args.seed}) to {args.out}",
+          file=sys.stderr)
+
+
+# ---- info ------------------------------------------------------------------------------------
+
+def add_info_command(subparsers) -> None:
+    p = subparsers.add_parser("info", help="architecture, parameter count and memory of a model or preset")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--model", default=None, help="checkpoint directory or embedded model name")
+    group.add_argument("--preset", default=None, help="named preset")
+    p.set_defaults(func=run_info)
+
+
+def describe(config) -> str:
+    gib = 1024 ** 3
+    lines = [
+        f"name                     {config.name}",
+        "architecture             GPT-NeoX decoder (GPTNeoXForCausalLM)",
+        f"layers                   {config.num_layers}",
+        f"hidden size              {config.hidden_size}",
+        f"attention heads          {config.num_heads} x {config.head_dim} dims",
+        f"MLP size                 {config.intermediate_size} (exact GELU)",
+        f"rotary                   {config.rotary_dims} of {config.head_dim} dims per head, base {config.rotary_base:g}",
+        f"residual                 {'parallel' if config.use_parallel_residual else 'sequential'}"
+        + (" (one shared LayerNorm)" if config.shared_layernorm else ""),
+        f"context                  {config.max_position_embeddings} tokens",
+        f"vocabulary               {config.vocab_size}",
+        f"tied embeddings          {config.tie_word_embeddings}",
+        f"parameters               {config.num_parameters:,}",
+    ]
+    for dtype, size in (("float32", 4), ("bfloat16/float16", 2), ("int8 (weight-only)", 1), ("int4 (weight-only)", 0.5)):
+        lines.append(f"weights {dtype:<17}{config.num_parameters * size / gib:8.2f} GiB")
+    per_token = config.kv_cache_bytes_per_token(2)
+    lines.append(f"KV cache (bf16)          {per_token:,} bytes/token, "
+                 f"{per_token * config.max_position_embeddings / gib:.2f} GiB at full context")
+    return "\n".join(lines)
+
+
+def run_info(args) -> None:
+    from stablecode.checkpoint import load_config, resolve_model_dir
+    from stablecode.config import ModelConfig
+
+    config = ModelConfig.from_preset(args.preset) if args.preset else load_config(resolve_model_dir(args.model))
+    print(describe(config))
+
+
+# ---- complete --------------------------------------------------------------------------------
+
+def add_complete_command(subparsers) -> None:
+    p = subparsers.add_parser("complete", help="complete code from a prompt (argument, --file or stdin)")
+    p.add_argument("prompt", nargs="?", default=None, help="the code to complete (default: read --file or stdin)")
+    p.add_argument("--file", type=Path, default=None, help="read the prompt from this file")
+    _model_option(p)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--no-stream", action="store_true", help="print the completion only at the end")
+    p.add_argument("--show-prompt", action="store_true", help="print the prompt before the completion")
+    p.set_defaults(func=run_complete)
+
+
+def run_complete(args) -> None:
+    from stablecode.api import Completer
+
+    if args.prompt is not None:
+        prompt = args.prompt
+    elif args.file is not None:
+        try:
+            prompt = args.file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise StablecodeError(f"{args.file}: cannot read prompt ({e})") from None
+    elif not sys.stdin.isatty():
+        prompt = sys.stdin.read()
+    else:
+        raise StablecodeError("no prompt: give it as an argument, with --file, or on stdin")
+    completer = Completer(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
+                          progress=sys.stderr.isatty())
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                   top_k=args.top_k, repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed)
+    if args.show_prompt:
+        sys.stdout.write(prompt)
+    if args.no_stream:
+        result = completer.complete(prompt, **options)
+        sys.stdout.write(result.text)
+    else:
+        for piece in completer.stream(prompt, **options):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+# ---- entry point -----------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stablecode", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(subparsers)
+    return parser
+
+
+COMMANDS = [add_init_command, add_info_command, add_complete_command]
+# Subcommands of other modules register here (serve, train, data, tokenizer, eval, index, attribute).
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except StablecodeError as e:
+        print(f"stablecode: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # invalid option values from the API (sampling ranges, ...)
+        print(f"stablecode: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
