@@ -1,0 +1,275 @@
+"""Find the parts of a text that occur in the indexed training files, and say where.
+
+Every window of the normalised text is fingerprinted; the Bloom filter drops most windows that are
+not in the index, the sorted table gives the (source, offset) of those that are, and each candidate
+is then confirmed against the source's own text and extended character by character to the longest
+match. Only confirmed matches are reported, so a Bloom-filter or hash collision never shows up.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from stablecode.attribution.fingerprint import SPACE, bloom_positions, normalise, window_hashes
+from stablecode.attribution.storage import INDEX_DIR_NAME, MANIFEST, AttributionIndexError, open_index
+
+# A window found in more places than this is followed to the first ones only (in corpus order):
+# boilerplate such as a licence header would otherwise cost one source decompression per copy.
+MAX_HITS_PER_WINDOW = 64
+
+
+@dataclass(frozen=True)
+class Source:
+    """A training file: where it came from and under which licence (None where unknown)."""
+    index: int
+    repository: str | None
+    path: str | None
+    license: str | None
+    id: str | None
+    language: str | None
+    stars: int | None
+
+    def __str__(self) -> str:
+        where = "/".join(p for p in (self.repository, self.path) if p) or f"source #{self.index}"
+        return f"{where} ({self.license or 'licence unknown'})"
+
+
+@dataclass(frozen=True)
+class SourceMatch:
+    """Characters start:end of the document equal source characters source_start:source_end
+    (up to whitespace runs); source_lines are the 1-based first and last lines in the source."""
+    source: Source
+    start: int
+    end: int
+    source_start: int
+    source_end: int
+    source_lines: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Span:
+    """A maximal range of the document found in training files, with the matches that cover it
+    (longest first, at most one per source file)."""
+    start: int
+    end: int
+    text: str
+    matches: tuple[SourceMatch, ...]
+
+
+def resolve_index_dir(index: str | os.PathLike | None) -> Path:
+    """An index directory, a model directory (or embedded model name) holding one, or None for the
+    embedded default model's index."""
+    from stablecode.checkpoint import DEFAULT_MODEL, EMBEDDED_MODELS_DIR
+
+    if index is None:
+        directory = EMBEDDED_MODELS_DIR / DEFAULT_MODEL / INDEX_DIR_NAME
+        if not (directory / MANIFEST).is_file():
+            raise AttributionIndexError(
+                f"the embedded model's attribution index is not installed at {directory}; build it with "
+                "scripts/build_nano_index.sh, or pass an index built with `stablecode index build`")
+        return directory
+    path = Path(index)
+    for candidate in (path, path / INDEX_DIR_NAME, EMBEDDED_MODELS_DIR / str(index) / INDEX_DIR_NAME):
+        if (candidate / MANIFEST).is_file():
+            return candidate
+    if path.is_dir():
+        raise AttributionIndexError(f"{path}: not an attribution index (no {MANIFEST}, "
+                                    f"nor {INDEX_DIR_NAME}/{MANIFEST}); "
+                                    "build one with `stablecode index build --data DIR --out INDEX`")
+    raise AttributionIndexError(f"{index}: no such attribution index directory (nor an embedded model with one)")
+
+
+def _extend(query: np.ndarray, source: np.ndarray, q: int, s: int, window: int) -> tuple[int, int, int] | None:
+    """The longest common run of query and source through query[q:q+window] == source[s:s+window],
+    as (query_start, query_end, source_start); None when those windows differ (a hash collision)."""
+    length = min(len(query) - q, len(source) - s)
+    if length < window:
+        return None
+    same = query[q:q + length] == source[s:s + length]
+    if not same[:window].all():
+        return None
+    right = length if same.all() else int(np.argmin(same))
+    back = min(q, s)
+    left = 0
+    if back:
+        same_left = query[q - back:q][::-1] == source[s - back:s][::-1]
+        left = back if same_left.all() else int(np.argmin(same_left))
+    return q - left, q + right, s - left
+
+
+class Attributor:
+    """Look texts up in an attribution index (default: the embedded model's own training corpus)."""
+
+    def __init__(self, index: str | os.PathLike | None = None, *, verify: bool = True, cached_sources: int = 64):
+        """`verify` checks every index file's SHA-256 on opening (sizes are always checked)."""
+        self.directory = resolve_index_dir(index)
+        self.index = open_index(self.directory, verify=verify)
+        self.window = self.index.window
+        self.stride = self.index.stride
+        self._bloom_bits = self.index.manifest["bloom"]["bits"]
+        self._bloom_hashes = self.index.manifest["bloom"]["hashes"]
+        self._read_source = lru_cache(maxsize=cached_sources)(self._decode_source)
+
+    @property
+    def num_sources(self) -> int:
+        return self.index.manifest["counts"]["sources"]
+
+    def __repr__(self) -> str:
+        return (f"Attributor({str(self.directory)!r}: {self.num_sources:,} sources, window {self.window}, "
+                f"stride {self.stride})")
+
+    def source(self, i: int) -> Source:
+        row = self.index.sources.slice(int(i), 1).to_pylist()[0]
+        return Source(index=int(i), repository=row["repository"], path=row["path"], license=row["license"],
+                      id=row["id"], language=row["language"], stars=row["stars"])
+
+    def source_text(self, i: int) -> str:
+        """The original text of source file `i`."""
+        return self._read_source(int(i))[0]
+
+    def _decode_source(self, i: int) -> tuple[str, np.ndarray, np.ndarray]:
+        offset, size = int(self.index.text_offset[i]), int(self.index.text_size[i])
+        try:
+            text = zlib.decompress(self.index.texts[offset:offset + size]).decode("utf-8", "surrogatepass")
+        except (zlib.error, UnicodeDecodeError) as e:
+            raise AttributionIndexError(f"{self.directory}/texts.bin: the text of source {i} is corrupted ({e}); "
+                                        "rebuild the index") from None
+        codes, starts = normalise(text)
+        return text, codes, starts
+
+    def _candidates(self, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(query position, fingerprint ordinal) for each window whose fingerprint is in the table."""
+        bits = bloom_positions(hashes, self._bloom_bits, self._bloom_hashes)
+        words = self.index.bloom[(bits >> np.uint64(3)).astype(np.intp)]
+        maybe = np.flatnonzero(((words >> (bits & np.uint64(7))) & 1).all(axis=1))
+        lo = np.searchsorted(self.index.hashes, hashes[maybe], side="left")
+        hi = np.searchsorted(self.index.hashes, hashes[maybe], side="right")
+        found = hi > lo
+        positions, lo, counts = maybe[found], lo[found], np.minimum(hi - lo, MAX_HITS_PER_WINDOW)[found]
+        entry = np.repeat(lo - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts) + np.arange(counts.sum())
+        return np.repeat(positions, counts), self.index.ordinals[entry].astype(np.int64)
+
+    def find(self, text: str, *, min_length: int | None = None, max_sources: int = 5) -> list[Span]:
+        """Maximal spans of `text` that occur in training files, each with up to `max_sources` sources.
+
+        A match counts from `min_length` normalised characters (default and minimum: the index's
+        window); any shared stretch of window + stride - 1 normalised characters is always found.
+        """
+        window = self.window
+        min_length = max(window, min_length or window)
+        if max_sources < 1:
+            raise ValueError(f"max_sources must be at least 1, got {max_sources}")
+        codes, starts = normalise(text)
+        if len(codes) < min_length:
+            return []
+        positions, ordinals = self._candidates(window_hashes(codes, window))
+        if not len(positions):
+            return []
+        first = self.index.first_fingerprint
+        files = np.searchsorted(first, ordinals, side="right") - 1
+        diagonals = (ordinals - first[files]) * self.stride - positions
+        order = np.lexsort((positions, diagonals, files))
+        files, diagonals, positions = files[order], diagonals[order], positions[order]
+        # A group is one source file and one alignment of it against the text: one match, or a few
+        # separated by differences. Groups with more window hits are tried first.
+        cuts = np.flatnonzero((np.diff(files) != 0) | (np.diff(diagonals) != 0)) + 1
+        groups = np.split(np.arange(len(files)), cuts)
+        groups.sort(key=lambda g: (-len(g), files[g[0]]))
+
+        coverage = np.zeros(len(codes), dtype=np.int32)
+        matches = []  # (query_start, query_end, file, source_start) in normalised characters
+        for group in groups:
+            file, diagonal = int(files[group[0]]), int(diagonals[group[0]])
+            group_positions = positions[group]
+            if coverage[group_positions[0]:group_positions[-1] + window].min() >= max_sources:
+                continue  # enough sources already cover everything this group could add
+            source_codes = self._read_source(file)[1]
+            reached = -1
+            for q in group_positions.tolist():
+                if q < reached:
+                    continue
+                extended = _extend(codes, source_codes, q, q + diagonal, window)
+                if extended is None:
+                    continue
+                query_start, query_end, source_start = extended
+                reached = query_end
+                if query_end - query_start >= min_length:
+                    matches.append((query_start, query_end, file, source_start))
+                    coverage[query_start:query_end] += 1
+        return self._spans(text, codes, starts, matches, min_length, max_sources)
+
+    def _spans(self, text: str, codes: np.ndarray, starts: np.ndarray, matches: list, min_length: int,
+               max_sources: int) -> list[Span]:
+        # Whitespace at either end is not part of a match: it stands for a run of any length.
+        trimmed = []
+        for query_start, query_end, file, source_start in matches:
+            left = int(codes[query_start] == SPACE)
+            right = int(codes[query_end - 1] == SPACE)
+            if query_end - query_start - left - right >= min_length:
+                trimmed.append((query_start + left, query_end - right, file, source_start + left))
+        trimmed.sort()
+        merged: list[list] = []
+        for match in trimmed:
+            if merged and match[0] <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], match[1])
+                merged[-1][2].append(match)
+            else:
+                merged.append([match[0], match[1], [match]])
+        spans = []
+        for query_start, query_end, group in merged:
+            longest: dict[int, tuple] = {}
+            for match in group:
+                best = longest.get(match[2])
+                if best is None or match[1] - match[0] > best[1] - best[0]:
+                    longest[match[2]] = match
+            chosen = sorted(longest.values(), key=lambda m: (m[0] - m[1], m[2], m[0]))[:max_sources]
+            start, end = int(starts[query_start]), int(starts[query_end - 1]) + 1
+            spans.append(Span(start=start, end=end, text=text[start:end],
+                              matches=tuple(self._source_match(m, starts) for m in chosen)))
+        return spans
+
+    def _source_match(self, match: tuple, starts: np.ndarray) -> SourceMatch:
+        query_start, query_end, file, source_start = match
+        source_text, _, source_starts = self._read_source(file)
+        begin = int(source_starts[source_start])
+        finish = int(source_starts[source_start + query_end - query_start - 1]) + 1
+        lines = (source_text.count("\n", 0, begin) + 1, source_text.count("\n", 0, finish - 1) + 1)
+        return SourceMatch(source=self.source(file), start=int(starts[query_start]),
+                           end=int(starts[query_end - 1]) + 1, source_start=begin, source_end=finish,
+                           source_lines=lines)
+
+    def overlap(self, text: str, *, min_length: int | None = None, max_sources: int = 5,
+                offset_unit: str = "codepoint") -> dict:
+        """`find` as JSON: {"spans": [[start, end], ...], "sources": [{"span": i, ...}, ...]}."""
+        return attribution_json(text, self.find(text, min_length=min_length, max_sources=max_sources), offset_unit)
+
+
+def attribution_json(text: str, spans: list[Span], offset_unit: str = "codepoint") -> dict:
+    """The JSON form of `spans` found in `text`. Document offsets count Unicode code points
+    (Python's str indices) or, with offset_unit="utf-16", UTF-16 code units (JavaScript's string
+    indices, which editors use); they differ only after characters beyond U+FFFF. Source offsets
+    are code points of the source file."""
+    if offset_unit == "codepoint":
+        def unit(i: int) -> int:
+            return i
+    elif offset_unit == "utf-16":
+        astral = np.concatenate([[0], np.cumsum([ord(c) > 0xFFFF for c in text])]) if not text.isascii() else None
+
+        def unit(i: int) -> int:
+            return i if astral is None else i + int(astral[i])
+    else:
+        raise ValueError(f"offset_unit must be 'codepoint' or 'utf-16', got {offset_unit!r}")
+    sources = []
+    for i, span in enumerate(spans):
+        for m in span.matches:
+            sources.append({"span": i, "repository": m.source.repository, "path": m.source.path,
+                            "license": m.source.license, "id": m.source.id, "language": m.source.language,
+                            "start": unit(m.start), "end": unit(m.end), "source_start": m.source_start,
+                            "source_end": m.source_end, "source_lines": list(m.source_lines)})
+    return {"spans": [[unit(s.start), unit(s.end)] for s in spans], "sources": sources}
