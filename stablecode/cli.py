@@ -168,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = [add_init_command, add_info_command, add_complete_command]
 # Subcommands of other modules register here (serve, train, data, tokenizer, eval, index, attribute).
 
+from stablecode.data.cli import add_data_command, add_tokenizer_command  # noqa: E402
+
+COMMANDS += [add_data_command, add_tokenizer_command]
+
 from stablecode.attribution.commands import add_attribute_command, add_index_command  # noqa: E402
 
 COMMANDS += [add_index_command, add_attribute_command]
