@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from stablecode.config import ModelConfig
 from stablecode.errors import CheckpointError, ConfigError
 from stablecode.model import GPTNeoX
+from stablecode.quantize import prepare_quantized, quantize_model, read_quantization, use_bf16_kernels
 
 # Buffers that old GPT-NeoX checkpoints carry and we recompute (or never need).
 IGNORED_SUFFIXES = ("attention.bias", "attention.masked_bias", "attention.rotary_emb.inv_freq")
@@ -177,7 +178,16 @@ def load_model(path: str | os.PathLike | None = None, dtype: str | torch.dtype |
 
     with torch.device("meta"):
         model = GPTNeoX(config)
+    stored_quantization = read_quantization(directory)
+    if stored_quantization is not None:  # saved quantized: load as it is, never re-quantize
+        if quantize and quantize != stored_quantization["method"]:
+            raise CheckpointError(f"{directory} holds {stored_quantization['method']} weights; "
+                                  f"cannot load it as {quantize} (quantize from a float checkpoint)")
+        prepare_quantized(model, stored_quantization)
+        quantize = None
     expected = {name: p for name, p in model.state_dict().items()}
+    # Buffers (quantized weights and their scales) keep their stored dtype; parameters take `dtype`.
+    parameter_names = {name for name, _ in model.named_parameters()}
     if config.tie_word_embeddings:
         expected.pop("embed_out.weight", None)
     if config.shared_layernorm:
@@ -208,7 +218,7 @@ def load_model(path: str | os.PathLike | None = None, dtype: str | torch.dtype |
         if stored_dtype is None and tensor.is_floating_point():
             stored_dtype = tensor.dtype
         target = dtype or (tensor.dtype if tensor.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32)
-        loaded[name] = tensor.to(device=device, dtype=target)
+        loaded[name] = tensor.to(device=device, dtype=target if name in parameter_names else None)
     if unexpected or mismatched or len(loaded) != len(expected):
         problems = []
         missing = sorted(set(expected) - set(loaded) - {m.split(":")[0] for m in mismatched})
@@ -221,7 +231,7 @@ def load_model(path: str | os.PathLike | None = None, dtype: str | torch.dtype |
         if mismatched:
             problems.append("shape mismatches: " + "; ".join(mismatched[:20]))
         raise CheckpointError(f"{directory}: checkpoint does not match config.json: " + " | ".join(problems))
-    final_dtype = next(iter(loaded.values())).dtype
+    final_dtype = loaded["gpt_neox.embed_in.weight"].dtype
     check_device_dtype(device, final_dtype)
 
     model.load_state_dict(loaded, strict=False, assign=True)
@@ -230,9 +240,9 @@ def load_model(path: str | os.PathLike | None = None, dtype: str | torch.dtype |
     model.reset_rotary_tables()
     model.eval()
     if quantize:
-        from stablecode.quantize import quantize_model
-
         quantize_model(model, quantize)
+    elif device.type == "cpu" and final_dtype == torch.bfloat16 and stored_quantization is None:
+        use_bf16_kernels(model)
     return model
 
 

@@ -155,8 +155,8 @@ class GPTNeoX(nn.Module):
     def setup_kv_cache(self, batch_size: int, max_seq_len: int | None = None, dtype=None, device=None) -> None:
         """Allocate a key/value cache for incremental decoding (replaces any previous one)."""
         max_seq_len = min(max_seq_len or self.config.max_position_embeddings, self.config.max_position_embeddings)
-        param = self.embed_out.weight
-        dtype = dtype or (param.dtype if param.is_floating_point() else torch.bfloat16)
+        # The embedding stays floating point when the projections are quantized.
+        dtype = dtype or self.gpt_neox.embed_in.weight.dtype
         device = device or self.rotary_cos.device
         for block in self.gpt_neox.layers:
             block.attention.kv_cache = KVCache(batch_size, max_seq_len, self.config.num_heads,

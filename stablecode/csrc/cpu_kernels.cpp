@@ -1,0 +1,390 @@
+// Matrix-vector kernels for decoding on the CPU: weights stream from memory once per token, so the
+// speed of batch-1 decoding is the speed at which these loops read weight bytes.
+//
+// int8 and int4 weights are multiplied with int8 activations (quantized here per block of 32, one
+// fp32 scale per block), using AVX2's u8 x s8 -> s16 multiply-add: 32 products in two
+// instructions, so the loops stay memory-bound on two cores. bf16 weights are widened to fp32 and
+// multiplied with fp32 activations. Rows of the weight matrix are split across torch's threads.
+//
+// Formats (all row-major, one row per output feature):
+//   int8: weight int8 [N, K], scale fp32 [N]                  w[n, k] = scale[n] * q[n, k]
+//   int4: weight uint8 [N, K/2], scale, min fp16 [N, K/G]     w[n, k] = scale[n, g] * q[n, k] + min[n, g]
+//         each 32 values of a row take 16 bytes: byte i holds value i (low nibble) and i + 16 (high).
+// The same formats are dequantized by stablecode/quantize.py, which is also the reference the
+// tests compare these kernels against.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define SC_AVX2 1
+#else
+#define SC_AVX2 0
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 32;   // activation quantization block
+constexpr int64_t kRowTile = 4;  // activation rows that share one read of a weight row
+
+struct QuantizedActivations {
+  torch::Tensor q;      // int8 [M, K]
+  torch::Tensor scale;  // fp32 [M, K / 32]
+  torch::Tensor sum;    // fp32 [M, K / 32]: scale * sum of q over the block (the int4 kernel's offset term)
+};
+
+float to_float(const float* p, int64_t i) { return p[i]; }
+float to_float(const c10::BFloat16* p, int64_t i) { return static_cast<float>(p[i]); }
+
+// Symmetric int8 per block of 32: scale = max|x| / 127, q = round-half-even(x * 127 / max|x|).
+template <typename T>
+QuantizedActivations quantize_activations_impl(const torch::Tensor& x) {
+  const int64_t M = x.size(0), K = x.size(1), blocks = K / kBlock;
+  QuantizedActivations out{torch::empty({M, K}, x.options().dtype(torch::kInt8)),
+                           torch::empty({M, blocks}, x.options().dtype(torch::kFloat32)),
+                           torch::empty({M, blocks}, x.options().dtype(torch::kFloat32))};
+  const T* src = x.data_ptr<T>();
+  int8_t* q = out.q.data_ptr<int8_t>();
+  float* scale = out.scale.data_ptr<float>();
+  float* sum = out.sum.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t base = m * K + b * kBlock;
+      float v[kBlock];
+      float amax = 0.f;
+      for (int64_t i = 0; i < kBlock; ++i) {
+        v[i] = to_float(src, base + i);
+        amax = std::max(amax, std::fabs(v[i]));
+      }
+      const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      int32_t total = 0;
+      for (int64_t i = 0; i < kBlock; ++i) {
+        const int32_t r = static_cast<int32_t>(std::nearbyint(v[i] * inv));
+        q[base + i] = static_cast<int8_t>(r);
+        total += r;
+      }
+      scale[m * blocks + b] = amax / 127.f;
+      sum[m * blocks + b] = (amax / 127.f) * static_cast<float>(total);
+    }
+  }
+  return out;
+}
+
+QuantizedActivations quantize_activations(const torch::Tensor& x) {
+  if (x.scalar_type() == torch::kBFloat16) return quantize_activations_impl<c10::BFloat16>(x);
+  return quantize_activations_impl<float>(x);
+}
+
+#if SC_AVX2
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// 32 signed x 32 signed int8 products summed in pairs of four into 8 int32 lanes.
+inline __m256i dot_s8s8(__m256i w, __m256i x) {
+  const __m256i products = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(w, x));
+  return _mm256_madd_epi16(products, _mm256_set1_epi16(1));
+}
+
+// 32 unsigned 4-bit x 32 signed int8 products into 8 int32 lanes.
+inline __m256i dot_u4s8(__m128i packed, __m256i x) {
+  const __m256i both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
+  const __m256i q = _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), _mm256_set1_epi16(1));
+}
+
+inline __m256 load_bf16x8(const c10::BFloat16* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+#endif
+
+inline float half_to_float(const c10::Half* p, int64_t i) { return static_cast<float>(p[i]); }
+
+template <typename T>
+void store(T* out, int64_t i, float v) { out[i] = static_cast<T>(v); }
+
+float bias_at(const torch::Tensor& bias, int64_t n) {
+  if (!bias.defined()) return 0.f;
+  if (bias.scalar_type() == torch::kBFloat16) return static_cast<float>(bias.data_ptr<c10::BFloat16>()[n]);
+  return bias.data_ptr<float>()[n];
+}
+
+// ---- int8 weights -----------------------------------------------------------------------------
+
+template <typename T>
+void int8_linear_impl(const QuantizedActivations& a, const torch::Tensor& weight, const torch::Tensor& scale,
+                      const torch::Tensor& bias, torch::Tensor& out) {
+  const int64_t M = a.q.size(0), K = a.q.size(1), N = weight.size(0), blocks = K / kBlock;
+  const int8_t* xq = a.q.data_ptr<int8_t>();
+  const float* xs = a.scale.data_ptr<float>();
+  const int8_t* w = weight.data_ptr<int8_t>();
+  const float* ws = scale.data_ptr<float>();
+  T* y = out.data_ptr<T>();
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const int8_t* row = w + n * K;
+      const float b = bias_at(bias, n);
+      for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
+        const int64_t rows = std::min(kRowTile, M - m0);
+        float total[kRowTile];
+#if SC_AVX2
+        __m256 acc[kRowTile];
+        for (int64_t r = 0; r < rows; ++r) acc[r] = _mm256_setzero_ps();
+        for (int64_t blk = 0; blk < blocks; ++blk) {
+          const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + blk * kBlock));
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t m = m0 + r;
+            const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + blk * kBlock));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_s8s8(wv, xv)), _mm256_set1_ps(xs[m * blocks + blk]),
+                                     acc[r]);
+          }
+        }
+        for (int64_t r = 0; r < rows; ++r) total[r] = hsum(acc[r]);
+#else
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t m = m0 + r;
+          float t = 0.f;
+          for (int64_t blk = 0; blk < blocks; ++blk) {
+            int32_t d = 0;
+            for (int64_t i = 0; i < kBlock; ++i) d += int32_t(row[blk * kBlock + i]) * xq[m * K + blk * kBlock + i];
+            t += float(d) * xs[m * blocks + blk];
+          }
+          total[r] = t;
+        }
+#endif
+        for (int64_t r = 0; r < rows; ++r) store(y, (m0 + r) * N + n, total[r] * ws[n] + b);
+      }
+    }
+  });
+}
+
+// ---- int4 weights -----------------------------------------------------------------------------
+
+template <typename T>
+void int4_linear_impl(const QuantizedActivations& a, const torch::Tensor& weight, const torch::Tensor& scale,
+                      const torch::Tensor& minimum, int64_t group_size, const torch::Tensor& bias,
+                      torch::Tensor& out) {
+  const int64_t M = a.q.size(0), K = a.q.size(1), N = weight.size(0), blocks = K / kBlock;
+  const int64_t groups = K / group_size, blocks_per_group = group_size / kBlock;
+  const int8_t* xq = a.q.data_ptr<int8_t>();
+  const float* xs = a.scale.data_ptr<float>();
+  // Sum of the (quantized) activations per weight group: multiplies each group's minimum.
+  torch::Tensor group_sums = a.sum.view({M, groups, blocks_per_group}).sum(-1).contiguous();
+  const float* xg = group_sums.data_ptr<float>();
+  const uint8_t* w = weight.data_ptr<uint8_t>();
+  const c10::Half* ws = scale.data_ptr<c10::Half>();
+  const c10::Half* wm = minimum.data_ptr<c10::Half>();
+  T* y = out.data_ptr<T>();
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const uint8_t* row = w + n * (K / 2);
+      const float b = bias_at(bias, n);
+      for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
+        const int64_t rows = std::min(kRowTile, M - m0);
+        float total[kRowTile];
+        float offset[kRowTile];
+        for (int64_t r = 0; r < rows; ++r) offset[r] = 0.f;
+#if SC_AVX2
+        __m256 acc[kRowTile];
+        for (int64_t r = 0; r < rows; ++r) acc[r] = _mm256_setzero_ps();
+        for (int64_t g = 0; g < groups; ++g) {
+          __m256 group_acc[kRowTile];
+          for (int64_t r = 0; r < rows; ++r) group_acc[r] = _mm256_setzero_ps();
+          for (int64_t j = 0; j < blocks_per_group; ++j) {
+            const int64_t blk = g * blocks_per_group + j;
+            const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + blk * (kBlock / 2)));
+            for (int64_t r = 0; r < rows; ++r) {
+              const int64_t m = m0 + r;
+              const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + blk * kBlock));
+              group_acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u4s8(packed, xv)),
+                                             _mm256_set1_ps(xs[m * blocks + blk]), group_acc[r]);
+            }
+          }
+          const float s = half_to_float(ws, n * groups + g), mn = half_to_float(wm, n * groups + g);
+          for (int64_t r = 0; r < rows; ++r) {
+            acc[r] = _mm256_fmadd_ps(group_acc[r], _mm256_set1_ps(s), acc[r]);
+            offset[r] += mn * xg[(m0 + r) * groups + g];
+          }
+        }
+        for (int64_t r = 0; r < rows; ++r) total[r] = hsum(acc[r]) + offset[r];
+#else
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t m = m0 + r;
+          float t = 0.f;
+          for (int64_t g = 0; g < groups; ++g) {
+            float gt = 0.f;
+            for (int64_t j = 0; j < blocks_per_group; ++j) {
+              const int64_t blk = g * blocks_per_group + j;
+              int32_t d = 0;
+              for (int64_t i = 0; i < kBlock / 2; ++i) {
+                const uint8_t byte = row[blk * (kBlock / 2) + i];
+                d += int32_t(byte & 0x0F) * xq[m * K + blk * kBlock + i];
+                d += int32_t(byte >> 4) * xq[m * K + blk * kBlock + i + kBlock / 2];
+              }
+              gt += float(d) * xs[m * blocks + blk];
+            }
+            t += gt * half_to_float(ws, n * groups + g);
+            offset[r] += half_to_float(wm, n * groups + g) * xg[m * groups + g];
+          }
+          total[r] = t + offset[r];
+        }
+#endif
+        for (int64_t r = 0; r < rows; ++r) store(y, (m0 + r) * N + n, total[r] + b);
+      }
+    }
+  });
+}
+
+// ---- bf16 weights -----------------------------------------------------------------------------
+
+template <typename T>
+void bf16_linear_impl(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias,
+                      torch::Tensor& out) {
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  torch::Tensor xf = x.to(torch::kFloat32).contiguous();
+  const float* xp = xf.data_ptr<float>();
+  const c10::BFloat16* w = weight.data_ptr<c10::BFloat16>();
+  T* y = out.data_ptr<T>();
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const c10::BFloat16* row = w + n * K;
+      const float b = bias_at(bias, n);
+      for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
+        const int64_t rows = std::min(kRowTile, M - m0);
+        float total[kRowTile];
+        int64_t k = 0;
+#if SC_AVX2
+        // Two accumulators per row hide the FMA latency.
+        __m256 acc0[kRowTile], acc1[kRowTile];
+        for (int64_t r = 0; r < rows; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps();
+        for (; k + 16 <= K; k += 16) {
+          const __m256 w0 = load_bf16x8(row + k), w1 = load_bf16x8(row + k + 8);
+          for (int64_t r = 0; r < rows; ++r) {
+            const float* xr = xp + (m0 + r) * K + k;
+            acc0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), acc0[r]);
+            acc1[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), acc1[r]);
+          }
+        }
+        for (int64_t r = 0; r < rows; ++r) total[r] = hsum(_mm256_add_ps(acc0[r], acc1[r]));
+#else
+        for (int64_t r = 0; r < rows; ++r) total[r] = 0.f;
+#endif
+        for (int64_t r = 0; r < rows; ++r) {
+          float t = total[r];
+          for (int64_t i = k; i < K; ++i) t += static_cast<float>(row[i]) * xp[(m0 + r) * K + i];
+          store(y, (m0 + r) * N + n, t + b);
+        }
+      }
+    }
+  });
+}
+
+// ---- entry points -----------------------------------------------------------------------------
+
+void check_common(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias,
+                  int64_t n) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "x must be a contiguous 2-D CPU tensor");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16,
+              "x must be float32 or bfloat16");
+  TORCH_CHECK(weight.is_contiguous() && weight.size(0) == n, "weight has the wrong shape or layout");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->numel() == n && bias->is_contiguous(), "bias has the wrong shape");
+    TORCH_CHECK(bias->scalar_type() == torch::kFloat32 || bias->scalar_type() == torch::kBFloat16,
+                "bias must be float32 or bfloat16");
+  }
+}
+
+torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scale,
+                          const c10::optional<torch::Tensor>& bias) {
+  check_common(x, weight, bias, weight.size(0));
+  TORCH_CHECK(weight.scalar_type() == torch::kInt8 && weight.size(1) == x.size(1), "weight must be int8 [N, K]");
+  TORCH_CHECK(x.size(1) % kBlock == 0, "K must be a multiple of 32");
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.numel() == weight.size(0), "scale must be fp32 [N]");
+  const QuantizedActivations a = quantize_activations(x);
+  torch::Tensor out = torch::empty({x.size(0), weight.size(0)}, x.options());
+  const torch::Tensor b = bias.has_value() ? *bias : torch::Tensor();
+  if (x.scalar_type() == torch::kBFloat16) int8_linear_impl<c10::BFloat16>(a, weight, scale, b, out);
+  else int8_linear_impl<float>(a, weight, scale, b, out);
+  return out;
+}
+
+torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scale,
+                          const torch::Tensor& minimum, int64_t group_size, const c10::optional<torch::Tensor>& bias) {
+  check_common(x, weight, bias, weight.size(0));
+  const int64_t K = x.size(1);
+  TORCH_CHECK(group_size % kBlock == 0 && K % group_size == 0, "group size must be a multiple of 32 dividing K");
+  TORCH_CHECK(weight.scalar_type() == torch::kUInt8 && weight.size(1) * 2 == K, "weight must be uint8 [N, K/2]");
+  TORCH_CHECK(scale.scalar_type() == torch::kHalf && minimum.scalar_type() == torch::kHalf &&
+                  scale.is_contiguous() && minimum.is_contiguous() &&
+                  scale.numel() == weight.size(0) * (K / group_size) && minimum.numel() == scale.numel(),
+              "scale and min must be fp16 [N, K / group_size]");
+  const QuantizedActivations a = quantize_activations(x);
+  torch::Tensor out = torch::empty({x.size(0), weight.size(0)}, x.options());
+  const torch::Tensor b = bias.has_value() ? *bias : torch::Tensor();
+  if (x.scalar_type() == torch::kBFloat16) int4_linear_impl<c10::BFloat16>(a, weight, scale, minimum, group_size, b, out);
+  else int4_linear_impl<float>(a, weight, scale, minimum, group_size, b, out);
+  return out;
+}
+
+torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& weight,
+                          const c10::optional<torch::Tensor>& bias) {
+  check_common(x, weight, bias, weight.size(0));
+  TORCH_CHECK(weight.scalar_type() == torch::kBFloat16 && weight.size(1) == x.size(1), "weight must be bf16 [N, K]");
+  torch::Tensor out = torch::empty({x.size(0), weight.size(0)}, x.options());
+  const torch::Tensor b = bias.has_value() ? *bias : torch::Tensor();
+  if (x.scalar_type() == torch::kBFloat16) bf16_linear_impl<c10::BFloat16>(x, weight, b, out);
+  else bf16_linear_impl<float>(x, weight, b, out);
+  return out;
+}
+
+std::vector<torch::Tensor> quantize_activations_py(const torch::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) % kBlock == 0, "x must be contiguous [M, K], K % 32 == 0");
+  const QuantizedActivations a = quantize_activations(x);
+  return {a.q, a.scale, a.sum};
+}
+
+// Streams `data` once and returns its byte sum: the bandwidth ceiling the kernels above aim at.
+int64_t read_bytes(const torch::Tensor& data) {
+  const int64_t n = data.numel() / 32;
+  const auto* p = reinterpret_cast<const uint8_t*>(data.data_ptr());
+  std::vector<int64_t> partial(at::get_num_threads(), 0);
+  at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
+#if SC_AVX2
+    __m256i acc = _mm256_setzero_si256();
+    for (int64_t i = begin; i < end; ++i)
+      acc = _mm256_add_epi64(acc, _mm256_sad_epu8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i * 32)),
+                                                  _mm256_setzero_si256()));
+    int64_t lanes[4];
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(lanes), acc);
+    partial[at::get_thread_num()] += lanes[0] + lanes[1] + lanes[2] + lanes[3];
+#else
+    int64_t s = 0;
+    for (int64_t i = begin * 32; i < end * 32; ++i) s += p[i];
+    partial[at::get_thread_num()] += s;
+#endif
+  });
+  int64_t total = 0;
+  for (int64_t v : partial) total += v;
+  return total;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int8_linear", &int8_linear, "y = x @ dequant(int8 W).T + b with int8-quantized activations");
+  m.def("int4_linear", &int4_linear, "y = x @ dequant(int4 W).T + b with int8-quantized activations");
+  m.def("bf16_linear", &bf16_linear, "y = x @ W.T + b for bf16 W, fp32 accumulation");
+  m.def("quantize_activations", &quantize_activations_py, "int8 per-32 block quantization: (q, scale, scale*sum)");
+  m.def("read_bytes", &read_bytes, "sum of all bytes (a memory-bandwidth probe)");
+  m.def("simd", []() { return SC_AVX2 ? "avx2" : "generic"; });
+}
