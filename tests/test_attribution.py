@@ -96,6 +96,20 @@ def test_manifest_and_sources(attributor, corpus):
             assert attributor.source_text(source.index) == corpus[1][source.path][1]
 
 
+def test_bloom_filter_holds_every_stored_fingerprint(attributor):
+    from stablecode.attribution.fingerprint import bloom_positions
+
+    index = attributor.index
+    assert np.all(index.hashes[1:] >= index.hashes[:-1])  # the table is sorted
+    bits = bloom_positions(np.asarray(index.hashes), attributor._bloom_bits, attributor._bloom_hashes)
+    assert ((index.bloom[(bits >> np.uint64(3)).astype(np.intp)] >> (bits & np.uint64(7))) & 1).all()
+    rng = np.random.default_rng(0)
+    others = rng.integers(0, 2 ** 63, size=20000, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    bits = bloom_positions(others, attributor._bloom_bits, attributor._bloom_hashes)
+    false_positives = ((index.bloom[(bits >> np.uint64(3)).astype(np.intp)] >> (bits & np.uint64(7))) & 1).all(1)
+    assert false_positives.mean() < 0.02
+
+
 def test_verbatim_excerpt_found_with_exact_span_and_source(attributor, corpus):
     repo, text = corpus[1]["pkg/mod5.py"]
     a = text.index("def ", 300)

@@ -23,7 +23,8 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from stablecode.attribution.fingerprint import bloom_positions, normalise, sampled_positions, window_hashes
+from stablecode.attribution.fingerprint import (BLOOM_SEGMENT_BITS, bloom_positions, normalise, sampled_positions,
+                                                window_hashes)
 from stablecode.attribution.storage import FORMAT, MANIFEST, VERSION, describe_files, manifest_checksum
 from stablecode.errors import StablecodeError
 
@@ -37,7 +38,7 @@ SOURCE_COLUMNS = {
     "language": ("language",),
     "stars": ("max_stars_count",),
 }
-PARTITION_BITS = 8
+PARTITION_BITS = BLOOM_SEGMENT_BITS  # one sort partition per Bloom filter segment
 RECORD = np.dtype([("hash", "<u8"), ("ordinal", "<u8")])
 SPILL_RECORDS = 1 << 22  # 64 MiB of records buffered before they are spilled to the partitions
 BATCH_ROWS = 256
@@ -70,7 +71,8 @@ def read_exclude_list(path: str | os.PathLike) -> set[str]:
     return {line.split("\t")[-1] for line in lines if line.strip()}
 
 
-def _row_key(row: dict) -> str:
+def source_key(row: dict) -> str:
+    """A file's identity, as the data pipeline's split uses it: `id`, else `repository/path`."""
     if row.get("id") is not None:
         return str(row["id"])
     return f"{row.get('repository')}/{row.get('path')}"
@@ -106,7 +108,7 @@ def iter_corpus(files: list[tuple[str, Path]], exclude: set[str]) -> Iterator[tu
                     if isinstance(row["license"], list):  # the-stack keeps a list of licences per file
                         row["license"] = ", ".join(map(str, row["license"])) or None
                     row["language"] = row["language"] or language
-                    if exclude and _row_key(row) in exclude:
+                    if exclude and source_key(row) in exclude:
                         continue
                     contents.append(content)
                     rows.append(row)
@@ -189,7 +191,7 @@ class _Partitions:
             with open(self._path(p), "ab") as f:
                 records[bounds[p]:bounds[p + 1]].tofile(f)
 
-    def sorted_parts(self) -> Iterator[np.ndarray]:
+    def sorted_parts(self) -> Iterator[tuple[int, np.ndarray]]:
         self.spill()
         for p in range(1 << PARTITION_BITS):
             path = self._path(p)
@@ -197,11 +199,11 @@ class _Partitions:
                 records = np.fromfile(path, dtype=RECORD)
                 path.unlink()
                 # Equal fingerprints stay in ordinal (corpus) order.
-                yield records[np.argsort(records["hash"], kind="stable")]
+                yield p, records[np.argsort(records["hash"], kind="stable")]
 
 
 def _bloom_size(count: int, bits_per_fingerprint: float) -> tuple[int, int]:
-    bits = max(64, 1 << math.ceil(math.log2(max(1.0, count * bits_per_fingerprint))))
+    bits = max(1 << 14, 1 << math.ceil(math.log2(max(1.0, count * bits_per_fingerprint))))
     hashes = int(min(10, max(1, round(bits / max(count, 1) * math.log(2)))))
     return bits, hashes
 
@@ -291,16 +293,20 @@ def build_index(data: str | os.PathLike, out: str | os.PathLike, *, window: int 
         hashes_out = np.lib.format.open_memmap(staging / "hashes.npy", "w+", np.uint64, (count,))
         ordinals_out = np.lib.format.open_memmap(staging / "ordinals.npy", "w+", ordinal_dtype, (count,))
         bloom = np.zeros(bloom_bits // 8, dtype=np.uint8)
+        segment_bits = bloom_bits >> BLOOM_SEGMENT_BITS
         filled = 0
-        for records in partitions.sorted_parts():
+        for part, records in partitions.sorted_parts():
             n = len(records)
             hashes_out[filled:filled + n] = records["hash"]
             ordinals_out[filled:filled + n] = records["ordinal"]
             filled += n
+            # Partition `part` holds exactly the fingerprints whose bits lie in Bloom segment `part`.
+            segment = np.zeros(segment_bits, dtype=bool)
             for chunk in range(0, n, 1 << 20):
-                bits = bloom_positions(records["hash"][chunk:chunk + (1 << 20)], bloom_bits, bloom_hashes).ravel()
-                np.bitwise_or.at(bloom, (bits >> np.uint64(3)).astype(np.int64),
-                                 np.left_shift(1, (bits & np.uint64(7)).astype(np.uint8)).astype(np.uint8))
+                bits = bloom_positions(records["hash"][chunk:chunk + (1 << 20)], bloom_bits, bloom_hashes)
+                segment[(bits - np.uint64(part * segment_bits)).ravel().astype(np.intp)] = True
+            first_byte = part * segment_bits // 8
+            bloom[first_byte:first_byte + segment_bits // 8] = np.packbits(segment, bitorder="little")
         assert filled == count, (filled, count)
         for array in (hashes_out, ordinals_out):
             array.flush()

@@ -110,10 +110,16 @@ def sampled_positions(length: int, window: int, stride: int) -> np.ndarray:
     return np.arange(0, length - window + 1, stride, dtype=np.int64)
 
 
+BLOOM_SEGMENT_BITS = 8  # the filter is 256 equal segments, chosen by a fingerprint's top byte
+
+
 def bloom_positions(hashes: np.ndarray, num_bits: int, num_hashes: int) -> np.ndarray:
-    """Bit positions [len(hashes), num_hashes] by double hashing; num_bits is a power of two."""
-    mask = np.uint64(num_bits - 1)
-    first = hashes
+    """Bit positions [len(hashes), num_hashes] by double hashing, all inside the segment that the
+    fingerprint's top byte selects (so the build fills the filter one sorted partition at a time).
+    num_bits is a power of two of at least 2**14."""
+    segment_bits = num_bits >> BLOOM_SEGMENT_BITS
+    segment = (hashes >> np.uint64(64 - BLOOM_SEGMENT_BITS)) * np.uint64(segment_bits)
     second = mix64(hashes ^ np.uint64(0x5851F42D4C957F2D)) | np.uint64(1)
     steps = np.arange(num_hashes, dtype=np.uint64)
-    return (first[:, None] + steps[None, :] * second[:, None]) & mask
+    within = (hashes[:, None] + steps[None, :] * second[:, None]) & np.uint64(segment_bits - 1)
+    return segment[:, None] + within

