@@ -53,7 +53,8 @@ def run_from_dir(args) -> None:
     filters = SourceFilters(max_file_bytes=args.max_file_bytes, max_line_length=args.max_line_length)
     result = from_dir(args.src, args.out, languages=args.languages, license=args.license, repo_name=args.repo_name,
                       exclude=args.exclude, filters=filters, overwrite=args.overwrite, log=_log)
-    print(f"wrote {result.files} files ({result.bytes:,} bytes) to {result.out}; manifest: {result.out / 'manifest.json'}")
+    print(f"wrote {result.files} files ({result.bytes:,} bytes) to {result.out}; "
+          f"manifest: {result.out / 'manifest.json'}")
 
 
 def run_pack(args) -> None:

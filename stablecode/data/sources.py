@@ -64,8 +64,9 @@ VCS_DIRECTORIES = {".git", ".hg", ".svn", ".bzr"}
 GENERATED_HEADER = re.compile(r"auto-?generated|automatically generated|do not edit|@generated"
                               r"|this (?:file|module|code) (?:is|was|has been) (?:\w+ )?generated"
                               r"|(?-i:^[^\w\n]*Generated (?:by|from|with)\b)"
-                              r"|\bgenerated (?:by|from|with) ['\"`]?[\w./\\-]+\.(?:py|pl|sh|rb|js|txt|json|xml|ya?ml|proto"
-                              r"|in|h|c|cc|cpp)\b", re.IGNORECASE | re.MULTILINE)
+                              r"|\bgenerated (?:by|from|with) ['\"`]?[\w./\\-]+"
+                              r"\.(?:py|pl|sh|rb|js|txt|json|xml|ya?ml|proto|in|h|c|cc|cpp)\b",
+                              re.IGNORECASE | re.MULTILINE)
 SPDX_HEADER = re.compile(r"SPDX-License-Identifier:\s*([A-Za-z0-9.+\-() ]+?)\s*(?:\*/|-->|$)", re.MULTILINE)
 LICENSE_FILE = re.compile(r"^(licen[cs]e|copying|copyright)([-_.].*)?$", re.IGNORECASE)
 # Phrases that identify the common licences in a LICENSE/COPYING file, most specific first.
@@ -154,7 +155,7 @@ def quality_problem(text: str, filters: SourceFilters) -> tuple[str, str] | None
         return "minified", f"mean line length {mean:.0f} (limit {filters.max_mean_line_length:g})"
     alnum = sum(c.isalnum() for c in text) / len(text)
     if alnum < filters.min_alphanumeric_fraction:
-        return "low-alphanumeric", f"{alnum:.2f} of characters alphanumeric (minimum {filters.min_alphanumeric_fraction})"
+        return "low-alphanumeric", f"{alnum:.2f} alphanumeric (minimum {filters.min_alphanumeric_fraction})"
     head = "\n".join(lines[:filters.header_lines])
     match = GENERATED_HEADER.search(head)
     if match:
