@@ -1,0 +1,185 @@
+"""The FastAPI application: routes of every API family over one `Engine`, API-key and body-size
+guard, and errors formatted the way each family's clients parse them.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from stablecode.server import ollama, openai, tgi
+from stablecode.server.engine import ApiError, ClientDisconnected, Engine, Limits
+
+log = logging.getLogger("stablecode.server")
+
+# Reachable without the API key: liveness probes and the API documentation.
+OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+
+
+def error_response(path: str, status: int, message: str, kind: str, param: str | None = None,
+                   details: list | None = None) -> JSONResponse:
+    """An error in the format of the API family that `path` belongs to."""
+    if path.startswith("/v1/") or path == "/v1":
+        family = openai
+    elif path.startswith("/api/"):
+        family = ollama
+    else:
+        family = tgi
+    return family.error_response(status, message, kind, param, details)
+
+
+class RequestGuard:
+    """ASGI middleware: API key check, then the request body read whole up to a size limit.
+
+    Reading the body here bounds memory before any parsing; the app then gets it replayed.
+    """
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+        self.app = app
+        self.api_key = api_key.encode() if api_key else None
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        headers = dict(scope["headers"])
+        if self.api_key is not None and path not in OPEN_PATHS:
+            scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not token.strip():
+                await error_response(path, 401, "missing API key: send the header `Authorization: Bearer <key>`",
+                                     "authentication")(scope, receive, send)
+                return
+            if not hmac.compare_digest(token.strip(), self.api_key):
+                await error_response(path, 401, "invalid API key", "authentication")(scope, receive, send)
+                return
+        too_large = error_response(path, 413, f"request body larger than {self.max_body_bytes:,} bytes "
+                                              "(see GET /info for the limits)", "validation")
+        try:
+            declared = int(headers.get(b"content-length", b"0"))
+        except ValueError:
+            declared = 0
+        if declared > self.max_body_bytes:
+            await too_large(scope, receive, send)
+            return
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if len(body) > self.max_body_bytes:
+                await too_large(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def _validation_details(errors) -> tuple[str, str | None, list[dict]]:
+    """FastAPI validation errors as (message, param, detail items with a string `loc`)."""
+    details = []
+    for error in errors:
+        if error.get("type") == "json_invalid":
+            position = error.get("loc", ("body", "?"))[-1]
+            reason = (error.get("ctx") or {}).get("error", "JSON decode error")
+            details.append({"loc": "body", "msg": f"the request body is not valid JSON ({reason} at character "
+                                                  f"{position})", "type": "json_invalid"})
+            continue
+        loc = ".".join(str(part) for part in error.get("loc", ()))
+        details.append({"loc": loc or "body", "msg": error.get("msg", "invalid value"), "type": error.get("type", "")})
+    message = "; ".join(f"{d['loc']}: {d['msg']}" for d in details) or "invalid request"
+    first = errors[0].get("loc", ()) if errors else ()
+    param = str(first[-1]) if len(first) > 1 else None
+    return message, param, details
+
+
+def create_app(model: str | os.PathLike | None = None, *, dtype: str | None = None, device: str | None = None,
+               quantize: str | None = None, api_key: str | None = None, max_batch: int = 8, max_queue: int = 32,
+               limits: Limits = Limits(), attributor=None) -> FastAPI:
+    """The completion server for a checkpoint directory or embedded model name (None: the default).
+
+    The config and tokenizer are read now (bad paths fail here); the weights load in the
+    background once the app starts, while GET /health answers 503.
+    """
+    engine = Engine(model, dtype=dtype, device=device, quantize=quantize, max_batch=max_batch,
+                    max_queue=max_queue, limits=limits)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start_loading()
+        try:
+            yield
+        finally:
+            engine.stop()
+
+    app = FastAPI(title="stablecode completion server", version=_version(), lifespan=lifespan,
+                  description="Code completion with one StableCode model, speaking Text Generation Inference's, "
+                              "OpenAI's and Ollama's APIs.")
+    app.state.engine = engine
+    app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=engine.limits.max_body_bytes)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        return error_response(request.url.path, e.status, e.message, e.kind, e.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError):
+        message, param, details = _validation_details(e.errors())
+        return error_response(request.url.path, 422, message, "validation", param, details)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        kind = {404: "not_found", 405: "not_found"}.get(e.status_code, "validation")
+        message = str(e.detail)
+        if e.status_code == 404:
+            message = f"no route {request.method} {request.url.path}; see /docs for the API"
+        elif e.status_code == 400:
+            message = f"the request body could not be parsed: it must be JSON encoded in UTF-8 ({e.detail})"
+        return error_response(request.url.path, e.status_code, message, kind)
+
+    @app.exception_handler(ClientDisconnected)
+    async def client_gone(request: Request, e: ClientDisconnected):
+        return JSONResponse({"error": "client disconnected"}, status_code=499)
+
+    @app.get("/health", summary="200 when the model is ready, 503 while it loads (or if loading failed)")
+    async def health():
+        if engine.state == "ready":
+            return {"status": "ready"}
+        return JSONResponse({"status": engine.state, "error": engine.error}, status_code=503)
+
+    @app.get("/info", summary="Model, context length, limits in force and scheduler load")
+    async def info():
+        return engine.info()
+
+    app.include_router(tgi.router)
+    app.include_router(openai.router)
+    app.include_router(ollama.router)
+    if attributor is not None:
+        from stablecode.attribution import add_overlap_routes
+
+        add_overlap_routes(app, attributor)
+    return app
+
+
+def _version() -> str:
+    from stablecode import __version__
+
+    return __version__

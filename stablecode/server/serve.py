@@ -1,0 +1,55 @@
+"""`stablecode serve`: run the completion server with uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+
+def add_serve_command(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="HTTP completion server for editors (TGI, OpenAI and Ollama APIs)")
+    p.add_argument("--model", default=None,
+                   help="checkpoint directory or embedded model name (default: the embedded stablecode-nano)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=int, default=8080, help="default 8080")
+    p.add_argument("--api-key", default=os.environ.get("STABLECODE_API_KEY"),
+                   help="require `Authorization: Bearer KEY` (default: $STABLECODE_API_KEY, else no key)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together, i.e. KV-cache rows (default 8)")
+    p.add_argument("--max-queue", type=int, default=32, help="requests that may wait for a row; beyond that, 429 (default 32)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weights dtype (default: as stored)")
+    p.add_argument("--device", default=None, help="cpu (default) or cuda")
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"], help="weight-only quantization")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--index", type=Path, default=None,
+                   help="attribution index: adds POST /overlap (llm-vscode's code attribution)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="default info")
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(args) -> None:
+    import uvicorn
+
+    from stablecode.errors import StablecodeError
+    from stablecode.server.app import create_app
+
+    if not 1 <= args.port <= 65535:
+        raise StablecodeError(f"--port must be in 1..65535, got {args.port}")
+    if args.max_batch < 1 or args.max_queue < 0:
+        raise StablecodeError("--max-batch must be >= 1 and --max-queue >= 0")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise StablecodeError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    attributor = None
+    if args.index is not None:
+        from stablecode.attribution import Attributor
+
+        attributor = Attributor(args.index)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, api_key=args.api_key,
+                     max_batch=args.max_batch, max_queue=args.max_queue, attributor=attributor)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
