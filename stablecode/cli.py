@@ -176,6 +176,10 @@ from stablecode.attribution.commands import add_attribute_command, add_index_com
 
 COMMANDS += [add_index_command, add_attribute_command]
 
+from stablecode.server.serve import add_serve_command  # noqa: E402
+
+COMMANDS += [add_serve_command]
+
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
