@@ -66,6 +66,12 @@ def test_errors(tmp_path, python_corpus):
         train_tokenizer(tmp_path / "missing", tmp_path / "t.json")
     with pytest.raises(ValueError, match="at least 275"):
         train_tokenizer(python_corpus, tmp_path / "t.json", vocab_size=100)
+    bad = python_corpus / "python" / "train-00000-of-00001.parquet"
+    data = bytearray(bad.read_bytes())
+    data[60:200] = b"\xab" * 140  # data pages, footer intact: fails while the trainer reads it
+    bad.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="train-00000-of-00001.parquet: not a readable parquet file"):
+        train_tokenizer(python_corpus, tmp_path / "t.json", vocab_size=400)
     assert not (tmp_path / "t.json").exists()
 
 
