@@ -119,8 +119,9 @@ def held_out_rates(attributor, texts: list[str], length: int) -> dict:
         offsets = (ordinals - first[files]) * attributor.stride
         for q, f, o in zip(positions.tolist(), files.tolist(), offsets.tolist()):
             table_hits += 1
-            source = attributor._read_source(f)[1]
-            confirmed += bool(np.array_equal(codes[q:q + attributor.window], source[o:o + attributor.window]))
+            source, _, region_start = attributor._source_region(f, attributor.source_text(f), o, o + attributor.window)
+            confirmed += bool(np.array_equal(codes[q:q + attributor.window],
+                                             source[o - region_start:o - region_start + attributor.window]))
     return {"documents": len(documents), "document_chars": length, "with_match": with_match,
             "match_rate": with_match / max(len(documents), 1), "covered_char_fraction": covered / max(chars, 1),
             "bloom_false_positive_rate": bloom_false / max(windows_absent, 1), "table_hits": table_hits,

@@ -82,6 +82,16 @@ def unseen_code(seed: int = 1234) -> str:
     return synthetic_file(random.Random(f"unseen-{seed}"), functions=4)
 
 
+@pytest.mark.parametrize("text", ["  a\tb\r\n\n  c  ", "x\u3000\u00a0y\x1cz", "é  ✓\n\t😀 ", "", " ", "abc"])
+def test_normalise_collapses_whitespace_runs_and_maps_offsets(text):
+    codes, starts = normalise(text)
+    expected = "".join(" " if c.isspace() else c for i, c in enumerate(text)
+                       if not (c.isspace() and i and text[i - 1].isspace()))
+    assert "".join(map(chr, codes.tolist())) == expected
+    assert [text[i] if not text[i].isspace() else " " for i in starts.tolist()] == list(expected)
+    assert all(i == 0 or not (text[i].isspace() and text[i - 1].isspace()) for i in starts.tolist())
+
+
 def test_manifest_and_sources(attributor, corpus):
     manifest = attributor.index.manifest
     assert manifest["counts"]["sources"] == 11  # 9 python + 2 go; the null row is skipped
@@ -108,6 +118,22 @@ def test_bloom_filter_holds_every_stored_fingerprint(attributor):
     bits = bloom_positions(others, attributor._bloom_bits, attributor._bloom_hashes)
     false_positives = ((index.bloom[(bits >> np.uint64(3)).astype(np.intp)] >> (bits & np.uint64(7))) & 1).all(1)
     assert false_positives.mean() < 0.02
+
+
+def test_source_regions_agree_with_whole_file_normalisation(attributor):
+    """Matches are checked on parts of a source normalised from a checkpoint: the same characters
+    and offsets as normalising the whole file."""
+    rng = random.Random(0)
+    for i in range(attributor.num_sources):
+        text = attributor.source_text(i)
+        codes, starts = normalise(text)
+        for _ in range(20):
+            begin = rng.randrange(-50, len(codes) + 10)
+            end = begin + rng.randrange(1, 1500)
+            region_codes, region_starts, first = attributor._source_region(i, text, begin, end)
+            assert first <= max(begin, 0) and first + len(region_codes) >= min(end, len(codes))
+            assert np.array_equal(region_codes, codes[first:first + len(region_codes)])
+            assert np.array_equal(region_starts, starts[first:first + len(region_codes)])
 
 
 def test_verbatim_excerpt_found_with_exact_span_and_source(attributor, corpus):

@@ -25,7 +25,7 @@ import numpy as np
 
 from stablecode.attribution.fingerprint import (BLOOM_SEGMENT_BITS, bloom_positions, normalise, sampled_positions,
                                                 window_hashes)
-from stablecode.attribution.storage import FORMAT, MANIFEST, VERSION, describe_files, manifest_checksum
+from stablecode.attribution.storage import DATA_FILES, FORMAT, MANIFEST, VERSION, describe_files, manifest_checksum
 from stablecode.errors import StablecodeError
 
 # Where each field of a source row may come from: starcoderdata's columns first, then the extra
@@ -42,6 +42,7 @@ PARTITION_BITS = BLOOM_SEGMENT_BITS  # one sort partition per Bloom filter segme
 RECORD = np.dtype([("hash", "<u8"), ("ordinal", "<u8")])
 SPILL_RECORDS = 1 << 22  # 64 MiB of records buffered before they are spilled to the partitions
 BATCH_ROWS = 256
+CHECKPOINT_INTERVAL = 512  # normalised characters between two stored original offsets
 
 
 def corpus_files(data: Path) -> list[tuple[str, Path]]:
@@ -118,21 +119,24 @@ def iter_corpus(files: list[tuple[str, Path]], exclude: set[str]) -> Iterator[tu
 
 
 def fingerprint_documents(contents: list[str], window: int, stride: int, level: int):
-    """Per document: compressed UTF-8 text, sizes, and the fingerprints of its sampled windows.
-
-    Runs in the worker processes; returns (blobs, byte_sizes, chars, counts, hashes)."""
-    blobs, sizes, chars, counts, hashes = [], [], [], [], []
+    """Per document: compressed UTF-8 text, sizes, its checkpoints and the fingerprints of its
+    sampled windows. Runs in the worker processes; returns
+    (blobs, byte_sizes, chars, checkpoint_counts, checkpoints, fingerprint_counts, fingerprints)."""
+    blobs, sizes, chars, checkpoint_counts, checkpoints, counts, hashes = [], [], [], [], [], [], []
     for text in contents:
         data = text.encode("utf-8", "surrogatepass")
         blobs.append(zlib.compress(data, level))
         sizes.append(len(data))
         chars.append(len(text))
-        codes, _ = normalise(text)
+        codes, starts = normalise(text)
+        checkpoints.append(starts[::CHECKPOINT_INTERVAL].astype(np.uint32))
+        checkpoint_counts.append(len(checkpoints[-1]))
         doc_hashes = window_hashes(codes, window, sampled_positions(len(codes), window, stride))
         counts.append(len(doc_hashes))
         hashes.append(doc_hashes)
-    return blobs, sizes, chars, np.array(counts, dtype=np.int64), (
-        np.concatenate(hashes) if hashes else np.zeros(0, np.uint64))
+    return (blobs, sizes, chars, np.array(checkpoint_counts, dtype=np.int64),
+            np.concatenate(checkpoints) if checkpoints else np.zeros(0, np.uint32),
+            np.array(counts, dtype=np.int64), np.concatenate(hashes) if hashes else np.zeros(0, np.uint64))
 
 
 def _results_in_order(batches: Iterable[tuple[list[str], list[dict]]], workers: int, args: tuple):
@@ -246,21 +250,26 @@ def build_index(data: str | os.PathLike, out: str | os.PathLike, *, window: int 
         schema = pa.schema([("repository", pa.string()), ("path", pa.string()), ("license", pa.string()),
                             ("id", pa.string()), ("language", pa.string()), ("stars", pa.int64()),
                             ("text_offset", pa.uint64()), ("text_size", pa.uint64()), ("chars", pa.uint64()),
-                            ("first_fingerprint", pa.uint64())])
-        num_sources = source_bytes = source_chars = text_offset = 0
+                            ("first_fingerprint", pa.uint64()), ("first_checkpoint", pa.uint64())])
+        num_sources = source_bytes = source_chars = text_offset = num_checkpoints = 0
         languages: dict[str, int] = {}
         bar = None
         if progress:
             from tqdm import tqdm
             bar = tqdm(total=total_rows, unit="file", desc="indexing", dynamic_ncols=True)
-        with open(staging / "texts.bin", "wb") as texts, \
+        with open(staging / "texts.bin", "wb") as texts, open(staging / "checkpoints.bin", "wb") as checkpoints, \
                 pq.ParquetWriter(staging / "sources.parquet", schema) as sources:
             args = (window, stride, compression_level)
-            for rows, (blobs, sizes, chars, counts, hashes) in _results_in_order(
+            for rows, (blobs, sizes, chars, checkpoint_counts, doc_checkpoints, counts, hashes) in _results_in_order(
                     iter_corpus(files, exclude or set()), workers, args):
                 if not rows:
                     continue
+                if any(c >= 1 << 32 for c in chars):
+                    raise StablecodeError(f"{data}: a file of 2**32 characters or more cannot be indexed")
                 first = partitions.total + np.concatenate([[0], np.cumsum(counts)[:-1]])
+                first_checkpoint = num_checkpoints + np.concatenate([[0], np.cumsum(checkpoint_counts)[:-1]])
+                doc_checkpoints.tofile(checkpoints)
+                num_checkpoints += len(doc_checkpoints)
                 offsets = text_offset + np.concatenate([[0], np.cumsum([len(b) for b in blobs])[:-1]])
                 for blob in blobs:
                     texts.write(blob)
@@ -271,7 +280,7 @@ def build_index(data: str | os.PathLike, out: str | os.PathLike, *, window: int 
                 for field in ("repository", "path", "id", "language", "license"):
                     columns[field] = [None if v is None else str(v) for v in columns[field]]
                 columns.update(text_offset=offsets.tolist(), text_size=[len(b) for b in blobs], chars=chars,
-                               first_fingerprint=first.tolist())
+                               first_fingerprint=first.tolist(), first_checkpoint=first_checkpoint.tolist())
                 sources.write_batch(pa.record_batch([pa.array(columns[f.name], f.type) for f in schema],
                                                     schema=schema))
                 partitions.add(hashes, np.arange(partitions.total, partitions.total + len(hashes), dtype=np.uint64))
@@ -312,8 +321,16 @@ def build_index(data: str | os.PathLike, out: str | os.PathLike, *, window: int 
             array.flush()
         del hashes_out, ordinals_out
         np.save(staging / "bloom.npy", bloom)
+        checkpoints_out = np.lib.format.open_memmap(staging / "checkpoints.npy", "w+", np.uint32, (num_checkpoints,))
+        for start in range(0, num_checkpoints, 1 << 24):
+            checkpoints_out[start:start + (1 << 24)] = np.fromfile(
+                staging / "checkpoints.bin", dtype=np.uint32, count=min(1 << 24, num_checkpoints - start),
+                offset=4 * start)
+        checkpoints_out.flush()
+        del checkpoints_out
+        (staging / "checkpoints.bin").unlink()
         shutil.rmtree(staging / "partitions")
-        for name in ("hashes.npy", "ordinals.npy", "bloom.npy", "texts.bin", "sources.parquet"):
+        for name in DATA_FILES:
             with open(staging / name, "rb") as f:
                 os.fsync(f.fileno())
 
@@ -325,8 +342,10 @@ def build_index(data: str | os.PathLike, out: str | os.PathLike, *, window: int 
             "hash": "polynomial over code points, base 0x9E3779B97F4A7C15 mod 2**64, then splitmix64's finaliser",
             "guaranteed_match_chars": window + stride - 1,
             "ordinal_dtype": ordinal_dtype.name,
+            "checkpoint_interval": CHECKPOINT_INTERVAL,
             "bloom": {"bits": bloom_bits, "hashes": bloom_hashes},
-            "counts": {"sources": num_sources, "fingerprints": count, "source_bytes": source_bytes,
+            "counts": {"sources": num_sources, "fingerprints": count, "checkpoints": num_checkpoints,
+                       "source_bytes": source_bytes,
                        "source_chars": source_chars},
             "languages": dict(sorted(languages.items())),
             "build": {"data": str(data), "seconds": round(seconds, 3), "workers": workers,

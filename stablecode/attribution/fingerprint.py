@@ -21,8 +21,7 @@ _SPACE_LIMIT = 0x3001
 _IS_SPACE = np.array([chr(c).isspace() for c in range(_SPACE_LIMIT)], dtype=bool)
 SPACE = 32
 
-_powers = np.ones(1, dtype=np.uint64)
-_inverse_powers = np.ones(1, dtype=np.uint64)
+_power_tables_cache = (np.ones(1, dtype=np.uint64), np.ones(1, dtype=np.uint64))
 
 
 def code_points(text: str) -> np.ndarray:
@@ -53,6 +52,7 @@ def normalise(text: str) -> tuple[np.ndarray, np.ndarray]:
     space = is_space(cp)
     repeat = space.copy()
     repeat[1:] &= space[:-1]  # whitespace that continues a run is dropped
+    repeat[:1] = False
     starts = np.flatnonzero(~repeat)
     codes = cp[starts]
     codes[space[starts]] = SPACE
@@ -61,12 +61,13 @@ def normalise(text: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _power_tables(n: int) -> tuple[np.ndarray, np.ndarray]:
     """base**i and base**-i (mod 2**64) for i < n, grown on demand and kept per process."""
-    global _powers, _inverse_powers
-    if len(_powers) < n:
-        size = max(n, 2 * len(_powers), 1 << 16)
-        _powers = _geometric(HASH_BASE, size)
-        _inverse_powers = _geometric(HASH_BASE_INVERSE, size)
-    return _powers[:n], _inverse_powers[:n]
+    global _power_tables_cache
+    powers, inverse = _power_tables_cache  # one read: server threads may grow the tables concurrently
+    if len(powers) < n:
+        size = max(n, 2 * len(powers), 1 << 16)
+        powers, inverse = _geometric(HASH_BASE, size), _geometric(HASH_BASE_INVERSE, size)
+        _power_tables_cache = (powers, inverse)
+    return powers[:n], inverse[:n]
 
 
 def _geometric(ratio: int, size: int) -> np.ndarray:

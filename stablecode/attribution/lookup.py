@@ -131,17 +131,28 @@ class Attributor:
 
     def source_text(self, i: int) -> str:
         """The original text of source file `i`."""
-        return self._read_source(int(i))[0]
+        return self._read_source(int(i))
 
-    def _decode_source(self, i: int) -> tuple[str, np.ndarray, np.ndarray]:
+    def _decode_source(self, i: int) -> str:
         offset, size = int(self.index.text_offset[i]), int(self.index.text_size[i])
         try:
-            text = zlib.decompress(self.index.texts[offset:offset + size]).decode("utf-8", "surrogatepass")
+            return zlib.decompress(self.index.texts[offset:offset + size]).decode("utf-8", "surrogatepass")
         except (zlib.error, UnicodeDecodeError) as e:
             raise AttributionIndexError(f"{self.directory}/texts.bin: the text of source {i} is corrupted ({e}); "
                                         "rebuild the index") from None
-        codes, starts = normalise(text)
-        return text, codes, starts
+
+    def _source_region(self, i: int, text: str, begin: int, end: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """(codes, original offsets, first index) of normalised characters [begin, end) of source `i`,
+        widened to checkpoints: only this part of the source is normalised, not the whole file."""
+        interval, checkpoints = self.index.checkpoint_interval, self.index.checkpoints
+        first = self.index.first_checkpoint[i]
+        count = (self.index.first_checkpoint[i + 1] if i + 1 < self.num_sources else len(checkpoints)) - first
+        low = min(max(begin, 0) // interval, count)
+        high = -(-end // interval)
+        text_start = int(checkpoints[first + low]) if low < count else len(text)
+        text_end = int(checkpoints[first + high]) if high < count else len(text)
+        codes, starts = normalise(text[text_start:text_end])
+        return codes, starts + text_start, low * interval
 
     def _candidates(self, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(query position, fingerprint ordinal) for each window whose fingerprint is in the table."""
@@ -159,7 +170,8 @@ class Attributor:
         """Maximal spans of `text` that occur in training files, each with up to `max_sources` sources.
 
         A match counts from `min_length` normalised characters (default and minimum: the index's
-        window); any shared stretch of window + stride - 1 normalised characters is always found.
+        window), not counting whitespace at either end; any shared stretch of window + stride - 1
+        normalised characters is always found.
         """
         window = self.window
         min_length = max(window, min_length or window)
@@ -183,39 +195,38 @@ class Attributor:
         group_starts, group_ends = bounds[:-1], bounds[1:]
 
         coverage = np.zeros(len(codes), dtype=np.int32)
-        matches = []  # (query_start, query_end, file, source_start) in normalised characters
+        matches = []  # (query_start, query_end, file, source_start, source_end): normalised, then original
         for g in np.lexsort((files[group_starts], group_starts - group_ends)).tolist():
             file, diagonal = int(files[group_starts[g]]), int(diagonals[group_starts[g]])
             group_positions = positions[group_starts[g]:group_ends[g]]
             if coverage[group_positions[0]:group_positions[-1] + window].min() >= max_sources:
                 continue  # enough sources already cover everything this group could add
-            source_codes = self._read_source(file)[1]
+            # Query character q faces source character q + diagonal: no match reaches beyond these.
+            source_codes, source_starts, region_start = self._source_region(
+                file, self._read_source(file), diagonal, diagonal + len(codes))
             reached = -1
             for q in group_positions.tolist():
                 if q < reached:
                     continue
-                extended = _extend(codes, source_codes, q, q + diagonal, window)
+                extended = _extend(codes, source_codes, q, q + diagonal - region_start, window)
                 if extended is None:
                     continue
                 query_start, query_end, source_start = extended
                 reached = query_end
+                # Whitespace at either end is not part of a match: it stands for a run of any length.
+                left, right = int(codes[query_start] == SPACE), int(codes[query_end - 1] == SPACE)
+                query_start, query_end, source_start = query_start + left, query_end - right, source_start + left
                 if query_end - query_start >= min_length:
-                    matches.append((query_start, query_end, file, source_start))
+                    source_last = source_start + query_end - query_start - 1
+                    matches.append((query_start, query_end, file, int(source_starts[source_start]),
+                                    int(source_starts[source_last]) + 1))
                     coverage[query_start:query_end] += 1
-        return self._spans(text, codes, starts, matches, min_length, max_sources)
+        return self._spans(text, starts, matches, max_sources)
 
-    def _spans(self, text: str, codes: np.ndarray, starts: np.ndarray, matches: list, min_length: int,
-               max_sources: int) -> list[Span]:
-        # Whitespace at either end is not part of a match: it stands for a run of any length.
-        trimmed = []
-        for query_start, query_end, file, source_start in matches:
-            left = int(codes[query_start] == SPACE)
-            right = int(codes[query_end - 1] == SPACE)
-            if query_end - query_start - left - right >= min_length:
-                trimmed.append((query_start + left, query_end - right, file, source_start + left))
-        trimmed.sort()
+    def _spans(self, text: str, starts: np.ndarray, matches: list, max_sources: int) -> list[Span]:
+        matches.sort()
         merged: list[list] = []
-        for match in trimmed:
+        for match in matches:
             if merged and match[0] <= merged[-1][1]:
                 merged[-1][1] = max(merged[-1][1], match[1])
                 merged[-1][2].append(match)
@@ -235,13 +246,11 @@ class Attributor:
         return spans
 
     def _source_match(self, match: tuple, starts: np.ndarray) -> SourceMatch:
-        query_start, query_end, file, source_start = match
-        source_text, _, source_starts = self._read_source(file)
-        begin = int(source_starts[source_start])
-        finish = int(source_starts[source_start + query_end - query_start - 1]) + 1
-        lines = (source_text.count("\n", 0, begin) + 1, source_text.count("\n", 0, finish - 1) + 1)
+        query_start, query_end, file, source_start, source_end = match
+        source_text = self._read_source(file)
+        lines = (source_text.count("\n", 0, source_start) + 1, source_text.count("\n", 0, source_end - 1) + 1)
         return SourceMatch(source=self.source(file), start=int(starts[query_start]),
-                           end=int(starts[query_end - 1]) + 1, source_start=begin, source_end=finish,
+                           end=int(starts[query_end - 1]) + 1, source_start=source_start, source_end=source_end,
                            source_lines=lines)
 
     def overlap(self, text: str, *, min_length: int | None = None, max_sources: int = 5,

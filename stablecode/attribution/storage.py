@@ -9,9 +9,13 @@ An index is one directory:
                      source = the last source whose `first_fingerprint` <= ordinal, and the window
                      starts at (ordinal - first_fingerprint) * stride in that source's normalised text
     bloom.npy        uint8 bit array: the membership filter consulted before the sorted table
+    checkpoints.npy  uint32: for each source, the original offset of every `checkpoint_interval`-th
+                     normalised character, so a match is checked by normalising only the part
+                     of the source around it, not the whole file
     texts.bin        each source file's original text, zlib-compressed, back to back
     sources.parquet  one row per source: repository, path, license, id, language, stars,
-                     text_offset, text_size (into texts.bin), chars, first_fingerprint
+                     text_offset, text_size (into texts.bin), chars, first_fingerprint,
+                     first_checkpoint
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from stablecode.errors import StablecodeError
 FORMAT = "stablecode-attribution-index"
 VERSION = 1
 MANIFEST = "manifest.json"
-DATA_FILES = ("hashes.npy", "ordinals.npy", "bloom.npy", "texts.bin", "sources.parquet")
+DATA_FILES = ("hashes.npy", "ordinals.npy", "bloom.npy", "checkpoints.npy", "texts.bin", "sources.parquet")
 INDEX_DIR_NAME = "attribution-index"  # where a model directory keeps the index of its training corpus
 
 
@@ -66,7 +70,9 @@ class IndexData:
     bloom: np.ndarray
     texts: bytes | mmap.mmap
     sources: "pyarrow.Table"  # noqa: F821
+    checkpoints: np.ndarray
     first_fingerprint: np.ndarray
+    first_checkpoint: np.ndarray
     text_offset: np.ndarray
     text_size: np.ndarray
 
@@ -77,6 +83,10 @@ class IndexData:
     @property
     def stride(self) -> int:
         return self.manifest["stride"]
+
+    @property
+    def checkpoint_interval(self) -> int:
+        return self.manifest["checkpoint_interval"]
 
 
 def read_manifest(directory: Path) -> dict:
@@ -132,6 +142,7 @@ def open_index(directory: str | os.PathLike, verify: bool = True) -> IndexData:
     hashes = array("hashes.npy", np.uint64, counts["fingerprints"])
     ordinals = array("ordinals.npy", np.dtype(manifest["ordinal_dtype"]), counts["fingerprints"])
     bloom = array("bloom.npy", np.uint8, manifest["bloom"]["bits"] // 8)
+    checkpoints = array("checkpoints.npy", np.uint32, counts["checkpoints"])
     try:
         sources = pq.read_table(directory / "sources.parquet")
     except (pa.ArrowException, OSError) as e:
@@ -146,7 +157,8 @@ def open_index(directory: str | os.PathLike, verify: bool = True) -> IndexData:
         with open(texts_path, "rb") as f:
             texts = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     return IndexData(directory=directory, manifest=manifest, hashes=hashes, ordinals=ordinals, bloom=bloom,
-                     texts=texts, sources=sources,
+                     texts=texts, sources=sources, checkpoints=checkpoints,
                      first_fingerprint=sources.column("first_fingerprint").to_numpy().astype(np.int64),
+                     first_checkpoint=sources.column("first_checkpoint").to_numpy().astype(np.int64),
                      text_offset=sources.column("text_offset").to_numpy().astype(np.int64),
                      text_size=sources.column("text_size").to_numpy().astype(np.int64))
