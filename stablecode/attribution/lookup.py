@@ -183,9 +183,9 @@ class Attributor:
         positions, ordinals = self._candidates(window_hashes(codes, window))
         if not len(positions):
             return []
-        first = self.index.first_fingerprint
-        files = np.searchsorted(first, ordinals, side="right") - 1
-        diagonals = (ordinals - first[files]) * self.stride - positions
+        first_fingerprint = self.index.first_fingerprint
+        files = np.searchsorted(first_fingerprint, ordinals, side="right") - 1
+        diagonals = (ordinals - first_fingerprint[files]) * self.stride - positions
         order = np.lexsort((positions, diagonals, files))
         files, diagonals, positions = files[order], diagonals[order], positions[order]
         # A group is one source file and one alignment of it against the text: one match, or a few
@@ -194,13 +194,17 @@ class Attributor:
                                  [len(files)]])
         group_starts, group_ends = bounds[:-1], bounds[1:]
 
+        group_first = positions[group_starts].tolist()
+        group_last = (positions[group_ends - 1] + window).tolist()
         coverage = np.zeros(len(codes), dtype=np.int32)
+        saturated = [0] * (len(codes) + 1)  # prefix counts of characters covered by max_sources matches
         matches = []  # (query_start, query_end, file, source_start, source_end): normalised, then original
         for g in np.lexsort((files[group_starts], group_starts - group_ends)).tolist():
+            first, last = group_first[g], group_last[g]
+            if saturated[last] - saturated[first] == last - first:
+                continue  # enough sources already cover everything this group could add
             file, diagonal = int(files[group_starts[g]]), int(diagonals[group_starts[g]])
             group_positions = positions[group_starts[g]:group_ends[g]]
-            if coverage[group_positions[0]:group_positions[-1] + window].min() >= max_sources:
-                continue  # enough sources already cover everything this group could add
             # Query character q faces source character q + diagonal: no match reaches beyond these.
             source_codes, source_starts, region_start = self._source_region(
                 file, self._read_source(file), diagonal, diagonal + len(codes))
@@ -221,6 +225,7 @@ class Attributor:
                     matches.append((query_start, query_end, file, int(source_starts[source_start]),
                                     int(source_starts[source_last]) + 1))
                     coverage[query_start:query_end] += 1
+                    saturated = [0, *np.cumsum(coverage >= max_sources).tolist()]
         return self._spans(text, starts, matches, max_sources)
 
     def _spans(self, text: str, starts: np.ndarray, matches: list, max_sources: int) -> list[Span]:
