@@ -172,6 +172,10 @@ from stablecode.data.cli import add_data_command, add_tokenizer_command  # noqa:
 
 COMMANDS += [add_data_command, add_tokenizer_command]
 
+from stablecode.eval.cli import add_eval_command  # noqa: E402
+
+COMMANDS += [add_eval_command]
+
 from stablecode.attribution.commands import add_attribute_command, add_index_command  # noqa: E402
 
 COMMANDS += [add_index_command, add_attribute_command]
