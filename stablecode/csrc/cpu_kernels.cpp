@@ -20,6 +20,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -102,13 +103,7 @@ inline __m256i dot_u4s8(__m128i packed, __m256i x) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), _mm256_set1_epi16(1));
 }
 
-inline __m256 load_bf16x8(const c10::BFloat16* p) {
-  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-}
 #endif
-
-inline float half_to_float(const c10::Half* p, int64_t i) { return static_cast<float>(p[i]); }
 
 template <typename T>
 void store(T* out, int64_t i, float v) { out[i] = static_cast<T>(v); }
@@ -119,7 +114,46 @@ float bias_at(const torch::Tensor& bias, int64_t n) {
   return bias.data_ptr<float>()[n];
 }
 
+// Each kernel computes `ROWS` activation rows against one weight row per pass, so the weight row
+// is read once for all of them; ROWS is a template parameter so the accumulators stay in registers.
+
+template <int ROWS, typename T>
+void dispatch_rows(int64_t rows, T&& body) {
+  static_assert(ROWS >= 1 && ROWS <= kRowTile);
+  if constexpr (ROWS > 1) {
+    if (rows < ROWS) return dispatch_rows<ROWS - 1>(rows, body);
+  }
+  body(std::integral_constant<int, ROWS>{});
+}
+
 // ---- int8 weights -----------------------------------------------------------------------------
+
+template <int ROWS>
+void int8_row(const int8_t* row, const int8_t* xq, const float* xs, int64_t K, float* total) {
+  const int64_t blocks = K / kBlock;
+#if SC_AVX2
+  __m256 acc[ROWS];
+  for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + blk * kBlock));
+    for (int r = 0; r < ROWS; ++r) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + blk * kBlock));
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_s8s8(wv, xv)), _mm256_set1_ps(xs[r * blocks + blk]), acc[r]);
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) total[r] = hsum(acc[r]);
+#else
+  for (int r = 0; r < ROWS; ++r) {
+    float t = 0.f;
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      int32_t d = 0;
+      for (int64_t i = 0; i < kBlock; ++i) d += int32_t(row[blk * kBlock + i]) * xq[r * K + blk * kBlock + i];
+      t += float(d) * xs[r * blocks + blk];
+    }
+    total[r] = t;
+  }
+#endif
+}
 
 template <typename T>
 void int8_linear_impl(const QuantizedActivations& a, const torch::Tensor& weight, const torch::Tensor& scale,
@@ -132,37 +166,13 @@ void int8_linear_impl(const QuantizedActivations& a, const torch::Tensor& weight
   T* y = out.data_ptr<T>();
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
-      const int8_t* row = w + n * K;
       const float b = bias_at(bias, n);
       for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
-        const int64_t rows = std::min(kRowTile, M - m0);
         float total[kRowTile];
-#if SC_AVX2
-        __m256 acc[kRowTile];
-        for (int64_t r = 0; r < rows; ++r) acc[r] = _mm256_setzero_ps();
-        for (int64_t blk = 0; blk < blocks; ++blk) {
-          const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + blk * kBlock));
-          for (int64_t r = 0; r < rows; ++r) {
-            const int64_t m = m0 + r;
-            const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + blk * kBlock));
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_s8s8(wv, xv)), _mm256_set1_ps(xs[m * blocks + blk]),
-                                     acc[r]);
-          }
-        }
-        for (int64_t r = 0; r < rows; ++r) total[r] = hsum(acc[r]);
-#else
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t m = m0 + r;
-          float t = 0.f;
-          for (int64_t blk = 0; blk < blocks; ++blk) {
-            int32_t d = 0;
-            for (int64_t i = 0; i < kBlock; ++i) d += int32_t(row[blk * kBlock + i]) * xq[m * K + blk * kBlock + i];
-            t += float(d) * xs[m * blocks + blk];
-          }
-          total[r] = t;
-        }
-#endif
-        for (int64_t r = 0; r < rows; ++r) store(y, (m0 + r) * N + n, total[r] * ws[n] + b);
+        dispatch_rows<kRowTile>(M - m0, [&](auto rows) {
+          int8_row<rows()>(w + n * K, xq + m0 * K, xs + m0 * blocks, K, total);
+          for (int r = 0; r < rows(); ++r) store(y, (m0 + r) * N + n, total[r] * ws[n] + b);
+        });
       }
     }
   });
@@ -170,16 +180,75 @@ void int8_linear_impl(const QuantizedActivations& a, const torch::Tensor& weight
 
 // ---- int4 weights -----------------------------------------------------------------------------
 
+inline float half_to_float(const c10::Half* p, int64_t i) {
+#if SC_AVX2
+  return _cvtsh_ss(reinterpret_cast<const uint16_t*>(p)[i]);
+#else
+  return static_cast<float>(p[i]);
+#endif
+}
+
+template <int ROWS>
+void int4_row(const uint8_t* row, const c10::Half* ws, const c10::Half* wm, const int8_t* xq, const float* xs,
+              const float* xg, int64_t K, int64_t group_size, float* total) {
+  const int64_t blocks = K / kBlock, groups = K / group_size, per_group = group_size / kBlock;
+  float offset[ROWS];
+  for (int r = 0; r < ROWS; ++r) offset[r] = 0.f;
+#if SC_AVX2
+  __m256 acc[ROWS];
+  for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256 group_acc[ROWS];
+    for (int r = 0; r < ROWS; ++r) group_acc[r] = _mm256_setzero_ps();
+    for (int64_t blk = g * per_group; blk < (g + 1) * per_group; ++blk) {
+      const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + blk * (kBlock / 2)));
+      const __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0F));
+      for (int r = 0; r < ROWS; ++r) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + blk * kBlock));
+        const __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), _mm256_set1_epi16(1));
+        group_acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(xs[r * blocks + blk]), group_acc[r]);
+      }
+    }
+    const __m256 s = _mm256_set1_ps(half_to_float(ws, g));
+    const float mn = half_to_float(wm, g);
+    for (int r = 0; r < ROWS; ++r) {
+      acc[r] = _mm256_fmadd_ps(group_acc[r], s, acc[r]);
+      offset[r] += mn * xg[r * groups + g];
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) total[r] = hsum(acc[r]) + offset[r];
+#else
+  for (int r = 0; r < ROWS; ++r) {
+    float t = 0.f;
+    for (int64_t g = 0; g < groups; ++g) {
+      float gt = 0.f;
+      for (int64_t blk = g * per_group; blk < (g + 1) * per_group; ++blk) {
+        int32_t d = 0;
+        for (int64_t i = 0; i < kBlock / 2; ++i) {
+          const uint8_t byte = row[blk * (kBlock / 2) + i];
+          d += int32_t(byte & 0x0F) * xq[r * K + blk * kBlock + i];
+          d += int32_t(byte >> 4) * xq[r * K + blk * kBlock + i + kBlock / 2];
+        }
+        gt += float(d) * xs[r * blocks + blk];
+      }
+      t += gt * half_to_float(ws, g);
+      offset[r] += half_to_float(wm, g) * xg[r * groups + g];
+    }
+    total[r] = t + offset[r];
+  }
+#endif
+}
+
 template <typename T>
 void int4_linear_impl(const QuantizedActivations& a, const torch::Tensor& weight, const torch::Tensor& scale,
                       const torch::Tensor& minimum, int64_t group_size, const torch::Tensor& bias,
                       torch::Tensor& out) {
   const int64_t M = a.q.size(0), K = a.q.size(1), N = weight.size(0), blocks = K / kBlock;
-  const int64_t groups = K / group_size, blocks_per_group = group_size / kBlock;
+  const int64_t groups = K / group_size;
   const int8_t* xq = a.q.data_ptr<int8_t>();
   const float* xs = a.scale.data_ptr<float>();
   // Sum of the (quantized) activations per weight group: multiplies each group's minimum.
-  torch::Tensor group_sums = a.sum.view({M, groups, blocks_per_group}).sum(-1).contiguous();
+  torch::Tensor group_sums = a.sum.view({M, groups, group_size / kBlock}).sum(-1).contiguous();
   const float* xg = group_sums.data_ptr<float>();
   const uint8_t* w = weight.data_ptr<uint8_t>();
   const c10::Half* ws = scale.data_ptr<c10::Half>();
@@ -187,59 +256,14 @@ void int4_linear_impl(const QuantizedActivations& a, const torch::Tensor& weight
   T* y = out.data_ptr<T>();
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
-      const uint8_t* row = w + n * (K / 2);
       const float b = bias_at(bias, n);
       for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
-        const int64_t rows = std::min(kRowTile, M - m0);
         float total[kRowTile];
-        float offset[kRowTile];
-        for (int64_t r = 0; r < rows; ++r) offset[r] = 0.f;
-#if SC_AVX2
-        __m256 acc[kRowTile];
-        for (int64_t r = 0; r < rows; ++r) acc[r] = _mm256_setzero_ps();
-        for (int64_t g = 0; g < groups; ++g) {
-          __m256 group_acc[kRowTile];
-          for (int64_t r = 0; r < rows; ++r) group_acc[r] = _mm256_setzero_ps();
-          for (int64_t j = 0; j < blocks_per_group; ++j) {
-            const int64_t blk = g * blocks_per_group + j;
-            const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + blk * (kBlock / 2)));
-            for (int64_t r = 0; r < rows; ++r) {
-              const int64_t m = m0 + r;
-              const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + blk * kBlock));
-              group_acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u4s8(packed, xv)),
-                                             _mm256_set1_ps(xs[m * blocks + blk]), group_acc[r]);
-            }
-          }
-          const float s = half_to_float(ws, n * groups + g), mn = half_to_float(wm, n * groups + g);
-          for (int64_t r = 0; r < rows; ++r) {
-            acc[r] = _mm256_fmadd_ps(group_acc[r], _mm256_set1_ps(s), acc[r]);
-            offset[r] += mn * xg[(m0 + r) * groups + g];
-          }
-        }
-        for (int64_t r = 0; r < rows; ++r) total[r] = hsum(acc[r]) + offset[r];
-#else
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t m = m0 + r;
-          float t = 0.f;
-          for (int64_t g = 0; g < groups; ++g) {
-            float gt = 0.f;
-            for (int64_t j = 0; j < blocks_per_group; ++j) {
-              const int64_t blk = g * blocks_per_group + j;
-              int32_t d = 0;
-              for (int64_t i = 0; i < kBlock / 2; ++i) {
-                const uint8_t byte = row[blk * (kBlock / 2) + i];
-                d += int32_t(byte & 0x0F) * xq[m * K + blk * kBlock + i];
-                d += int32_t(byte >> 4) * xq[m * K + blk * kBlock + i + kBlock / 2];
-              }
-              gt += float(d) * xs[m * blocks + blk];
-            }
-            t += gt * half_to_float(ws, n * groups + g);
-            offset[r] += half_to_float(wm, n * groups + g) * xg[m * groups + g];
-          }
-          total[r] = t + offset[r];
-        }
-#endif
-        for (int64_t r = 0; r < rows; ++r) store(y, (m0 + r) * N + n, total[r] + b);
+        dispatch_rows<kRowTile>(M - m0, [&](auto rows) {
+          int4_row<rows()>(w + n * (K / 2), ws + n * groups, wm + n * groups, xq + m0 * K, xs + m0 * blocks,
+                           xg + m0 * groups, K, group_size, total);
+          for (int r = 0; r < rows(); ++r) store(y, (m0 + r) * N + n, total[r] + b);
+        });
       }
     }
   });
@@ -247,43 +271,58 @@ void int4_linear_impl(const QuantizedActivations& a, const torch::Tensor& weight
 
 // ---- bf16 weights -----------------------------------------------------------------------------
 
+// bf16 is the top half of an fp32: interleaving 16-bit zeros below the weights makes fp32 values
+// without shifts. The interleave works within 128-bit lanes, so each run of 16 weights comes out in
+// the order [0-3, 8-11 | 4-7, 12-15]; the activations are permuted once to match (`x_perm`).
+template <int ROWS>
+void bf16_row(const c10::BFloat16* row, const float* x_perm, const float* x, int64_t K, float* total) {
+  int64_t k = 0;
+#if SC_AVX2
+  __m256 acc0[ROWS], acc1[ROWS];
+  for (int r = 0; r < ROWS; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps();
+  const __m256i zero = _mm256_setzero_si256();
+  for (; k + 16 <= K; k += 16) {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k));
+    const __m256 w0 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, raw));
+    const __m256 w1 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, raw));
+    for (int r = 0; r < ROWS; ++r) {
+      acc0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x_perm + r * K + k), acc0[r]);
+      acc1[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x_perm + r * K + k + 8), acc1[r]);
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) total[r] = hsum(_mm256_add_ps(acc0[r], acc1[r]));
+#else
+  for (int r = 0; r < ROWS; ++r) total[r] = 0.f;
+#endif
+  for (int r = 0; r < ROWS; ++r)
+    for (int64_t i = k; i < K; ++i) total[r] += static_cast<float>(row[i]) * x[r * K + i];
+}
+
 template <typename T>
 void bf16_linear_impl(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias,
                       torch::Tensor& out) {
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   torch::Tensor xf = x.to(torch::kFloat32).contiguous();
-  const float* xp = xf.data_ptr<float>();
+  torch::Tensor x_perm = xf.clone();
+  const int64_t whole = K / 16 * 16;
+  if (whole > 0) {
+    // [.., 16] → 4 quarters of 4 → order 0, 2, 1, 3 (see bf16_row).
+    x_perm.narrow(1, 0, whole).view({M, whole / 16, 4, 4}).copy_(
+        xf.narrow(1, 0, whole).reshape({M, whole / 16, 2, 2, 4}).transpose(2, 3).reshape({M, whole / 16, 4, 4}));
+  }
+  const float* xp = x_perm.data_ptr<float>();
+  const float* xr = xf.data_ptr<float>();
   const c10::BFloat16* w = weight.data_ptr<c10::BFloat16>();
   T* y = out.data_ptr<T>();
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
-      const c10::BFloat16* row = w + n * K;
       const float b = bias_at(bias, n);
       for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
-        const int64_t rows = std::min(kRowTile, M - m0);
         float total[kRowTile];
-        int64_t k = 0;
-#if SC_AVX2
-        // Two accumulators per row hide the FMA latency.
-        __m256 acc0[kRowTile], acc1[kRowTile];
-        for (int64_t r = 0; r < rows; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps();
-        for (; k + 16 <= K; k += 16) {
-          const __m256 w0 = load_bf16x8(row + k), w1 = load_bf16x8(row + k + 8);
-          for (int64_t r = 0; r < rows; ++r) {
-            const float* xr = xp + (m0 + r) * K + k;
-            acc0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), acc0[r]);
-            acc1[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), acc1[r]);
-          }
-        }
-        for (int64_t r = 0; r < rows; ++r) total[r] = hsum(_mm256_add_ps(acc0[r], acc1[r]));
-#else
-        for (int64_t r = 0; r < rows; ++r) total[r] = 0.f;
-#endif
-        for (int64_t r = 0; r < rows; ++r) {
-          float t = total[r];
-          for (int64_t i = k; i < K; ++i) t += static_cast<float>(row[i]) * xp[(m0 + r) * K + i];
-          store(y, (m0 + r) * N + n, t + b);
-        }
+        dispatch_rows<kRowTile>(M - m0, [&](auto rows) {
+          bf16_row<rows()>(w + n * K, xp + m0 * K, xr + m0 * K, K, total);
+          for (int r = 0; r < rows(); ++r) store(y, (m0 + r) * N + n, total[r] + b);
+        });
       }
     }
   });
