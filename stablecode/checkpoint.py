@@ -24,6 +24,9 @@ from stablecode.quantize import prepare_quantized, quantize_model, read_quantiza
 
 # Buffers that old GPT-NeoX checkpoints carry and we recompute (or never need).
 IGNORED_SUFFIXES = ("attention.bias", "attention.masked_bias", "attention.rotary_emb.inv_freq")
+# Other names for our tensors: a transformers 5 `state_dict()` calls the head `lm_head` (its
+# save_pretrained writes `embed_out`, as released checkpoints do).
+TENSOR_ALIASES = {"lm_head.weight": "embed_out.weight"}
 EMBEDDED_MODELS_DIR = Path(__file__).parent / "models"
 DEFAULT_MODEL = "stablecode-nano"
 
@@ -99,12 +102,17 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
-def check_device_dtype(device: torch.device, dtype: torch.dtype) -> None:
+def check_device_dtype(device: torch.device, dtype: torch.dtype | None) -> None:
+    """Refuse a device that is absent or a dtype it cannot run (dtype None: check the device only)."""
+    if device.type not in ("cpu", "cuda"):
+        raise CheckpointError(f"device {str(device)!r} is not supported (use cpu or cuda)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(f"device {str(device)!r} was asked for but no CUDA GPU is available")
+    if dtype is None:
+        return
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise CheckpointError(f"dtype {dtype} is not supported for inference (use float32, bfloat16 or float16)")
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise CheckpointError("device 'cuda' was asked for but no CUDA GPU is available")
         if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
             raise CheckpointError(f"{torch.cuda.get_device_name(device)} cannot run bfloat16; use --dtype float16")
 
@@ -132,6 +140,17 @@ def _weight_files(directory: Path) -> tuple[str, list[Path]]:
                           "model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json)")
 
 
+def _load_weights_only(file: Path):
+    # weights_only: tensors and plain containers only, never arbitrary pickled objects.
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+    # Files in torch's pre-1.6 (non-zip) format cannot be memory-mapped; they are read into memory.
+    return torch.load(file, map_location="cpu", weights_only=True)
+
+
 def iter_checkpoint_tensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every tensor in the checkpoint, read lazily from mmapped files."""
     kind, files = _weight_files(directory)
@@ -139,14 +158,19 @@ def iter_checkpoint_tensors(directory: Path) -> Iterator[tuple[str, torch.Tensor
         if kind == "safetensors":
             try:
                 with safe_open(str(file), framework="pt", device="cpu") as f:
-                    for name in f.keys():
-                        yield name, f.get_tensor(name)
+                    names = list(f.keys())
+                for name in names:
+                    # One handle per tensor: closing it unmaps the pages a dtype conversion read, so
+                    # a bf16 file loaded as fp32 is not also held resident in bf16 until the end.
+                    with safe_open(str(file), framework="pt", device="cpu") as f:
+                        tensor = f.get_tensor(name)
+                    yield name, tensor
+                    del tensor
             except SafetensorError as e:
                 raise CheckpointError(f"{file}: corrupted or truncated safetensors file ({e})") from None
         else:
             try:
-                # weights_only: tensors and plain containers only, never arbitrary pickled objects.
-                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+                state = _load_weights_only(file)
             except Exception as e:  # torch raises several types for bad pickles and zip files
                 raise CheckpointError(f"{file}: cannot be read as a weights-only PyTorch file ({e})") from None
             if not isinstance(state, dict):
@@ -173,8 +197,12 @@ def load_model(path: str | os.PathLike | None = None, dtype: str | torch.dtype |
     """Load a checkpoint directory (or embedded model name) into a GPTNeoX in eval mode."""
     directory = resolve_model_dir(path)
     config = load_config(directory)
-    device = torch.device(device or "cpu")
+    try:
+        device = torch.device(device or "cpu")
+    except RuntimeError as e:
+        raise CheckpointError(f"invalid device {device!r} ({e})") from None
     dtype = parse_dtype(dtype)
+    check_device_dtype(device, dtype)  # refuse before reading gigabytes
 
     with torch.device("meta"):
         model = GPTNeoX(config)
@@ -205,6 +233,7 @@ def load_model(path: str | os.PathLike | None = None, dtype: str | torch.dtype |
 
         tensors = tqdm(tensors, total=len(expected), desc=f"loading {directory.name}", unit="tensor", leave=False)
     for name, tensor in tensors:
+        name = TENSOR_ALIASES.get(name, name)
         if name.endswith(IGNORED_SUFFIXES) or name.endswith(skipped_shared):
             continue
         if config.tie_word_embeddings and name == "embed_out.weight":

@@ -10,6 +10,11 @@ from pathlib import Path
 from stablecode.errors import ConfigError
 
 
+# config.json keys whose values must be > 0.
+POSITIVE_KEYS = frozenset({"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                           "intermediate_size", "max_position_embeddings", "layer_norm_eps"})
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture of a GPT-NeoX decoder as StableCode uses it."""
@@ -96,6 +101,8 @@ class ModelConfig:
                 value = float(value)
             if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
                 raise ConfigError(f"{source}: key {key!r} should be {kind.__name__}, got {value!r}")
+            if kind in (int, float) and key in POSITIVE_KEYS and not value > 0:
+                raise ConfigError(f"{source}: key {key!r} must be positive, got {value!r}")
             return value
 
         def optional(key: str, kind: type, default):

@@ -137,15 +137,19 @@ class GPTNeoX(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
+        # On the meta device (loading a checkpoint) skip the embedding's random init and build the
+        # rotary tables on the CPU: meta normal_/div import torch._dynamo, seconds on every load.
+        on_meta = torch.empty(0).device.type == "meta"
         self.gpt_neox = nn.ModuleDict(dict(
-            embed_in=nn.Embedding(config.vocab_size, config.hidden_size),
+            embed_in=nn.Embedding(config.vocab_size, config.hidden_size,
+                                  _weight=torch.empty(config.vocab_size, config.hidden_size) if on_meta else None),
             layers=nn.ModuleList(Block(config) for _ in range(config.num_layers)),
             final_layer_norm=nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps),
         ))
         self.embed_out = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.embed_out.weight = self.gpt_neox.embed_in.weight
-        cos, sin = rotary_tables(config)
+        cos, sin = rotary_tables(config, device="cpu" if on_meta else None)
         self.register_buffer("rotary_cos", cos, persistent=False)
         self.register_buffer("rotary_sin", sin, persistent=False)
         self.kv_cache_size: tuple[int, int] | None = None  # (batch, max_seq_len) when set up
