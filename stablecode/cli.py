@@ -184,6 +184,10 @@ from stablecode.server.serve import add_serve_command  # noqa: E402
 
 COMMANDS += [add_serve_command]
 
+from stablecode.quantize import add_quantize_command  # noqa: E402
+
+COMMANDS += [add_quantize_command]
+
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)

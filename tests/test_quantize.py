@@ -272,3 +272,16 @@ def test_bf16_cpu_model_uses_fast_layers(tmp_path):
     model.train()
     model(ids).float().sum().backward()
     assert layer.weight.grad is not None
+
+
+def test_quantize_command(tiny_checkpoint, tmp_path, capsys):
+    from stablecode.cli import main
+
+    assert main(["quantize", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "q4"),
+                 "--method", "int4", "--group-size", "32"]) == 0
+    model = load_model(tmp_path / "q4")
+    assert model.quantization == {"method": "int4", "group_size": 32}
+    assert (tmp_path / "q4" / "tokenizer.json").exists()
+    assert main(["quantize", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "bad"),
+                 "--method", "int4", "--group-size", "48"]) == 2
+    assert "multiple of 32" in capsys.readouterr().err and not (tmp_path / "bad").exists()
