@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -39,12 +39,13 @@ def read_corpus(data: Path, keys: set[str] | None) -> list[tuple[str, str, str]]
     return rows
 
 
-def timed_build(data: Path, out: Path, exclude: set[str], **options) -> float:
+def timed_build(data: Path, out: Path, exclude: set[str], **options) -> tuple[float, float]:
+    """(wall seconds, seconds the workers spent) of one build."""
     from stablecode.attribution import build_index
 
     start = time.perf_counter()
-    build_index(data, out, exclude=exclude, **options)
-    return time.perf_counter() - start
+    manifest = build_index(data, out, exclude=exclude, **options)
+    return time.perf_counter() - start, manifest["build"]["worker_seconds"]
 
 
 def excerpts(texts: list[str], count: int, length: int, rng: random.Random) -> list[str]:
@@ -57,19 +58,27 @@ def excerpts(texts: list[str], count: int, length: int, rng: random.Random) -> l
     return chosen
 
 
-def latency(attributor, documents: list[str]) -> dict:
-    for doc in documents[:5]:
-        attributor.find(doc)  # warm the page cache and the decoded-source cache
-    times = []
+def latency(index: Path, documents: list[str], passes: int = 3) -> dict:
+    """Milliseconds per find(): each pass opens the index afresh (no source decoded yet), and each
+    document keeps its fastest pass, which filters out the other jobs sharing the CPU."""
+    from stablecode.attribution import Attributor
+
+    times = np.full((passes, len(documents)), np.inf)
     found = 0
-    for doc in documents:
-        start = time.perf_counter()
-        spans = attributor.find(doc)
-        times.append((time.perf_counter() - start) * 1e3)
-        found += bool(spans)
-    times.sort()
-    return {"documents": len(documents), "with_match": found, "median_ms": statistics.median(times),
-            "p95_ms": times[int(0.95 * (len(times) - 1))], "max_ms": times[-1], "mean_ms": statistics.fmean(times)}
+    for p in range(passes):
+        attributor = Attributor(index, verify=False)
+        attributor.find(documents[0])  # page the arrays in
+        for i, doc in enumerate(documents):
+            start = time.perf_counter()
+            spans = attributor.find(doc)
+            times[p, i] = (time.perf_counter() - start) * 1e3
+            found += bool(spans) and p == 0
+    best, first = np.sort(times.min(axis=0)), np.sort(times[0])
+    return {"documents": len(documents), "with_match": found, "best_of_passes": passes,
+            "median_ms": float(np.median(best)), "p95_ms": float(best[int(0.95 * (len(best) - 1))]),
+            "max_ms": float(best[-1]), "mean_ms": float(best.mean()),
+            "single_pass_median_ms": float(np.median(first)),
+            "single_pass_p95_ms": float(first[int(0.95 * (len(first) - 1))])}
 
 
 def brute_force_ms(normalised_corpus: str, documents: list[str], window: int) -> float:
@@ -168,12 +177,14 @@ def main() -> None:
     torch.set_num_threads(2)
     rng = random.Random(0)
     exclude = read_exclude_list(args.exclude) if args.exclude and args.exclude.is_file() else set()
-    results: dict = {"data": str(args.data), "held_out_files": len(exclude)}
+    results: dict = {"data": str(args.data), "held_out_files": len(exclude),
+                     "load_average_at_start": os.getloadavg(), "cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory(dir=ROOT / "work" if (ROOT / "work").is_dir() else None) as tmp:
         tmp = Path(tmp)
         # ---- build -----------------------------------------------------------------------------
-        seconds_1 = timed_build(args.data, tmp / "serial", exclude, workers=1)
-        seconds_2 = timed_build(args.data, tmp / "index", exclude, workers=2)
+        seconds_1, worker_seconds = timed_build(args.data, tmp / "serial", exclude, workers=1)
+        seconds_2, _ = timed_build(args.data, tmp / "index", exclude, workers=2)
+        main_seconds = seconds_1 - worker_seconds  # reading, writing, sorting: the part workers do not share
         attributor = Attributor(tmp / "index")
         manifest = attributor.index.manifest
         corpus_bytes = manifest["counts"]["source_bytes"]
@@ -184,6 +195,8 @@ def main() -> None:
             "window": attributor.window, "stride": attributor.stride,
             "seconds_1_worker": seconds_1, "seconds_2_workers": seconds_2,
             "mb_per_s_1_worker": corpus_bytes / seconds_1 / 1e6, "mb_per_s_2_workers": corpus_bytes / seconds_2 / 1e6,
+            "worker_mb_per_s_per_process": corpus_bytes / worker_seconds / 1e6,
+            "main_process_mb_per_s": corpus_bytes / main_seconds / 1e6,
             "index_bytes": size, "bytes_per_corpus_byte": size / corpus_bytes,
             "file_bytes_per_corpus_byte": {k: v / corpus_bytes for k, v in files.items()},
         }
@@ -193,7 +206,10 @@ def main() -> None:
             "of_which_texts_TB": files["texts.bin"] / corpus_bytes * STARCODERDATA_BYTES / 1e12,
             "bloom_GB_in_RAM": files["bloom.npy"] / corpus_bytes * STARCODERDATA_BYTES / 1e9,
             "build_hours_2_workers": STARCODERDATA_BYTES / (corpus_bytes / seconds_2) / 3600,
-            "build_hours_64_workers_if_linear": STARCODERDATA_BYTES / (corpus_bytes / seconds_1) / 64 / 3600,
+            # With many workers the main process (parquet reading, writes, the partition sort) is the limit.
+            "build_hours_16_workers": STARCODERDATA_BYTES / min(16 * corpus_bytes / worker_seconds,
+                                                                corpus_bytes / main_seconds) / 3600,
+            "build_hours_main_process_bound": STARCODERDATA_BYTES / (corpus_bytes / main_seconds) / 3600,
         }
 
         # ---- lookup latency ----------------------------------------------------------------------
@@ -202,9 +218,9 @@ def main() -> None:
         indexed = [r for r in indexed if r[1] not in exclude]
         indexed_docs = excerpts([c for _, _, c in indexed], args.documents, 500, rng)
         held_out_docs = excerpts([c for _, _, c in held_out], args.documents, 500, rng) if held_out else []
-        results["latency_500_chars"] = {"indexed_excerpts": latency(attributor, indexed_docs)}
+        results["latency_500_chars"] = {"indexed_excerpts": latency(tmp / "index", indexed_docs)}
         if held_out_docs:
-            results["latency_500_chars"]["held_out_excerpts"] = latency(attributor, held_out_docs)
+            results["latency_500_chars"]["held_out_excerpts"] = latency(tmp / "index", held_out_docs)
         normalised_corpus = "\0".join("".join(map(chr, normalise(c)[0].tolist())) for _, _, c in indexed)
         brute = brute_force_ms(normalised_corpus, indexed_docs[:3], attributor.window)
         indexed_median = results["latency_500_chars"]["indexed_excerpts"]["median_ms"]
@@ -237,6 +253,9 @@ def main() -> None:
                 prompts = [p["prompt"].strip() for p in problems]
                 texts = generate(completer, prompts, 16, max_new_tokens=256, stop=HUMANEVAL_STOPS)
                 results["humaneval"] = reproduction(texts, exact, attributor)
+                # Positive control: training-file excerpts as "completions" must all count.
+                results["control_training_excerpts"] = reproduction(
+                    excerpts([c for _, _, c in indexed], 50, 200, rng), exact, attributor)
                 if held_out:
                     from stablecode.eval.lines import sample_lines
 
@@ -247,6 +266,7 @@ def main() -> None:
                         "next_line": reproduction([t.lstrip("\n").split("\n")[0] for t in texts], exact, attributor),
                         "128_tokens": reproduction(texts, exact, attributor),
                     }
+    results["load_average_at_end"] = os.getloadavg()
     print(json.dumps(results, indent=1))
     if args.json_out:
         args.json_out.write_text(json.dumps(results, indent=1) + "\n")

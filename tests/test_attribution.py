@@ -333,6 +333,18 @@ def test_corrupted_text_found_at_lookup_without_verification(index, corpus, tmp_
         attributor.find(corpus[1]["pkg/mod1.py"][1])
 
 
+def test_default_is_the_embedded_models_index(index, tmp_path, monkeypatch):
+    import stablecode.checkpoint
+
+    monkeypatch.setattr(stablecode.checkpoint, "EMBEDDED_MODELS_DIR", tmp_path / "models")
+    with pytest.raises(AttributionIndexError, match="scripts/build_nano_index.sh"):
+        Attributor()
+    shutil.copytree(index, tmp_path / "models" / "stablecode-nano" / "attribution-index")
+    assert Attributor().num_sources == 11
+    assert Attributor("stablecode-nano").num_sources == 11  # an embedded model's name
+    assert Attributor(tmp_path / "models" / "stablecode-nano").num_sources == 11  # a model directory
+
+
 def test_missing_index_errors(tmp_path):
     with pytest.raises(AttributionIndexError, match="no such attribution index"):
         Attributor(tmp_path / "nowhere")

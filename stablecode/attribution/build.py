@@ -120,8 +120,9 @@ def iter_corpus(files: list[tuple[str, Path]], exclude: set[str]) -> Iterator[tu
 
 def fingerprint_documents(contents: list[str], window: int, stride: int, level: int):
     """Per document: compressed UTF-8 text, sizes, its checkpoints and the fingerprints of its
-    sampled windows. Runs in the worker processes; returns
-    (blobs, byte_sizes, chars, checkpoint_counts, checkpoints, fingerprint_counts, fingerprints)."""
+    sampled windows. Runs in the worker processes; returns (blobs, byte_sizes, chars,
+    checkpoint_counts, checkpoints, fingerprint_counts, fingerprints, seconds spent)."""
+    started = time.perf_counter()
     blobs, sizes, chars, checkpoint_counts, checkpoints, counts, hashes = [], [], [], [], [], [], []
     for text in contents:
         data = text.encode("utf-8", "surrogatepass")
@@ -136,7 +137,8 @@ def fingerprint_documents(contents: list[str], window: int, stride: int, level: 
         hashes.append(doc_hashes)
     return (blobs, sizes, chars, np.array(checkpoint_counts, dtype=np.int64),
             np.concatenate(checkpoints) if checkpoints else np.zeros(0, np.uint32),
-            np.array(counts, dtype=np.int64), np.concatenate(hashes) if hashes else np.zeros(0, np.uint64))
+            np.array(counts, dtype=np.int64), np.concatenate(hashes) if hashes else np.zeros(0, np.uint64),
+            time.perf_counter() - started)
 
 
 def _results_in_order(batches: Iterable[tuple[list[str], list[dict]]], workers: int, args: tuple):
@@ -251,7 +253,7 @@ def build_index(data: str | os.PathLike, out: str | os.PathLike, *, window: int 
                             ("id", pa.string()), ("language", pa.string()), ("stars", pa.int64()),
                             ("text_offset", pa.uint64()), ("text_size", pa.uint64()), ("chars", pa.uint64()),
                             ("first_fingerprint", pa.uint64()), ("first_checkpoint", pa.uint64())])
-        num_sources = source_bytes = source_chars = text_offset = num_checkpoints = 0
+        num_sources = source_bytes = source_chars = text_offset = num_checkpoints = worker_seconds = 0
         languages: dict[str, int] = {}
         bar = None
         if progress:
@@ -260,8 +262,9 @@ def build_index(data: str | os.PathLike, out: str | os.PathLike, *, window: int 
         with open(staging / "texts.bin", "wb") as texts, open(staging / "checkpoints.bin", "wb") as checkpoints, \
                 pq.ParquetWriter(staging / "sources.parquet", schema) as sources:
             args = (window, stride, compression_level)
-            for rows, (blobs, sizes, chars, checkpoint_counts, doc_checkpoints, counts, hashes) in _results_in_order(
-                    iter_corpus(files, exclude or set()), workers, args):
+            for rows, (blobs, sizes, chars, checkpoint_counts, doc_checkpoints, counts, hashes, seconds) in \
+                    _results_in_order(iter_corpus(files, exclude or set()), workers, args):
+                worker_seconds += seconds
                 if not rows:
                     continue
                 if any(c >= 1 << 32 for c in chars):
@@ -348,7 +351,10 @@ def build_index(data: str | os.PathLike, out: str | os.PathLike, *, window: int 
                        "source_bytes": source_bytes,
                        "source_chars": source_chars},
             "languages": dict(sorted(languages.items())),
+            # worker_seconds: time spent normalising, hashing and compressing (in the workers); the rest
+            # of `seconds` is the main process reading, writing and sorting, which workers do not speed up.
             "build": {"data": str(data), "seconds": round(seconds, 3), "workers": workers,
+                      "worker_seconds": round(worker_seconds, 3),
                       "compression_level": compression_level, "excluded_keys": len(exclude or ())},
             "files": describe_files(staging),
         }
