@@ -147,7 +147,8 @@ def create_app(model: str | os.PathLike | None = None, *, dtype: str | None = No
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
-        kind = {404: "not_found", 405: "not_found"}.get(e.status_code, "validation")
+        kind = {401: "authentication", 404: "not_found", 405: "not_found", 429: "overloaded"}.get(
+            e.status_code, "server_error" if e.status_code >= 500 else "validation")
         message = str(e.detail)
         if e.status_code == 404:
             message = f"no route {request.method} {request.url.path}; see /docs for the API"

@@ -95,6 +95,8 @@ class Engine:
         self.load_seconds: float | None = None
         self.created = int(time.time())
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._stopped = False
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -106,16 +108,18 @@ class Engine:
         started = time.perf_counter()
         try:
             self.model = load_model(self.model_dir, dtype=self.dtype, device=self.device, quantize=self.quantize)
-            scheduler = Scheduler(self.model, max_batch=self.max_batch, max_queue=self.max_queue)
-            scheduler.start()
+            self.device = str(self.model.rotary_cos.device)
+            self.dtype = str(self.model.embed_out.weight.dtype).removeprefix("torch.")
+            with self._lock:
+                if self._stopped:  # the server shut down while the weights were loading
+                    return
+                self.scheduler = Scheduler(self.model, max_batch=self.max_batch, max_queue=self.max_queue)
+                self.scheduler.start()
         except Exception as e:
             log.exception("loading %s failed", self.model_dir)
             self.error = f"loading the model from {self.model_dir} failed: {e}"
             self.state = "failed"
             return
-        self.device = str(self.model.rotary_cos.device)
-        self.dtype = str(self.model.embed_out.weight.dtype).removeprefix("torch.")
-        self.scheduler = scheduler
         self.load_seconds = time.perf_counter() - started
         self.state = "ready"
         log.info("model %s ready in %.1f s (%s, %s)", self.model_id, self.load_seconds, self.dtype, self.device)
@@ -126,10 +130,12 @@ class Engine:
         return self.state == "ready"
 
     def stop(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-        if self.scheduler is not None:
-            self.scheduler.stop()
+        """Stop serving; a load still in progress is abandoned (its thread is a daemon)."""
+        with self._lock:
+            self._stopped = True
+            scheduler = self.scheduler
+        if scheduler is not None:
+            scheduler.stop()
 
     # ---- requests ------------------------------------------------------------------------------
 

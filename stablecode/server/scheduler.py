@@ -6,8 +6,8 @@ own position. A finished or cancelled request leaves its row at the next step bo
 join and leave the running batch freely. Per-request state (sampling, stop strings, streamed
 text, finish reason) lives in `stablecode.generate.Sequence`; this module only schedules.
 
-Results travel back to the asyncio event loop through `loop.call_soon_threadsafe`, so request
-handlers await plain `asyncio.Queue`s and never block the loop.
+Results travel back to the asyncio event loop through `loop.call_soon_threadsafe`, once per
+step for all rows, so request handlers await plain `asyncio.Queue`s and never block the loop.
 """
 
 from __future__ import annotations
@@ -66,9 +66,6 @@ class Ticket:
         self.done = False
         self.row: int | None = None
 
-    def emit(self, event) -> None:
-        self.group.deliver(self.index, event)
-
 
 class Group:
     """The sequences of one HTTP request (several for OpenAI's `n` or a list of prompts).
@@ -85,14 +82,8 @@ class Group:
         self._open = len(sequences)
         self.scheduler: Scheduler | None = None
 
-    def deliver(self, index: int, event) -> None:
-        """Called from the model thread."""
-        try:
-            self.loop.call_soon_threadsafe(self._receive, index, event)
-        except RuntimeError:  # the event loop is closed: the server is shutting down
-            pass
-
-    def _receive(self, index: int, event) -> None:
+    def receive(self, index: int, event) -> None:
+        """Called on the event loop."""
         self.queue.put_nowait((index, event))
         if isinstance(event, (Finished, Failed)):
             self._open -= 1
@@ -144,11 +135,18 @@ class Scheduler:
         self.finished_requests = 0
         self.cancelled_requests = 0
         self.failed_requests = 0
+        self.kv_cache_bytes = 0
+        self.seconds = Counter()  # time spent in "prefill", "decode" (forward) and "sample"
+        self._outbox: list[tuple[Ticket, object]] = []  # events of the current step, sent together
 
     # ---- event-loop side -----------------------------------------------------------------------
 
     def start(self) -> None:
         self.model.setup_kv_cache(self.max_batch, self.max_seq_len)
+        caches = [block.attention.kv_cache for block in self.model.gpt_neox.layers]
+        self.kv_cache_bytes = sum(c.k.nbytes + c.v.nbytes for c in caches)
+        log.info("KV cache: %d rows x %d tokens = %.2f GiB", self.max_batch, self.max_seq_len,
+                 self.kv_cache_bytes / 2**30)
         self._thread = threading.Thread(target=self._run, name="stablecode-scheduler", daemon=True)
         self._thread.start()
 
@@ -200,23 +198,40 @@ class Scheduler:
     def stats(self) -> dict:
         with self._condition:
             return {"active": self.active, "waiting": self.waiting, "max_batch": self.max_batch,
-                    "max_queue": self.max_queue, "steps": self.steps,
+                    "max_queue": self.max_queue, "kv_cache_bytes": self.kv_cache_bytes, "steps": self.steps,
                     "rows_per_step": dict(sorted(self.rows_per_step.items())),
                     "max_rows_in_step": max(self.rows_per_step, default=0),
                     "generated_tokens": self.generated_tokens, "prefilled_tokens": self.prefilled_tokens,
                     "finished_requests": self.finished_requests, "cancelled_requests": self.cancelled_requests,
-                    "failed_requests": self.failed_requests}
+                    "failed_requests": self.failed_requests,
+                    "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
 
     # ---- model thread --------------------------------------------------------------------------
 
     def _free_rows(self) -> int:
         return sum(ticket is None for ticket in self._rows)
 
+    def _emit(self, ticket: Ticket, event) -> None:
+        self._outbox.append((ticket, event))
+
+    def _flush(self) -> None:
+        """Hand this step's events to their event loops: one wake-up per loop, not one per token."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for ticket, event in self._outbox:
+            by_loop.setdefault(ticket.group.loop, []).append((ticket.group, ticket.index, event))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the event loop is closed: the server is shutting down
+                pass
+
     def _run(self) -> None:
         try:
             with torch.inference_mode():
                 while self._admit():
                     self._decode_step()
+                    self._flush()
         except BaseException:
             log.exception("the scheduler thread stopped on an unexpected error")
             raise
@@ -246,7 +261,10 @@ class Scheduler:
                     self._rows[row] = ticket
                     admitted.append(ticket)
         for ticket in admitted:
+            if ticket.cancelled:  # gone while earlier prompts were prefilled; its row is freed next step
+                continue
             self._prefill(ticket)
+            self._flush()  # each new request's first token goes out before the next prefill
         return True
 
     def _prefill(self, ticket: Ticket) -> None:
@@ -256,6 +274,7 @@ class Scheduler:
             return
         ids = torch.tensor(sequence.prompt_ids, device=self.device)[None]
         length = ids.shape[1]
+        started = time.perf_counter()
         try:
             logits = self.model(ids, input_pos=torch.arange(length, device=self.device)[None],
                                 cache_rows=torch.tensor([ticket.row], device=self.device),
@@ -265,6 +284,7 @@ class Scheduler:
             self._fail([ticket], f"generation failed during prefill: {e}")
             return
         self.prefilled_tokens += length
+        self.seconds["prefill"] += time.perf_counter() - started
         self._sample([ticket], logits)
 
     def _decode_step(self) -> None:
@@ -276,6 +296,7 @@ class Scheduler:
         positions = torch.tensor([t.sequence.position for t in tickets], device=self.device)[:, None]
         # Rows 0..B-1 in order let the model read the cache as a view instead of gathering rows.
         cache_rows = None if rows == list(range(len(rows))) else torch.tensor(rows, device=self.device)
+        started = time.perf_counter()
         try:
             logits = self.model(tokens, input_pos=positions, cache_rows=cache_rows)[:, -1]
         except Exception as e:
@@ -285,10 +306,12 @@ class Scheduler:
         with self._condition:
             self.steps += 1
             self.rows_per_step[len(tickets)] += 1
+            self.seconds["decode"] += time.perf_counter() - started
         self._sample(tickets, logits)
 
     def _sample(self, tickets: list[Ticket], logits: torch.Tensor) -> None:
         """Choose each row's next token, stream it, and retire finished rows."""
+        started = time.perf_counter()
         logprobs = logits.float().log_softmax(dim=-1)
         for ticket, row_logits, row_logprobs in zip(tickets, logits, logprobs):
             sequence = ticket.sequence
@@ -300,13 +323,14 @@ class Scheduler:
                 self._fail([ticket], f"sampling failed: {e}")
                 continue
             self.generated_tokens += 1
-            ticket.emit(TokenEvent(token, piece, float(row_logprobs[token]), token in sequence.special_ids,
+            self._emit(ticket, TokenEvent(token, piece, float(row_logprobs[token]), token in sequence.special_ids,
                                    sequence.finished))
             if sequence.finished:
                 self._finish(ticket)
+        self.seconds["sample"] += time.perf_counter() - started
 
     def _finish(self, ticket: Ticket) -> None:
-        ticket.emit(Finished(ticket.sequence.result()))
+        self._emit(ticket, Finished(ticket.sequence.result()))
         self.finished_requests += 1
         with self._condition:
             ticket.done = True
@@ -318,7 +342,7 @@ class Scheduler:
             for ticket in tickets:
                 if ticket.done:
                     continue
-                ticket.emit(Failed(message))
+                self._emit(ticket, Failed(message))
                 ticket.done = True
                 self.failed_requests += 1
                 if ticket.row is not None and self._rows[ticket.row] is ticket:
@@ -339,4 +363,10 @@ class Scheduler:
             running = [t for t in self._rows if t is not None] + list(self._waiting)
             self._waiting.clear()
         self._fail(running, "the server is shutting down")
+        self._flush()
         self.model.clear_kv_cache()
+
+
+def _deliver(items: list[tuple[Group, int, object]]) -> None:
+    for group, index, event in items:
+        group.receive(index, event)

@@ -49,6 +49,7 @@ def run_serve(args) -> None:
         from stablecode.attribution import Attributor
 
         attributor = Attributor(args.index)
+
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, api_key=args.api_key,
                      max_batch=args.max_batch, max_queue=args.max_queue, attributor=attributor)
