@@ -420,3 +420,38 @@ def test_overlap_endpoint(attributor, corpus):
     assert client.post("/overlap", json={"document": unseen_code(3)}).json() == {"spans": [], "sources": []}
     assert client.post("/overlap", json={"text": "no document"}).status_code == 422
     assert client.post("/overlap", json={"document": document, "max_sources": 0}).status_code == 422
+
+
+def test_overlap_over_a_real_uvicorn_server(attributor, corpus):
+    """The request llm-vscode's attribution command makes, over HTTP to a running server."""
+    import socket
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+    from fastapi import FastAPI
+
+    app = FastAPI()
+    add_overlap_routes(app, attributor)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.01)
+        repo, text = corpus[1]["pkg/mod0.py"]
+        document = "# around the cursor\n" + text[300:750]
+        response = httpx.post(f"http://127.0.0.1:{sock.getsockname()[1]}/overlap", json={"document": document},
+                              timeout=30)
+        assert response.status_code == 200
+        (start, end), = response.json()["spans"]
+        assert document[start:end] == text[300:750].strip()
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
