@@ -240,7 +240,12 @@ def build_index(data: str | os.PathLike, out: str | os.PathLike, *, window: int 
         raise ValueError(f"bloom_bits_per_fingerprint must be in [1, 64], got {bloom_bits_per_fingerprint}")
     out = Path(out)
     files = corpus_files(Path(data))
-    total_rows = sum(pq.ParquetFile(p).metadata.num_rows for _, p in files) if progress else None
+    total_rows = None
+    if progress:
+        try:
+            total_rows = sum(pq.ParquetFile(p).metadata.num_rows for _, p in files)
+        except (OSError, pa.ArrowException):
+            pass  # reported, naming the file, when it is read
     started = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.building-{os.getpid()}"
@@ -279,7 +284,8 @@ def build_index(data: str | os.PathLike, out: str | os.PathLike, *, window: int 
                 text_offset += sum(len(b) for b in blobs)
                 columns = {field: [row[field] for row in rows] for field in ("repository", "path", "id", "language")}
                 columns["license"] = [row["license"] or default_license for row in rows]
-                columns["stars"] = [row["stars"] for row in rows]
+                columns["stars"] = [int(row["stars"]) if isinstance(row["stars"], (int, float))
+                                    and row["stars"] == row["stars"] else None for row in rows]  # NaN → None
                 for field in ("repository", "path", "id", "language", "license"):
                     columns[field] = [None if v is None else str(v) for v in columns[field]]
                 columns.update(text_offset=offsets.tolist(), text_size=[len(b) for b in blobs], chars=chars,
