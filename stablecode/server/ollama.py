@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 
 from stablecode.server.engine import ApiError, Engine, GenerationStream
 from stablecode.server.scheduler import Failed, Finished, TokenEvent
@@ -95,8 +96,9 @@ async def generate(request: Request, body: GenerateRequest):
                                top_p=0.9 if o.top_p is None else o.top_p, top_k=40 if o.top_k is None else o.top_k,
                                repetition_penalty=o.repeat_penalty or 1.0,
                                seed=None if o.seed is None or o.seed < 0 else o.seed, param="options")
-    sequence = engine.sequence(engine.encode(body.prompt), max_new_tokens=num_predict, sampling=sampling,
-                               stop=engine.check_stop(o.stop or [], "stop"), context_length=o.num_ctx)
+    stop = engine.check_stop(o.stop or [], "stop")
+    ids = await run_in_threadpool(engine.encode, body.prompt)  # tokenizing: off the event loop
+    sequence = engine.sequence(ids, max_new_tokens=num_predict, sampling=sampling, stop=stop, context_length=o.num_ctx)
     started = time.perf_counter_ns()
     group = engine.submit([sequence])
 

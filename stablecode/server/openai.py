@@ -15,6 +15,7 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 
 from stablecode.server.engine import ApiError, Engine, GenerationStream
 from stablecode.server.scheduler import Failed, Finished, TokenEvent
@@ -146,7 +147,7 @@ def _usage(completions: list, n: int) -> dict:
 @router.post("/completions", summary="Complete a prompt (OpenAI completions API)")
 async def completions(request: Request, body: CompletionRequest):
     engine: Engine = request.app.state.engine
-    prompts, sequences = _prepare(engine, body)
+    prompts, sequences = await run_in_threadpool(_prepare, engine, body)  # tokenizing: off the event loop
     group = engine.submit(sequences)
     if body.stream:
         return GenerationStream(group, _stream(engine, body, prompts, group), "text/event-stream")

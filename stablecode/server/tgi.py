@@ -13,6 +13,7 @@ import json
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 
 from stablecode.server.engine import ApiError, Engine, GenerationStream, Result
 from stablecode.server.scheduler import Failed, Finished, TokenEvent
@@ -125,14 +126,15 @@ def _output(engine: Engine, body: GenerateRequest, result: Result) -> dict:
 
 async def _generate(request: Request, body: GenerateRequest) -> dict:
     engine: Engine = request.app.state.engine
-    group = engine.submit([_prepare(engine, body)])
+    # Tokenizing a long prompt takes a while: off the event loop, so streams keep flowing.
+    group = engine.submit([await run_in_threadpool(_prepare, engine, body)])
     [result] = await engine.wait(group, request.receive)
     return _output(engine, body, result)
 
 
-def _stream(request: Request, body: GenerateRequest) -> GenerationStream:
+async def _stream(request: Request, body: GenerateRequest) -> GenerationStream:
     engine: Engine = request.app.state.engine
-    group = engine.submit([_prepare(engine, body)])
+    group = engine.submit([await run_in_threadpool(_prepare, engine, body)])
 
     async def events():
         last, count = None, 0
@@ -171,13 +173,13 @@ async def generate(request: Request, body: GenerateRequest) -> dict:
 
 @router.post("/generate_stream", summary="Stream generated tokens as server-sent events")
 async def generate_stream(request: Request, body: GenerateRequest):
-    return _stream(request, body)
+    return await _stream(request, body)
 
 
 @router.post("/", summary="TGI root route (huggingface_hub.InferenceClient); \"stream\": true streams")
 async def root(request: Request, body: GenerateRequest):
     if body.stream:
-        return _stream(request, body)
+        return await _stream(request, body)
     return [await _generate(request, body)]
 
 

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import PROMPTS, running, slowed, wait_for
+from serving import PROMPTS, running, slowed, wait_for
 from stablecode.errors import CheckpointError
 from stablecode.server import create_app
 

@@ -4,12 +4,11 @@ format. Outputs are checked against the library's own greedy completion of the s
 
 import json
 
-import httpx
 import openai
 import pytest
 from huggingface_hub import InferenceClient
 
-from conftest import PROMPTS
+from serving import PROMPTS
 
 
 def test_health_and_info(client, server):

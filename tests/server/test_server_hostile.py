@@ -8,7 +8,7 @@ import openai
 import pytest
 from huggingface_hub import InferenceClient
 
-from conftest import running
+from serving import running
 from stablecode.server import create_app
 
 

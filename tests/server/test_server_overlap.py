@@ -5,7 +5,7 @@ import httpx
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from conftest import running
+from serving import running
 from stablecode.server import create_app
 
 TRAINING_FILE = "".join(f"def handler_{i}(request, retries={i}):\n    return dispatch(request, 'route_{i}', retries)\n"
