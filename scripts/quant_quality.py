@@ -1,0 +1,113 @@
+#!/usr/bin/env python
+"""Quality of int8 / int4 quantization against the float model.
+
+Trained checkpoint (e.g. the embedded stablecode-nano): mean next-token loss and perplexity on
+real code (CPython standard library files) for float, int8 and int4 at several group sizes.
+Any checkpoint (e.g. the 3B shape with random weights): logits error against float on the same
+text: max / mean abs error relative to the logits' spread, and argmax agreement.
+
+Quantized logits are computed through the decode kernels (int8 activations), the path that picks
+tokens, not through the dequantized prefill GEMM.
+
+    python scripts/quant_quality.py --model stablecode-nano --tokens 20000
+    python scripts/quant_quality.py --model work/bench/bf16 --tokens 256 --windows 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from stablecode import load_model, load_tokenizer
+from stablecode import quantize as Q
+from stablecode.checkpoint import resolve_model_dir
+
+
+def stdlib_ids(tokenizer, count: int, skip: int = 100) -> list[int]:
+    """Token ids of CPython standard-library files (the `skip` first files sorted by name are left out)."""
+    ids: list[int] = []
+    for file in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[skip:]:
+        ids += tokenizer.encode(file.read_text(encoding="utf-8", errors="replace")) + [tokenizer.eos_id]
+        if len(ids) >= count:
+            break
+    return ids[:count]
+
+
+@torch.inference_mode()
+def evaluate(model, windows: list[torch.Tensor]) -> tuple[float, torch.Tensor]:
+    """Mean next-token loss over the windows, and the logits of the first window."""
+    total, count, first = 0.0, 0, None
+    for ids in windows:
+        logits = model(ids[None])[0].float()
+        if first is None:
+            first = logits
+        total += F.cross_entropy(logits[:-1], ids[1:], reduction="sum").item()
+        count += ids.numel() - 1
+    return total / count, first
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="checkpoint directory or embedded model name")
+    parser.add_argument("--tokens", type=int, default=20000)
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--windows", type=int, default=None, help="at most this many windows")
+    parser.add_argument("--group-sizes", default="32,64,128")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", type=Path, default=None, help="write the results as JSON here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    Q.DECODE_MAX_ROWS = 1 << 30  # every row through the decode kernels
+
+    directory = resolve_model_dir(args.model)
+    tokenizer = load_tokenizer(directory)
+    ids = torch.tensor(stdlib_ids(tokenizer, args.tokens))
+    windows = [w for w in ids.split(args.window) if w.numel() > 1][:args.windows]
+    print(f"{directory}: {sum(w.numel() for w in windows)} tokens of CPython stdlib code in "
+          f"{len(windows)} windows of {args.window}", file=sys.stderr)
+
+    rows = []
+    variants = [("float", None, None), ("int8", "int8", None)] + [
+        (f"int4 g{g}", "int4", int(g)) for g in args.group_sizes.split(",")]
+    reference = None
+    for name, method, group_size in variants:
+        model = load_model(directory)
+        if method:
+            Q.quantize_model(model, method, **({"group_size": group_size} if group_size else {}))
+        start = time.perf_counter()
+        loss, logits = evaluate(model, windows)
+        elapsed = time.perf_counter() - start
+        row = dict(variant=name, loss=loss, perplexity=math.exp(loss), seconds=elapsed)
+        if reference is None:
+            reference = logits
+        else:
+            spread = reference.std().item()
+            error = (logits - reference).abs()
+            row.update(max_abs_error=error.max().item(), mean_abs_error=error.mean().item(),
+                       relative_error=((logits - reference).norm() / (reference - reference.mean()).norm()).item(),
+                       spread=spread, argmax_agreement=(logits.argmax(-1) == reference.argmax(-1)).float().mean().item())
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        del model
+
+    print("| variant | mean loss | perplexity | Δ loss | rel. logits error | max abs error | argmax agreement |")
+    print("|---|---|---|---|---|---|---|")
+    base = rows[0]["loss"]
+    for r in rows:
+        extra = (f"{r['relative_error']:.4f} | {r['max_abs_error']:.3f} | {100 * r['argmax_agreement']:.1f}%"
+                 if "relative_error" in r else "— | — | —")
+        print(f"| {r['variant']} | {r['loss']:.4f} | {r['perplexity']:.3f} | {r['loss'] - base:+.4f} | {extra} |")
+    if args.output:
+        args.output.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
