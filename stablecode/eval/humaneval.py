@@ -275,7 +275,8 @@ def read_samples(path: str | os.PathLike, problems: dict[str, dict]) -> list[dic
             try:
                 record = json.loads(line)
             except ValueError as e:
-                torn = "" if line.endswith("\n") else " (a torn last line: was its generation stopped? run it again to resume)"
+                torn = ("" if line.endswith("\n")
+                        else " (a torn last line: was its generation stopped? run it again to resume)")
                 raise EvalError(f"{path}:{number}: not JSON ({e}){torn}") from None
             if not isinstance(record, dict) or not isinstance(record.get("task_id"), str) \
                     or not isinstance(record.get("completion"), str):

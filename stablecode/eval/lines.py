@@ -222,7 +222,8 @@ def evaluate_lines(model, tokenizer, sources: list[tuple[str, str]], num_lines: 
         "files": len({e.source for e in examples}),
         "model": score(predictions, targets),
         "baseline_previous_line": score([e.previous for e in examples], targets),
-        "settings": {"model": model_name or model.config.name, "num_lines": num_lines, "seed": seed, "max_new_tokens": max_new_tokens, "greedy": True,
+        "settings": {"model": model_name or model.config.name, "num_lines": num_lines, "seed": seed,
+                     "max_new_tokens": max_new_tokens, "greedy": True,
                      "context_tokens": model.config.max_position_embeddings},
         "wall_time_s": round(seconds, 1),
     }
