@@ -116,11 +116,15 @@ def create_app(model: str | os.PathLike | None = None, *, dtype: str | None = No
                limits: Limits = Limits(), attributor=None) -> FastAPI:
     """The completion server for a checkpoint directory or embedded model name (None: the default).
 
+    With an `attributor` (stablecode.attribution.Attributor), POST /overlap is added and the
+    completion routes can return the attribution of their text (TGI `parameters.attribution`,
+    OpenAI and Ollama `attribution`).
+
     The config and tokenizer are read now (bad paths fail here); the weights load in the
     background once the app starts, while GET /health answers 503.
     """
     engine = Engine(model, dtype=dtype, device=device, quantize=quantize, max_batch=max_batch,
-                    max_queue=max_queue, limits=limits)
+                    max_queue=max_queue, limits=limits, attributor=attributor)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -19,6 +19,7 @@ import torch
 from starlette.responses import StreamingResponse
 
 from stablecode.checkpoint import load_config, load_model, resolve_model_dir
+from stablecode.errors import StablecodeError
 from stablecode.generate import Sequence
 from stablecode.sampling import SamplingParams
 from stablecode.server.scheduler import Failed, Finished, Group, Overloaded, Scheduler, TokenEvent
@@ -79,7 +80,8 @@ class Engine:
     """
 
     def __init__(self, model: str | os.PathLike | None = None, *, dtype: str | None = None, device: str | None = None,
-                 quantize: str | None = None, max_batch: int = 8, max_queue: int = 32, limits: Limits = Limits()):
+                 quantize: str | None = None, max_batch: int = 8, max_queue: int = 32, limits: Limits = Limits(),
+                 attributor=None):
         self.model_dir = resolve_model_dir(model)
         self.config = load_config(self.model_dir)
         self.tokenizer = load_tokenizer(self.model_dir)
@@ -88,6 +90,7 @@ class Engine:
         self.limits = limits.resolved(self.context_length)
         self.dtype, self.device, self.quantize = dtype, device, quantize
         self.max_batch, self.max_queue = max_batch, max_queue
+        self.attributor = attributor  # a stablecode.attribution.Attributor, or None: no attribution index
         self.model = None
         self.scheduler: Scheduler | None = None
         self.state = "loading"
@@ -181,6 +184,21 @@ class Engine:
                            param=param)
         return ids
 
+    def check_attribution(self, param: str) -> None:
+        """Refuse a request for attribution when the server has no index (before generating anything)."""
+        if self.attributor is None:
+            raise ApiError(422, f"{param}: this server has no attribution index; start it with "
+                                "`stablecode serve --index INDEX` (the embedded model's own index is used by default "
+                                "when it is installed)", param=param)
+
+    def attribute(self, text: str) -> dict:
+        """Which parts of `text` are in the indexed training data: {"spans": [[start, end], ...], "sources":
+        [...]}, offsets in code points (Python string indices) of `text`. CPU work: call it off the event loop."""
+        try:
+            return self.attributor.overlap(text)
+        except StablecodeError as e:  # a corrupted index found while reading a source text
+            raise ApiError(500, f"attribution failed: {e}", "attribution") from None
+
     def encode(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt)
 
@@ -266,6 +284,7 @@ class Engine:
             "limits": {**limits, "openai_max_stop_strings": min(4, self.limits.max_stop_strings),
                        "prompt_longer_than_context": "cut from the left (the last tokens are kept)"},
             "fill_in_the_middle": False,
+            "attribution_index": str(self.attributor.directory) if self.attributor is not None else None,
             "scheduler": self.scheduler.stats() if self.scheduler is not None else None,
             "version": _version(),
             "torch_threads": torch.get_num_threads(),

@@ -3,6 +3,8 @@
 POST /api/generate streams newline-delimited JSON objects by default ({"response": piece,
 "done": false} ..., then one with "done": true and the counts); "stream": false answers one
 object. GET /api/tags and /api/version let clients discover the model. Errors are {"error"}.
+Extension: `"attribution": true` adds "attribution": {"spans", "sources"} of the response (to the
+final "done" object when streaming); 400 without an attribution index.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ class GenerateRequest(BaseModel):
     raw: bool | None = None
     stream: bool = True
     options: Options = Field(default_factory=Options)
+    attribution: bool = Field(False, description="extension: add `attribution` {spans, sources}, the parts of the "
+                                                 "response found in the training data (needs an index)")
 
 
 DEFAULT_NUM_PREDICT = 128
@@ -84,6 +88,8 @@ async def generate(request: Request, body: GenerateRequest):
     engine: Engine = request.app.state.engine
     engine.check_ready()
     _refuse_unsupported(body)
+    if body.attribution:
+        engine.check_attribution("attribution")
     model_name = body.model or engine.model_id
     if not body.prompt:  # Ollama's "load the model" request
         return {"model": model_name, "created_at": _now(), "response": "", "done": True, "done_reason": "load"}
@@ -110,7 +116,10 @@ async def generate(request: Request, body: GenerateRequest):
 
     if not body.stream:
         [result] = await engine.wait(group, request.receive)
-        return {**final(result.completion), "response": result.completion.text}
+        answer = {**final(result.completion), "response": result.completion.text}
+        if body.attribution:
+            answer["attribution"] = await run_in_threadpool(engine.attribute, result.completion.text)
+        return answer
 
     async def lines():
         async for _, event in group.events():
@@ -118,7 +127,14 @@ async def generate(request: Request, body: GenerateRequest):
                 if event.text:
                     yield _line({"model": model_name, "created_at": _now(), "response": event.text, "done": False})
             elif isinstance(event, Finished):
-                yield _line({**final(event.completion), "response": ""})
+                last = {**final(event.completion), "response": ""}
+                if body.attribution:
+                    try:
+                        last["attribution"] = await run_in_threadpool(engine.attribute, event.completion.text)
+                    except ApiError as e:
+                        yield _line({"error": e.message})
+                        return
+                yield _line(last)
             elif isinstance(event, Failed):
                 yield _line({"error": event.message})
 

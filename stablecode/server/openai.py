@@ -4,6 +4,8 @@ llm-vscode's `openai` backend.
 POST /v1/completions (streaming: `data: {chunk}` lines, then `data: [DONE]`), GET /v1/models.
 Error bodies carry both OpenAI's {"error": {message, type, param, code}} and a FastAPI-style
 {"detail": [{loc, msg, type}]}, which is what llm-ls parses (with `loc` a string, as it expects).
+Extension: `"attribution": true` adds "attribution": {"spans", "sources"} to each choice (when
+streaming, to the choice's chunk that carries its finish_reason); 400 without an attribution index.
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ class CompletionRequest(BaseModel):
     # Extensions many OpenAI-compatible servers accept.
     top_k: int | None = Field(None, ge=0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=100.0)
+    attribution: bool = Field(False, description="extension: add `attribution` {spans, sources} to each choice, the "
+                                                 "parts of its text found in the training data (needs an index)")
 
 
 def error_response(status: int, message: str, kind: str, param: str | None = None,
@@ -114,6 +118,8 @@ def _prompts(engine: Engine, body: CompletionRequest) -> list[tuple[str, list[in
 def _prepare(engine: Engine, body: CompletionRequest):
     engine.check_ready()
     _refuse_unsupported(body)
+    if body.attribution:
+        engine.check_attribution("attribution")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     stop = engine.check_stop(stop, "stop", limit=MAX_STOP_STRINGS)
     max_tokens = engine.check_max_new_tokens(16 if body.max_tokens is None else body.max_tokens, "max_tokens")
@@ -159,14 +165,18 @@ async def completions(request: Request, body: CompletionRequest):
             text = prompts[index // body.n][0] + text
         choices.append({"index": index, "text": text, "logprobs": None,
                         "finish_reason": result.completion.finish_reason})
+    if body.attribution:
+        attributions = await run_in_threadpool(lambda: [engine.attribute(c["text"]) for c in choices])
+        for choice, attribution in zip(choices, attributions):
+            choice["attribution"] = attribution
     return {**_header(engine), "choices": choices, "usage": _usage([r.completion for r in results], body.n)}
 
 
 async def _stream(engine: Engine, body: CompletionRequest, prompts, group):
     header = _header(engine)
 
-    def chunk(index: int, text: str, finish_reason: str | None = None) -> bytes:
-        choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    def chunk(index: int, text: str, finish_reason: str | None = None, **extra) -> bytes:
+        choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason, **extra}
         return _sse({**header, "choices": [choice]})
 
     if body.echo:
@@ -179,7 +189,15 @@ async def _stream(engine: Engine, body: CompletionRequest, prompts, group):
                 yield chunk(index, event.text)
         elif isinstance(event, Finished):
             completions[index] = event.completion
-            yield chunk(index, "", event.completion.finish_reason)
+            extra = {}
+            if body.attribution:
+                text = (prompts[index // body.n][0] if body.echo else "") + event.completion.text
+                try:
+                    extra["attribution"] = await run_in_threadpool(engine.attribute, text)
+                except ApiError as e:
+                    yield _sse({"error": {"message": e.message, "type": "server_error", "param": None, "code": None}})
+                    return
+            yield chunk(index, "", event.completion.finish_reason, **extra)
         elif isinstance(event, Failed):
             yield _sse({"error": {"message": event.message, "type": "server_error", "param": None, "code": None}})
             return

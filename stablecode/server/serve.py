@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 
@@ -22,8 +23,11 @@ def add_serve_command(subparsers) -> None:
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
     p.add_argument("--quantize", default=None, choices=["int8", "int4"], help="weight-only quantization")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--index", type=Path, default=None,
-                   help="attribution index: adds POST /overlap (llm-vscode's code attribution)")
+    index = p.add_mutually_exclusive_group()
+    index.add_argument("--index", type=Path, default=None,
+                       help="attribution index: adds POST /overlap (llm-vscode's code attribution) and the completion "
+                            "routes' `attribution` option (default: the embedded model's own index when serving it)")
+    index.add_argument("--no-index", action="store_true", help="serve without an attribution index")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="default info")
     p.set_defaults(func=run_serve)
 
@@ -44,13 +48,31 @@ def run_serve(args) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    attributor = None
-    if args.index is not None:
-        from stablecode.attribution import Attributor
-
-        attributor = Attributor(args.index)
+    attributor = serving_attributor(args.model, args.index, args.no_index)
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, api_key=args.api_key,
                      max_batch=args.max_batch, max_queue=args.max_queue, attributor=attributor)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+
+
+def serving_attributor(model, index, no_index: bool = False):
+    """The attribution index to serve: `index` if given; else, when serving the embedded default model,
+    its own index if installed (if not, one line on stderr says so); else None."""
+    from stablecode import checkpoint
+    from stablecode.attribution import Attributor, AttributionIndexError
+    from stablecode.attribution.lookup import resolve_index_dir
+
+    if no_index:
+        return None
+    if index is not None:
+        return Attributor(index)
+    embedded = checkpoint.EMBEDDED_MODELS_DIR / checkpoint.DEFAULT_MODEL
+    if checkpoint.resolve_model_dir(model).resolve() != embedded.resolve():
+        return None
+    try:
+        directory = resolve_index_dir(None)
+    except AttributionIndexError as e:  # not installed; a damaged one is an error (raised by Attributor)
+        print(f"stablecode serve: serving without attribution (no POST /overlap): {e}", file=sys.stderr)
+        return None
+    return Attributor(directory)

@@ -4,6 +4,8 @@
 POST /generate → {"generated_text"}; POST / and POST /models/{id} → [{"generated_text"}], or a
 stream with "stream": true; POST /generate_stream → server-sent events, one per token.
 Errors are {"error", "error_type"}: 422 validation, 429 overloaded.
+Extension: `"parameters": {"attribution": true}` adds "attribution": {"spans", "sources"} of the
+generated text (to the last event when streaming); 422 when the server has no attribution index.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class Parameters(BaseModel):
     return_full_text: bool | None = None
     truncate: int | None = Field(None, ge=1, description="keep only the last N prompt tokens")
     details: bool | None = None
+    attribution: bool | None = Field(None, description="extension: add `attribution` {spans, sources}, the parts of "
+                                                        "generated_text found in the training data (needs an index)")
     # Known TGI options this server does not implement: refused when set to a non-default value.
     best_of: int | None = None
     typical_p: float | None = None
@@ -86,6 +90,8 @@ def _prepare(engine: Engine, body: GenerateRequest):
     engine.check_prompt(body.inputs, "inputs")
     p = body.parameters
     _refuse_unsupported(p)
+    if p.attribution:
+        engine.check_attribution("attribution")
     max_new_tokens = engine.check_max_new_tokens(p.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, "max_new_tokens")
     stop = engine.check_stop(p.stop or [], "stop")
     # As TGI: any warper (temperature != 1, top_k, top_p < 1) or do_sample turns sampling on.
@@ -129,7 +135,10 @@ async def _generate(request: Request, body: GenerateRequest) -> dict:
     # Tokenizing a long prompt takes a while: off the event loop, so streams keep flowing.
     group = engine.submit([await run_in_threadpool(_prepare, engine, body)])
     [result] = await engine.wait(group, request.receive)
-    return _output(engine, body, result)
+    output = _output(engine, body, result)
+    if body.parameters.attribution:
+        output["attribution"] = await run_in_threadpool(engine.attribute, output["generated_text"])
+    return output
 
 
 async def _stream(request: Request, body: GenerateRequest) -> GenerationStream:
@@ -155,6 +164,12 @@ async def _stream(request: Request, body: GenerateRequest) -> GenerationStream:
                     last["details"] = {"finish_reason": _finish_reason(engine, event.completion),
                                        "generated_tokens": event.completion.completion_tokens,
                                        "seed": body.parameters.seed, "input_length": event.completion.prompt_tokens}
+                if body.parameters.attribution:
+                    try:
+                        last["attribution"] = await run_in_threadpool(engine.attribute, last["generated_text"])
+                    except ApiError as e:
+                        yield _sse({"error": e.message, "error_type": e.kind})
+                        return
                 yield _sse(last)
             elif isinstance(event, Failed):
                 yield _sse({"error": event.message, "error_type": "generation"})
