@@ -165,8 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = [add_init_command, add_info_command, add_complete_command]
+def add_train_command(subparsers) -> None:
+    from stablecode.train import add_train_command as add
+
+    add(subparsers)
+
+
+COMMANDS = [add_init_command, add_info_command, add_complete_command, add_train_command]
 # Subcommands of other modules register here (serve, train, data, tokenizer, eval, index, attribute).
+
+from stablecode.attribution.commands import add_attribute_command, add_index_command  # noqa: E402
+
+COMMANDS += [add_index_command, add_attribute_command]
 
 from stablecode.data.cli import add_data_command, add_tokenizer_command  # noqa: E402
 
@@ -175,10 +185,6 @@ COMMANDS += [add_data_command, add_tokenizer_command]
 from stablecode.eval.cli import add_eval_command  # noqa: E402
 
 COMMANDS += [add_eval_command]
-
-from stablecode.attribution.commands import add_attribute_command, add_index_command  # noqa: E402
-
-COMMANDS += [add_index_command, add_attribute_command]
 
 from stablecode.server.serve import add_serve_command  # noqa: E402
 

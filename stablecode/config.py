@@ -216,8 +216,8 @@ PRESETS: dict[str, ModelConfig] = {
         # Exactly the released StableCode-Completion-Alpha-3B-4K checkpoint.
         ModelConfig(name="stablecode-completion-alpha-3b-4k"),
         # The embedded default model: same family, small enough to train on 2 CPU cores.
-        ModelConfig(name="stablecode-nano", vocab_size=8192, hidden_size=384, num_layers=6,
-                    num_heads=6, intermediate_size=1536, max_position_embeddings=1024),
+        ModelConfig(name="stablecode-nano", vocab_size=8192, hidden_size=256, num_layers=6,
+                    num_heads=4, intermediate_size=1024, max_position_embeddings=1024),
         # Tiny shapes for tests and smoke runs.
         ModelConfig(name="tiny", vocab_size=512, hidden_size=64, num_layers=2, num_heads=4,
                     intermediate_size=256, max_position_embeddings=256),
