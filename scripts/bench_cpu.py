@@ -17,6 +17,7 @@ Needs `pip install -e .[bench]` for the CTranslate2 engine. Results: a table on 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import resource
@@ -92,26 +93,22 @@ def worker_ours(args) -> dict:
     model = load_model(args.model)
     load_s = time.perf_counter() - start
     ids = prompt_ids(args.prompt_tokens, model.config.vocab_size)
-    total = args.prompt_tokens + args.new_tokens
-    prefill, decode = [], []
+    decode = []
     with torch.inference_mode():
-        for repeat in range(args.repeats):
-            model.setup_kv_cache(1, total)
-            start = time.perf_counter()
-            if args.skip_prefill and repeat:  # decode-only engines: a one-token "prompt" after the first
-                logits = model(torch.tensor([ids[-1:]]), input_pos=args.prompt_tokens - 1)[0, -1]
-            else:
-                last = torch.tensor([[len(ids) - 1]])
-                logits = model(torch.tensor([ids]), input_pos=0, logit_positions=last)[0, -1]
-            prefill.append(time.perf_counter() - start)
-            token = int(logits.argmax())
+        model.setup_kv_cache(1, args.prompt_tokens + args.new_tokens)
+        start = time.perf_counter()
+        last = torch.tensor([[len(ids) - 1]])
+        logits = model(torch.tensor([ids]), input_pos=0, logit_positions=last)[0, -1]
+        prefill_s = time.perf_counter() - start
+        first = int(logits.argmax())
+        for _ in range(args.repeats):  # each repeat decodes again from the cached prompt
+            token = first
             start = time.perf_counter()
             for step in range(args.new_tokens - 1):
                 logits = model(torch.tensor([[token]]), input_pos=args.prompt_tokens + step)[0, -1]
                 token = int(logits.argmax())
             decode.append((args.new_tokens - 1) / (time.perf_counter() - start))
-            model.clear_kv_cache()
-    prefill_s = prefill[0] if args.skip_prefill else statistics.median(prefill)
+        model.clear_kv_cache()
     return dict(load_s=load_s, prefill_s=prefill_s, decode_tok_s=statistics.median(decode),
                 peak_rss=peak_rss_bytes(), weight_bytes=weight_bytes(Path(args.model)))
 
@@ -125,19 +122,20 @@ def worker_transformers(args) -> dict:
     model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).eval()
     load_s = time.perf_counter() - start
     ids = prompt_ids(args.prompt_tokens, model.config.vocab_size)
-    prefill, decode = [], []
+    decode = []
     with torch.inference_mode():
-        for repeat in range(args.repeats):
-            start = time.perf_counter()
-            out = model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
-            prefill.append(time.perf_counter() - start)
-            cache, token = out.past_key_values, int(out.logits[0, -1].argmax())
+        start = time.perf_counter()
+        out = model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+        prefill_s = time.perf_counter() - start
+        prompt_cache, first = out.past_key_values, int(out.logits[0, -1].argmax())
+        for _ in range(args.repeats):  # each repeat decodes again from a copy of the prompt's cache
+            cache, token = copy.deepcopy(prompt_cache), first
             start = time.perf_counter()
             for _ in range(args.new_tokens - 1):
                 out = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True)
                 cache, token = out.past_key_values, int(out.logits[0, -1].argmax())
             decode.append((args.new_tokens - 1) / (time.perf_counter() - start))
-    return dict(load_s=load_s, prefill_s=statistics.median(prefill), decode_tok_s=statistics.median(decode),
+    return dict(load_s=load_s, prefill_s=prefill_s, decode_tok_s=statistics.median(decode),
                 peak_rss=peak_rss_bytes(), weight_bytes=weight_bytes(Path(args.source)))
 
 
@@ -277,6 +275,8 @@ def prepare(work: Path, preset: str) -> dict[str, Path]:
 
 def run_worker(kind: str, model: Path, args, extra: list[str] = (), env_extra: dict | None = None) -> dict | None:
     output = args.work / f"{kind}-{model.name}.json"
+    if args.resume and output.exists():  # finished by an earlier, interrupted run
+        return json.loads(output.read_text())
     output.unlink(missing_ok=True)
     command = [sys.executable, __file__, "--worker", kind, "--model", str(model), "--output", str(output),
                "--threads", str(args.threads), "--prompt-tokens", str(args.prompt_tokens),
@@ -298,20 +298,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3, help="prefill/decode measurements per engine (median)")
+    parser.add_argument("--repeats", type=int, default=3, help="decode measurements per engine (median); one prefill")
     parser.add_argument("--long-prompt-tokens", type=int, default=2000)
     parser.add_argument("--edits", type=int, default=20)
     parser.add_argument("--edits-without-reuse", type=int, default=20)
     parser.add_argument("--code-prompts", type=int, default=3)
     parser.add_argument("--code-prompt-tokens", type=int, default=400)
     parser.add_argument("--skip", default="", help="comma-separated: prefix, speculative")
+    parser.add_argument("--resume", action="store_true", help="reuse engine results an interrupted run left in --work")
     parser.add_argument("--embedded", default=None, help="also measure this checkpoint (e.g. stablecode-nano)")
     # worker mode
     parser.add_argument("--worker", choices=sorted(WORKERS) + ["convert-ct2"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--source", help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--skip-prefill", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
@@ -339,8 +339,7 @@ def main() -> None:
         warm_page_cache(model)
         extra = ["--source", str(dirs["bf16"])]
         env = None
-        if kind == "torch":  # our layers on PyTorch's weight-only kernels; the prefill is the same as ours
-            extra.append("--skip-prefill")
+        if kind == "torch":  # our layers on PyTorch's weight-only kernels (the prefill path is the same)
             env = {"STABLECODE_KERNELS": "torch"}
         results[engine] = run_worker(kind, model, args, extra, env)
         print(engine, results[engine], file=sys.stderr, flush=True)

@@ -34,6 +34,10 @@ namespace {
 constexpr int64_t kBlock = 32;   // activation quantization block
 constexpr int64_t kRowTile = 4;  // activation rows that share one read of a weight row
 
+// Rows per task: at least ~256 KiB of weights each, so small layers stay on one thread (a
+// fork/join costs more than they do) and large ones split evenly across all threads.
+inline int64_t grain_rows(int64_t row_bytes) { return std::max<int64_t>(16, (256 << 10) / std::max<int64_t>(row_bytes, 1)); }
+
 struct QuantizedActivations {
   torch::Tensor q;      // int8 [M, K]
   torch::Tensor scale;  // fp32 [M, K / 32]
@@ -164,7 +168,7 @@ void int8_linear_impl(const QuantizedActivations& a, const torch::Tensor& weight
   const int8_t* w = weight.data_ptr<int8_t>();
   const float* ws = scale.data_ptr<float>();
   T* y = out.data_ptr<T>();
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N, grain_rows(K), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const float b = bias_at(bias, n);
       for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
@@ -254,7 +258,7 @@ void int4_linear_impl(const QuantizedActivations& a, const torch::Tensor& weight
   const c10::Half* ws = scale.data_ptr<c10::Half>();
   const c10::Half* wm = minimum.data_ptr<c10::Half>();
   T* y = out.data_ptr<T>();
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N, grain_rows(K / 2), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const float b = bias_at(bias, n);
       for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
@@ -314,7 +318,7 @@ void bf16_linear_impl(const torch::Tensor& x, const torch::Tensor& weight, const
   const float* xr = xf.data_ptr<float>();
   const c10::BFloat16* w = weight.data_ptr<c10::BFloat16>();
   T* y = out.data_ptr<T>();
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N, grain_rows(2 * K), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const float b = bias_at(bias, n);
       for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
