@@ -154,6 +154,22 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).contiguous()
 
 
+# Output channels dequantized at a time for a prompt's GEMM: bounds the float copy of the weights
+# (and its temporaries) to a few tens of MB instead of a whole matrix.
+GEMM_CHUNK_CHANNELS = 1024
+
+
+def _dequantized_linear(layer: nn.Module, rows: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    dtype = gemm_dtype(rows)
+    x = rows.to(dtype)
+    y = torch.empty(rows.shape[0], layer.out_features, dtype=dtype, device=rows.device)
+    for start in range(0, layer.out_features, GEMM_CHUNK_CHANNELS):
+        end = min(start + GEMM_CHUNK_CHANNELS, layer.out_features)
+        bias = None if layer.bias is None else layer.bias[start:end].to(dtype)
+        y[:, start:end] = F.linear(x, layer.dequantized(dtype, start, end), bias)
+    return y.to(out_dtype)
+
+
 class Int8Linear(nn.Module):
     """Linear layer with int8 weights (per-output-channel scales); state: weight, scale, bias."""
 
@@ -174,8 +190,9 @@ class Int8Linear(nn.Module):
             layer.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
         return layer
 
-    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize_int8(self.weight, self.scale, dtype)
+    def dequantized(self, dtype: torch.dtype = torch.float32, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """The float weight (output channels start..end)."""
+        return dequantize_int8(self.weight[start:end], self.scale[start:end], dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = _rows(x)
@@ -186,9 +203,7 @@ class Int8Linear(nn.Module):
             y = torch._weight_int8pack_mm(rows, self.weight, self.scale.to(rows.dtype))
             y = y if self.bias is None else y + self.bias
         else:
-            dtype = gemm_dtype(rows)
-            bias = None if self.bias is None else self.bias.to(dtype)
-            y = F.linear(rows.to(dtype), self.dequantized(dtype), bias).to(x.dtype)
+            y = _dequantized_linear(self, rows, x.dtype)
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -219,8 +234,10 @@ class Int4Linear(nn.Module):
             layer.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
         return layer
 
-    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize_int4(self.weight, self.scale, self.min, self.group_size, dtype)
+    def dequantized(self, dtype: torch.dtype = torch.float32, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """The float weight (output channels start..end)."""
+        return dequantize_int4(self.weight[start:end], self.scale[start:end], self.min[start:end], self.group_size,
+                               dtype)
 
     def _torch_int4_mm(self, rows: torch.Tensor) -> torch.Tensor:
         # torch's convention is w = (q - 8) * scale + zero, so zero = min + 8 * scale.
@@ -241,9 +258,7 @@ class Int4Linear(nn.Module):
             y = self._torch_int4_mm(rows)
             y = y if self.bias is None else y + self.bias
         else:
-            dtype = gemm_dtype(rows)
-            bias = None if self.bias is None else self.bias.to(dtype)
-            y = F.linear(rows.to(dtype), self.dequantized(dtype), bias).to(x.dtype)
+            y = _dequantized_linear(self, rows, x.dtype)
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -265,11 +280,13 @@ class Bf16Linear(nn.Linear):
         if _use_kernels(rows):
             y = kernels().bf16_linear(rows, self.weight, self.bias)
         elif gemm_dtype(rows) == torch.float32 and rows.shape[0] > DECODE_MAX_ROWS:
-            bias = None if self.bias is None else self.bias.float()
-            y = F.linear(rows.float(), self.weight.float(), bias).to(x.dtype)
+            y = _dequantized_linear(self, rows, x.dtype)
         else:
             y = F.linear(rows, self.weight, self.bias)
         return y.view(*x.shape[:-1], self.out_features)
+
+    def dequantized(self, dtype: torch.dtype = torch.float32, start: int = 0, end: int | None = None) -> torch.Tensor:
+        return self.weight[start:end].to(dtype)
 
 
 # ---- whole models ----------------------------------------------------------------------------

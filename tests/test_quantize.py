@@ -285,3 +285,23 @@ def test_quantize_command(tiny_checkpoint, tmp_path, capsys):
     assert main(["quantize", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "bad"),
                  "--method", "int4", "--group-size", "48"]) == 2
     assert "multiple of 32" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("method", ["int8", "int4", "bf16"])
+def test_prompt_gemm_in_chunks_matches_whole(method, monkeypatch):
+    """Prompts dequantize a few output channels at a time; the result is the whole-matrix product."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 80).to(torch.bfloat16)
+    if method == "bf16":
+        layer = linear
+        layer.__class__ = Q.Bf16Linear
+    else:
+        layer = Q.Int8Linear.from_linear(linear) if method == "int8" else Q.Int4Linear.from_linear(linear, 32)
+    x = torch.randn(2, 20, 64).bfloat16()
+    expected = F.linear(x.float(), layer.dequantized(), layer.bias.float())
+    monkeypatch.setattr(Q, "GEMM_CHUNK_CHANNELS", 32)  # 80 channels: chunks of 32, 32, 16
+    monkeypatch.setattr(Q, "_native_bf16", lambda: False)
+    with torch.no_grad():
+        y = layer(x)
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 20, 80)
+    assert torch.allclose(y.float(), expected, atol=2e-2, rtol=1e-2)
