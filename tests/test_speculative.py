@@ -22,6 +22,8 @@ def test_propose_draft_takes_the_most_recent_longest_match():
     assert propose_draft([1, 2, 3, 4], 8) == []  # no earlier occurrence of any suffix
     assert propose_draft([7], 8) == [] and propose_draft([], 8) == []
     assert propose_draft([1, 2, 1, 2], 0) == []
+    assert propose_draft([4, 9, 3, 9], 8) == []  # one matching token is too weak a guess by default
+    assert propose_draft([4, 9, 3, 9], 8, min_ngram=1) == [3, 9]
 
 
 def test_draft_tokens_option():
