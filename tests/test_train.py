@@ -170,7 +170,7 @@ def test_bad_configurations_are_refused_clearly(packed, tmp_path):
 # ---- scale-out with torchrun (2 CPU processes, gloo) ---------------------------------------------
 
 def torchrun(args: list[str], out: Path, nproc: int = 2) -> dict[int, float]:
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-port=0",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "stablecode.train", *args, "--out", str(out), "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
