@@ -187,10 +187,11 @@ def worker_prefix(args) -> dict:
     prefilled = cache.prefilled_tokens
     completer.prefix_cache = None  # the same model without reuse
     without = [ttft(completer, e) for e in edits[:args.edits_without_reuse]]
+    # With no edits measured without reuse, the first request (a full prefill) stands for them.
     return dict(prompt_tokens=len(tokenizer.encode(prompt)), first_s=first, edits=len(with_reuse),
                 ttft_reuse_median_s=statistics.median(with_reuse), ttft_reuse_max_s=max(with_reuse),
                 prefilled_tokens_last_edit=prefilled, edits_without=len(without),
-                ttft_plain_median_s=statistics.median(without), peak_rss=peak_rss_bytes())
+                ttft_plain_median_s=statistics.median(without) if without else first, peak_rss=peak_rss_bytes())
 
 
 def worker_speculative(args) -> dict:
