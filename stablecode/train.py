@@ -160,6 +160,24 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def clip_gradients(parameters: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """clip_grad_norm_, also when tensor parallelism mixes sharded (DTensor) and replicated gradients."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if len({isinstance(g, DTensor) for g in grads}) < 2:
+        norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm
+    # A sharded gradient's norm is reduced over its shards; a replicated one is the same everywhere.
+    norms = [torch.linalg.vector_norm(g) for g in grads]
+    total = torch.linalg.vector_norm(torch.stack([n.full_tensor() if isinstance(n, DTensor) else n for n in norms]))
+    scale = min(1.0, max_norm / (float(total) + 1e-6))
+    if scale < 1.0:
+        for g in grads:
+            g.mul_(scale)
+    return total
+
+
 def training_flops_per_token(config: ModelConfig, seq_len: int) -> float:
     """6N for the weights plus attention's 12·L·h·T (PaLM's accounting), non-embedding N."""
     non_embedding = config.num_parameters - config.vocab_size * config.hidden_size
@@ -441,9 +459,7 @@ def train(config: TrainConfig, train_data=None, validation_data=None, progress: 
                 loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
                 (loss / config.grad_accum_steps).backward()
             loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
+        grad_norm = clip_gradients(list(model.parameters()), config.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         mean_loss = loss_sum / config.grad_accum_steps
