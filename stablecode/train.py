@@ -18,7 +18,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import sys
 import tempfile
 import time
