@@ -60,11 +60,14 @@ class KVCache(nn.Module):
             self.k[:batch, :, plan.start:end] = k
             self.v[:batch, :, plan.start:end] = v
             return self.k[:batch, :, :plan.length], self.v[:batch, :, :plan.length]
-        rows = plan.cache_rows if plan.cache_rows is not None else torch.arange(batch, device=k.device)
-        self.k[rows[:, None], :, plan.positions] = k.transpose(1, 2)
-        self.v[rows[:, None], :, plan.positions] = v.transpose(1, 2)
+        slots = plan.cache_slots(self.k.shape, k.shape[1])
+        # One index_copy_ over [rows * heads * slots, head_dim]: far cheaper than a mixed
+        # row/position index_put, and the slot numbers are computed once for all layers.
+        self.k.view(-1, k.shape[-1]).index_copy_(0, slots, k.reshape(-1, k.shape[-1]))
+        self.v.view(-1, v.shape[-1]).index_copy_(0, slots, v.reshape(-1, v.shape[-1]))
         if plan.cache_rows is None:
             return self.k[:batch, :, :plan.length], self.v[:batch, :, :plan.length]
+        rows = plan.cache_rows
         return self.k[rows, :, :plan.length], self.v[rows, :, :plan.length]
 
 
@@ -76,6 +79,18 @@ class AttentionPlan:
         self.cos, self.sin = cos, sin
         self.start, self.positions, self.length = start, positions, length
         self.mask, self.is_causal, self.cache_rows = mask, is_causal, cache_rows
+        self._slots: torch.Tensor | None = None
+
+    def cache_slots(self, cache_shape: torch.Size, num_heads: int) -> torch.Tensor:
+        """Flat indices into a cache [rows, heads, slots, head_dim] viewed as [-1, head_dim],
+        in the order of keys [batch, heads, steps, head_dim] written at `positions`."""
+        if self._slots is None:
+            batch = self.positions.shape[0]
+            rows = self.cache_rows if self.cache_rows is not None else torch.arange(batch, device=self.positions.device)
+            heads = torch.arange(num_heads, device=self.positions.device)
+            per_head = (rows[:, None] * cache_shape[1] + heads[None, :]) * cache_shape[2]  # [batch, heads]
+            self._slots = (per_head[:, :, None] + self.positions[:, None, :]).reshape(-1)
+        return self._slots
 
 
 class Attention(nn.Module):

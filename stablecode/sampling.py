@@ -80,6 +80,32 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
         logits = apply_repetition_penalty(logits, previous_ids, params.repetition_penalty)
     if params.greedy:
         return int(logits.argmax())
-    logits = filter_top_p(filter_top_k(logits / params.temperature, params.top_k), params.top_p)
+    logits = filter_top_k(logits / params.temperature, params.top_k)
+    if params.top_p < 1.0:
+        nucleus = _small_nucleus(logits, params.top_p)
+        if nucleus is not None:
+            probs, token_ids = nucleus
+            return int(token_ids[torch.multinomial(probs, 1, generator=generator)])
+        logits = filter_top_p(logits, params.top_p)
     probs = logits.softmax(dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+NUCLEUS_CANDIDATES = 64
+
+
+def _small_nucleus(logits: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The top-p set and its probabilities when it lies within the top NUCLEUS_CANDIDATES tokens.
+
+    Code models are confident: the nucleus is nearly always a few tokens, and finding it among
+    the top 64 costs a fraction of sorting the whole vocabulary. None when it is larger.
+    """
+    if logits.shape[-1] <= NUCLEUS_CANDIDATES:
+        return None
+    values, token_ids = torch.topk(logits, NUCLEUS_CANDIDATES)
+    probs = (values - torch.logsumexp(logits, dim=-1)).exp()
+    cumulative = probs.cumsum(dim=-1)
+    if not cumulative[-1] >= p:  # the same rule as filter_top_p: mass before a token reaches p
+        return None
+    keep = int((cumulative - probs < p).sum())
+    return probs[:keep], token_ids[:keep]

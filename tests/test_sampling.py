@@ -100,3 +100,23 @@ def test_no_seed_draws_differ_between_generators():
 def test_invalid_parameters_are_refused(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)
+
+
+def test_top_p_shortcut_over_the_top_candidates_matches_the_full_sort():
+    # sample_token finds the nucleus among the top 64 tokens when it lies there; its tokens and
+    # renormalised probabilities must be those of filtering the whole vocabulary.
+    from stablecode.sampling import NUCLEUS_CANDIDATES, _small_nucleus
+    generator = torch.Generator().manual_seed(0)
+    for scale, p in [(8.0, 0.95), (4.0, 0.9), (8.0, 0.5), (0.5, 0.95)]:
+        logits = torch.randn(8192, generator=generator) * scale
+        nucleus = _small_nucleus(logits, p)
+        reference = filter_top_p(logits, p).softmax(-1)
+        kept = torch.nonzero(reference).flatten()
+        if len(kept) > NUCLEUS_CANDIDATES:
+            assert nucleus is None  # flat distributions take the full sort
+            continue
+        probs, token_ids = nucleus
+        assert set(token_ids.tolist()) == set(kept.tolist())
+        torch.testing.assert_close(probs / probs.sum(), reference[token_ids])
+    chosen = draws(torch.tensor([5.0, 4.0, 0.0] + [-10.0] * 100), SamplingParams(temperature=1.0, top_p=0.9))
+    assert chosen == {0, 1}
