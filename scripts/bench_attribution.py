@@ -137,14 +137,27 @@ def held_out_rates(attributor, texts: list[str], length: int) -> dict:
             "table_hits_not_confirmed": table_hits - confirmed, "examples": examples}
 
 
-def reproduction(completions: list[str], exact, shipped) -> dict:
-    """How many completions contain 50+ normalised characters found verbatim in the training files."""
-    exact_hits = [bool(exact.find(c)) for c in completions]
+def is_trivial(text: str) -> bool:
+    """A match made of a few repeated characters (`# # #`, `0000`, `----`): degenerate output that
+    happens to occur in some file, not reproduced code."""
+    return len(set(text.split()) | set("".join(text.split()))) <= 4
+
+
+def reproduction(completions: list[str], exact, shipped, examples: int = 3) -> dict:
+    """How many completions contain 50+ normalised characters found verbatim in the training files,
+    and how many of those contain a match that is code rather than a run of a few characters."""
+    spans = [exact.find(c) for c in completions]
+    exact_hits = [bool(s) for s in spans]
+    code_hits = [any(not is_trivial(span.text) for span in s) for s in spans]
     shipped_hits = [bool(shipped.find(c)) for c in completions]
-    longest = [max((len(s.text) for s in exact.find(c)), default=0) for c in completions]
+    longest = [max((len(span.text) for span in s), default=0) for s in spans]
+    code_examples = [max((span for span in s if not is_trivial(span.text)), key=lambda span: len(span.text)).text[:160]
+                     for s, hit in zip(spans, code_hits) if hit][:examples]
     return {"completions": len(completions), "with_50_char_match": sum(exact_hits),
             "rate": sum(exact_hits) / max(len(completions), 1),
-            "found_by_shipped_index": sum(shipped_hits), "longest_match_chars": max(longest, default=0)}
+            "with_50_char_code_match": sum(code_hits), "code_rate": sum(code_hits) / max(len(completions), 1),
+            "found_by_shipped_index": sum(shipped_hits), "longest_match_chars": max(longest, default=0),
+            "code_match_examples": code_examples}
 
 
 def generate(completer, prompts: list[str], batch: int, **options) -> list[str]:

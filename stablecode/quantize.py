@@ -20,6 +20,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +74,41 @@ def kernels():
                       "PyTorch's slower ops (install gcc/g++ and ninja for full speed)", RuntimeWarning, stacklevel=2)
         _kernels = None
     return _kernels
+
+
+# The kernels as torch custom ops: a pybind function is opaque to torch.compile, an op with a
+# shape function is not, so a compiled decode step keeps these kernels and fuses the small ops
+# between them. Eager calls pay a few microseconds of dispatch per call.
+
+@torch.library.custom_op("stablecode::int8_linear", mutates_args=())
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x [M, K] fp32/bf16 @ (scale[n] * weight[n, k]).T + bias, activations quantized to int8 per 32."""
+    return kernels().int8_linear(x, weight, scale, bias)
+
+
+@torch.library.custom_op("stablecode::int4_linear", mutates_args=())
+def int4_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
+                group_size: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x [M, K] @ the 4-bit weight's dequantized transpose + bias."""
+    return kernels().int4_linear(x, weight, scale, minimum, group_size, bias)
+
+
+@torch.library.custom_op("stablecode::bf16_linear", mutates_args=())
+def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x [M, K] @ weight.T + bias for a bf16 weight, accumulated in fp32."""
+    return kernels().bf16_linear(x, weight, bias)
+
+
+@int8_linear.register_fake
+@bf16_linear.register_fake
+def _linear_shape(x, weight, *_):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@int4_linear.register_fake
+def _int4_linear_shape(x, weight, scale, minimum, group_size, bias):
+    return x.new_empty(x.shape[0], weight.shape[0])
 
 
 def _use_kernels(x: torch.Tensor) -> bool:
@@ -197,7 +233,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = _rows(x)
         if _use_kernels(rows):
-            y = kernels().int8_linear(rows, self.weight, self.scale, self.bias)
+            y = int8_linear(rows, self.weight, self.scale, self.bias)
         elif rows.shape[0] <= DECODE_MAX_ROWS and rows.device.type == "cpu":
             # PyTorch's own weight-only int8 kernel (no compiler, or STABLECODE_KERNELS=torch).
             y = torch._weight_int8pack_mm(rows, self.weight, self.scale.to(rows.dtype))
@@ -253,7 +289,7 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = _rows(x)
         if _use_kernels(rows):
-            y = kernels().int4_linear(rows, self.weight, self.scale, self.min, self.group_size, self.bias)
+            y = int4_linear(rows, self.weight, self.scale, self.min, self.group_size, self.bias)
         elif rows.shape[0] <= DECODE_MAX_ROWS and rows.device.type == "cpu":
             y = self._torch_int4_mm(rows)
             y = y if self.bias is None else y + self.bias
@@ -278,7 +314,7 @@ class Bf16Linear(nn.Linear):
             return super().forward(x)
         rows = _rows(x)
         if _use_kernels(rows):
-            y = kernels().bf16_linear(rows, self.weight, self.bias)
+            y = bf16_linear(rows, self.weight, self.bias)
         elif gemm_dtype(rows) == torch.float32 and rows.shape[0] > DECODE_MAX_ROWS:
             y = _dequantized_linear(self, rows, x.dtype)
         else:

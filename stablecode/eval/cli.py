@@ -85,11 +85,12 @@ def run_humaneval(args) -> None:
         raise StablecodeError("give --samples FILE to score, or --out DIR to generate samples there")
     subset = select_problems(problems, args.tasks.split(",") if args.tasks else None, args.limit)
     stop = tuple(s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop)
+    from stablecode.checkpoint import DEFAULT_MODEL
     from stablecode.eval.humaneval import STOP_SEQUENCES
 
     settings = GenerationSettings(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                   max_length=args.max_length, seed=args.seed, stop=STOP_SEQUENCES + stop,
-                                  model=str(args.model or ""), dtype=args.dtype, quantize=args.quantize)
+                                  model=str(args.model or DEFAULT_MODEL), dtype=args.dtype, quantize=args.quantize)
     started = time.monotonic()
     samples = generate_humaneval(args.out, settings, subset, device=args.device, batch_size=args.batch_size,
                                  progress=progress)
