@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stablecode.config import ModelConfig
+from stablecode.quantize import decode_attention, use_decode_attention
 
 
 def rotary_tables(config: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +112,10 @@ class Attention(nn.Module):
         k = apply_rotary(k, plan.cos, plan.sin)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(k, v, plan)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, is_causal=plan.is_causal)
+        if plan.mask is None and not plan.is_causal and use_decode_attention(q, k):
+            y = decode_attention(q, k, v)  # one new token per row on the CPU: a pass over the cache
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, is_causal=plan.is_causal)
         return self.dense(y.transpose(1, 2).reshape(batch, steps, -1))
 
 

@@ -21,6 +21,8 @@
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
+#include <algorithm>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -332,6 +334,75 @@ void bf16_linear_impl(const torch::Tensor& x, const torch::Tensor& weight, const
   });
 }
 
+
+// ---- attention of one new token over the KV cache ---------------------------------------------
+// Decoding attends one query per (row, head) to L cached keys and values: a pass over the cache,
+// bound by memory. PyTorch's CPU attention runs bf16 caches through emulated bf16 arithmetic,
+// several times slower than this loop, which widens each key and value to fp32 as it reads it.
+
+#if SC_AVX2
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+#endif
+
+template <typename T>
+float dot_row(const float* q, const T* k, int64_t D) {
+  int64_t d = 0;
+  float total = 0.f;
+#if SC_AVX2
+  __m256 acc = _mm256_setzero_ps();
+  for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(k + d), acc);
+  total = hsum(acc);
+#endif
+  for (; d < D; ++d) total += q[d] * to_float(k, d);
+  return total;
+}
+
+template <typename T>
+void add_scaled_row(float* acc, const T* v, float p, int64_t D) {
+  int64_t d = 0;
+#if SC_AVX2
+  const __m256 pv = _mm256_set1_ps(p);
+  for (; d + 8 <= D; d += 8) _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(pv, load8(v + d), _mm256_loadu_ps(acc + d)));
+#endif
+  for (; d < D; ++d) acc[d] += p * to_float(v, d);
+}
+
+template <typename T>
+void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                           torch::Tensor& out, float scale) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), L = k.size(2);
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  // Each task reads at least ~64 K elements of cache, so tiny models stay on one thread.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(2 * L * D, 1));
+  at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> query(D), acc(D), scores(L);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      const T* qrow = qp + b * q.stride(0) + h * q.stride(1);
+      for (int64_t d = 0; d < D; ++d) query[d] = to_float(qrow, d) * scale;
+      const T* keys = kp + b * k.stride(0) + h * k.stride(1);
+      const T* values = vp + b * v.stride(0) + h * v.stride(1);
+      float highest = -INFINITY;
+      for (int64_t j = 0; j < L; ++j) {
+        scores[j] = dot_row(query.data(), keys + j * k.stride(2), D);
+        highest = std::max(highest, scores[j]);
+      }
+      float total = 0.f;
+      for (int64_t j = 0; j < L; ++j) total += (scores[j] = std::exp(scores[j] - highest));
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t j = 0; j < L; ++j) add_scaled_row(acc.data(), values + j * v.stride(2), scores[j] / total, D);
+      for (int64_t d = 0; d < D; ++d) store(op, bh * D + d, acc[d]);
+    }
+  });
+}
+
 // ---- entry points -----------------------------------------------------------------------------
 
 void check_common(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias,
@@ -390,6 +461,23 @@ torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& weight,
   return out;
 }
 
+// q [B, H, 1, D]; k, v [B, H, L, D] (any strides with a contiguous last dim); softmax(q k^T / sqrt(D)) v.
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(2) == 1, "q must be [B, H, 1, D], k and v [B, H, L, D]");
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3),
+              "q, k and v shapes disagree");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type() &&
+              (q.scalar_type() == torch::kFloat32 || q.scalar_type() == torch::kBFloat16),
+              "q, k, v must all be float32 or all bfloat16");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1 && q.device().is_cpu() && k.device().is_cpu(),
+              "the head dimension must be contiguous, on the CPU");
+  torch::Tensor out = torch::empty({q.size(0), q.size(1), 1, q.size(3)}, q.options());
+  const float scale = 1.0f / std::sqrt(static_cast<float>(q.size(3)));
+  if (q.scalar_type() == torch::kBFloat16) decode_attention_impl<c10::BFloat16>(q, k, v, out, scale);
+  else decode_attention_impl<float>(q, k, v, out, scale);
+  return out;
+}
+
 std::vector<torch::Tensor> quantize_activations_py(const torch::Tensor& x) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) % kBlock == 0, "x must be contiguous [M, K], K % 32 == 0");
   const QuantizedActivations a = quantize_activations(x);
@@ -427,6 +515,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_linear", &int8_linear, "y = x @ dequant(int8 W).T + b with int8-quantized activations");
   m.def("int4_linear", &int4_linear, "y = x @ dequant(int4 W).T + b with int8-quantized activations");
   m.def("bf16_linear", &bf16_linear, "y = x @ W.T + b for bf16 W, fp32 accumulation");
+  m.def("decode_attention", &decode_attention, "softmax(q k^T / sqrt(D)) v for one query per row and head");
   m.def("quantize_activations", &quantize_activations_py, "int8 per-32 block quantization: (q, scale, scale*sum)");
   m.def("read_bytes", &read_bytes, "sum of all bytes (a memory-bandwidth probe)");
   m.def("simd", []() { return SC_AVX2 ? "avx2" : "generic"; });
