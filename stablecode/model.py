@@ -68,8 +68,8 @@ class KVCache(nn.Module):
         self.v.view(-1, v.shape[-1]).index_copy_(0, slots, v.reshape(-1, v.shape[-1]))
         if plan.cache_rows is None:
             return self.k[:batch, :, :plan.length], self.v[:batch, :, :plan.length]
-        rows = plan.cache_rows
-        return self.k[rows, :, :plan.length], self.v[rows, :, :plan.length]
+        # Every cache row: attention picks the plan's rows (the decode kernel without copying them).
+        return self.k[:, :, :plan.length], self.v[:, :, :plan.length]
 
 
 class AttentionPlan:
@@ -81,6 +81,8 @@ class AttentionPlan:
         self.start, self.positions, self.length = start, positions, length
         self.mask, self.is_causal, self.cache_rows = mask, is_causal, cache_rows
         self._slots: torch.Tensor | None = None
+        # Keys each row's last query sees (per-row positions only): its mask as lengths.
+        self.key_lengths = positions[:, -1] + 1 if positions is not None else None
 
     def cache_slots(self, cache_shape: torch.Size, num_heads: int) -> torch.Tensor:
         """Flat indices into a cache [rows, heads, slots, head_dim] viewed as [-1, head_dim],
@@ -112,9 +114,12 @@ class Attention(nn.Module):
         k = apply_rotary(k, plan.cos, plan.sin)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(k, v, plan)
-        if plan.mask is None and not plan.is_causal and use_decode_attention(q, k):
-            y = decode_attention(q, k, v)  # one new token per row on the CPU: a pass over the cache
+        if not plan.is_causal and use_decode_attention(q, k):
+            # One new token per row on the CPU: a pass over each row's cached keys and values.
+            y = decode_attention(q, k, v, plan.cache_rows, plan.key_lengths)
         else:
+            if plan.cache_rows is not None:
+                k, v = k[plan.cache_rows], v[plan.cache_rows]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, is_causal=plan.is_causal)
         return self.dense(y.transpose(1, 2).reshape(batch, steps, -1))
 

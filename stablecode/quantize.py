@@ -112,13 +112,16 @@ def _int4_linear_shape(x, weight, scale, minimum, group_size, bias):
 
 
 @torch.library.custom_op("stablecode::decode_attention", mutates_args=())
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q kᵀ / √D) v for one query per row and head: q [B, H, 1, D], k and v [B, H, L, D]."""
-    return kernels().decode_attention(q, k, v)
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: Optional[torch.Tensor] = None,
+                     lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """softmax(q kᵀ / √D) v for one query per row and head: q [B, H, 1, D], k and v [R, H, L, D].
+
+    Row b attends to cache row rows[b] (default b), keys 0..lengths[b]-1 (default all L)."""
+    return kernels().decode_attention(q, k, v, rows, lengths)
 
 
 @decode_attention.register_fake
-def _decode_attention_shape(q, k, v):
+def _decode_attention_shape(q, k, v, rows=None, lengths=None):
     return q.new_empty(q.shape)
 
 

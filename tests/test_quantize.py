@@ -158,9 +158,28 @@ def test_decode_attention_kernel_matches_sdpa_on_cache_slices(ext, dtype, batch,
     assert (y.double() - expected).abs().max() <= tolerance
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_reads_each_rows_cache_row_and_length(ext, dtype):
+    # Batched decoding: sequences at different positions, in any rows of a shared cache.
+    torch.manual_seed(3)
+    cache_k, cache_v = torch.randn(5, 4, 20, 32, dtype=dtype), torch.randn(5, 4, 20, 32, dtype=dtype)
+    rows, lengths = torch.tensor([3, 0, 4]), torch.tensor([20, 1, 7])
+    q = torch.randn(3, 4, 1, 32, dtype=dtype)
+    y = Q.decode_attention(q, cache_k, cache_v, rows, lengths)
+    for b in range(3):
+        k, v = cache_k[rows[b], :, :lengths[b]], cache_v[rows[b], :, :lengths[b]]
+        expected = F.scaled_dot_product_attention(q[b].double(), k.double(), v.double())
+        assert (y[b].double() - expected).abs().max() <= (1e-5 if dtype == torch.float32 else 2 ** -7)
+    with pytest.raises(RuntimeError, match="cache row out of range"):
+        ext.decode_attention(q, cache_k, cache_v, torch.tensor([0, 1, 5]), None)
+    with pytest.raises(RuntimeError, match="key length out of range"):
+        ext.decode_attention(q, cache_k, cache_v, rows, torch.tensor([21, 1, 1]))
+
+
 def test_decode_attention_is_what_bf16_decoding_uses(ext, monkeypatch):
     calls = []
-    monkeypatch.setattr(Q, "decode_attention", lambda q, k, v: calls.append(q.shape) or ext.decode_attention(q, k, v))
+    monkeypatch.setattr(Q, "decode_attention",
+                        lambda q, k, v, *index: calls.append(q.shape) or ext.decode_attention(q, k, v, *index))
     import stablecode.model as M
     monkeypatch.setattr(M, "decode_attention", Q.decode_attention)
     model = GPTNeoX(CONFIG).to(torch.bfloat16).eval()

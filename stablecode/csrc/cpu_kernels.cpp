@@ -373,7 +373,7 @@ void add_scaled_row(float* acc, const T* v, float p, int64_t D) {
 
 template <typename T>
 void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                           torch::Tensor& out, float scale) {
+                           const int64_t* rows, const int64_t* lengths, torch::Tensor& out, float scale) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3), L = k.size(2);
   const T* qp = q.data_ptr<T>();
   const T* kp = k.data_ptr<T>();
@@ -385,19 +385,20 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k, const
     std::vector<float> query(D), acc(D), scores(L);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
+      const int64_t row = rows ? rows[b] : b, length = lengths ? lengths[b] : L;
       const T* qrow = qp + b * q.stride(0) + h * q.stride(1);
       for (int64_t d = 0; d < D; ++d) query[d] = to_float(qrow, d) * scale;
-      const T* keys = kp + b * k.stride(0) + h * k.stride(1);
-      const T* values = vp + b * v.stride(0) + h * v.stride(1);
+      const T* keys = kp + row * k.stride(0) + h * k.stride(1);
+      const T* values = vp + row * v.stride(0) + h * v.stride(1);
       float highest = -INFINITY;
-      for (int64_t j = 0; j < L; ++j) {
+      for (int64_t j = 0; j < length; ++j) {
         scores[j] = dot_row(query.data(), keys + j * k.stride(2), D);
         highest = std::max(highest, scores[j]);
       }
       float total = 0.f;
-      for (int64_t j = 0; j < L; ++j) total += (scores[j] = std::exp(scores[j] - highest));
+      for (int64_t j = 0; j < length; ++j) total += (scores[j] = std::exp(scores[j] - highest));
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t j = 0; j < L; ++j) add_scaled_row(acc.data(), values + j * v.stride(2), scores[j] / total, D);
+      for (int64_t j = 0; j < length; ++j) add_scaled_row(acc.data(), values + j * v.stride(2), scores[j] / total, D);
       for (int64_t d = 0; d < D; ++d) store(op, bh * D + d, acc[d]);
     }
   });
@@ -461,11 +462,25 @@ torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& weight,
   return out;
 }
 
-// q [B, H, 1, D]; k, v [B, H, L, D] (any strides with a contiguous last dim); softmax(q k^T / sqrt(D)) v.
-torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(2) == 1, "q must be [B, H, 1, D], k and v [B, H, L, D]");
-  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3),
-              "q, k and v shapes disagree");
+// q [B, H, 1, D]; k, v [R, H, L, D] (any strides with a contiguous last dim); softmax(q k^T / sqrt(D)) v.
+// Row b of q reads cache row rows[b] (default b) and its first lengths[b] keys (default all L), so a
+// batch of sequences at different positions attends straight from the shared cache, without a copy.
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                               const c10::optional<torch::Tensor>& rows, const c10::optional<torch::Tensor>& lengths) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(2) == 1, "q must be [B, H, 1, D], k and v [R, H, L, D]");
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(1) == q.size(1) && k.size(3) == q.size(3) &&
+              (rows.has_value() || k.size(0) == q.size(0)), "q, k and v shapes disagree");
+  const int64_t B = q.size(0), R = k.size(0), L = k.size(2);
+  for (const auto* index : {&rows, &lengths}) {
+    TORCH_CHECK(!index->has_value() || ((*index)->scalar_type() == torch::kInt64 && (*index)->is_contiguous() &&
+                                        (*index)->numel() == B), "rows and lengths must be contiguous int64 [B]");
+  }
+  const int64_t* row_ptr = rows.has_value() ? rows->data_ptr<int64_t>() : nullptr;
+  const int64_t* length_ptr = lengths.has_value() ? lengths->data_ptr<int64_t>() : nullptr;
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(!row_ptr || (row_ptr[b] >= 0 && row_ptr[b] < R), "cache row out of range");
+    TORCH_CHECK(!length_ptr || (length_ptr[b] >= 1 && length_ptr[b] <= L), "key length out of range");
+  }
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type() &&
               (q.scalar_type() == torch::kFloat32 || q.scalar_type() == torch::kBFloat16),
               "q, k, v must all be float32 or all bfloat16");
@@ -473,8 +488,8 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
               "the head dimension must be contiguous, on the CPU");
   torch::Tensor out = torch::empty({q.size(0), q.size(1), 1, q.size(3)}, q.options());
   const float scale = 1.0f / std::sqrt(static_cast<float>(q.size(3)));
-  if (q.scalar_type() == torch::kBFloat16) decode_attention_impl<c10::BFloat16>(q, k, v, out, scale);
-  else decode_attention_impl<float>(q, k, v, out, scale);
+  if (q.scalar_type() == torch::kBFloat16) decode_attention_impl<c10::BFloat16>(q, k, v, row_ptr, length_ptr, out, scale);
+  else decode_attention_impl<float>(q, k, v, row_ptr, length_ptr, out, scale);
   return out;
 }
 
@@ -515,7 +530,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_linear", &int8_linear, "y = x @ dequant(int8 W).T + b with int8-quantized activations");
   m.def("int4_linear", &int4_linear, "y = x @ dequant(int4 W).T + b with int8-quantized activations");
   m.def("bf16_linear", &bf16_linear, "y = x @ W.T + b for bf16 W, fp32 accumulation");
-  m.def("decode_attention", &decode_attention, "softmax(q k^T / sqrt(D)) v for one query per row and head");
+  m.def("decode_attention", &decode_attention, "softmax(q k^T / sqrt(D)) v for one query per row and head",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("rows") = py::none(), py::arg("lengths") = py::none());
   m.def("quantize_activations", &quantize_activations_py, "int8 per-32 block quantization: (q, scale, scale*sum)");
   m.def("read_bytes", &read_bytes, "sum of all bytes (a memory-bandwidth probe)");
   m.def("simd", []() { return SC_AVX2 ? "avx2" : "generic"; });
