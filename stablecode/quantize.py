@@ -11,6 +11,9 @@ activations. Prompts (many rows) dequantize the weights and run one big GEMM; on
 native bf16 matrix units that GEMM runs in fp32, which is ~5x faster there than emulated bf16.
 
 Embeddings and norms stay in floating point; the output head is quantized unless tied to the embedding.
+
+The same compiled file holds the decode attention kernel (one new token per row over a bf16 KV
+cache), which `stablecode.model` calls where it applies (`use_decode_attention`).
 """
 
 from __future__ import annotations

@@ -59,19 +59,6 @@ def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
     return torch.full_like(logits, float("-inf")).scatter(-1, indices, values)
 
 
-def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose probability reaches p (at least one)."""
-    if p >= 1.0:
-        return logits
-    sorted_logits, sorted_indices = torch.sort(logits, descending=True, dim=-1)
-    probs = sorted_logits.softmax(dim=-1)
-    cumulative = probs.cumsum(dim=-1)
-    remove = cumulative - probs >= p  # mass before this token already reaches p
-    remove[..., 0] = False
-    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter(-1, sorted_indices, sorted_logits)
-
-
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
                  previous_ids: torch.Tensor | None = None) -> int:
     """Pick one token from logits [vocab] (any float dtype)."""
@@ -82,11 +69,8 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
         return int(logits.argmax())
     logits = filter_top_k(logits / params.temperature, params.top_k)
     if params.top_p < 1.0:
-        nucleus = _small_nucleus(logits, params.top_p)
-        if nucleus is not None:
-            probs, token_ids = nucleus
-            return int(token_ids[torch.multinomial(probs, 1, generator=generator)])
-        logits = filter_top_p(logits, params.top_p)
+        probs, token_ids = nucleus(logits, params.top_p)
+        return int(token_ids[torch.multinomial(probs, 1, generator=generator)])
     probs = logits.softmax(dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
 
@@ -94,18 +78,20 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
 NUCLEUS_CANDIDATES = 64
 
 
-def _small_nucleus(logits: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The top-p set and its probabilities when it lies within the top NUCLEUS_CANDIDATES tokens.
+def nucleus(logits: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-p of logits [vocab]: the smallest set of most likely tokens whose probability reaches p
+    (at least one), as (probabilities, token ids), most likely first; sample from them renormalised.
 
-    Code models are confident: the nucleus is nearly always a few tokens, and finding it among
-    the top 64 costs a fraction of sorting the whole vocabulary. None when it is larger.
+    Code models are confident, so the set is nearly always a few tokens: it is looked for among the
+    top NUCLEUS_CANDIDATES first, and the whole vocabulary is sorted only when they fall short.
     """
-    if logits.shape[-1] <= NUCLEUS_CANDIDATES:
-        return None
-    values, token_ids = torch.topk(logits, NUCLEUS_CANDIDATES)
-    probs = (values - torch.logsumexp(logits, dim=-1)).exp()
-    cumulative = probs.cumsum(dim=-1)
-    if not cumulative[-1] >= p:  # the same rule as filter_top_p: mass before a token reaches p
-        return None
-    keep = int((cumulative - probs < p).sum())
-    return probs[:keep], token_ids[:keep]
+    log_total = torch.logsumexp(logits, dim=-1)
+    candidates = min(NUCLEUS_CANDIDATES, logits.shape[-1])
+    while True:
+        values, token_ids = torch.topk(logits, candidates)
+        probs = (values - log_total).exp()
+        before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens
+        if candidates == logits.shape[-1] or before[-1] >= p:
+            keep = max(1, int((before < p).sum()))
+            return probs[:keep], token_ids[:keep]
+        candidates = logits.shape[-1]

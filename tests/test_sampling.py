@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from stablecode.sampling import (SamplingParams, apply_repetition_penalty, filter_top_k, filter_top_p,
-                                 sample_token)
+from stablecode.sampling import (NUCLEUS_CANDIDATES, SamplingParams, apply_repetition_penalty, filter_top_k,
+                                 nucleus, sample_token)
 
 
 def draws(logits, params, n=400, seed=0) -> set[int]:
@@ -34,7 +34,7 @@ def test_top_k_with_ties_selects_exactly_k_by_index():
 def test_top_p_keeps_the_smallest_set_reaching_p():
     probs = torch.tensor([0.05, 0.5, 0.15, 0.3])
     logits = probs.log()
-    kept = lambda p: set(torch.nonzero(torch.isfinite(filter_top_p(logits, p))).flatten().tolist())  # noqa: E731
+    kept = lambda p: set(nucleus(logits, p)[1].tolist())  # noqa: E731
     assert kept(0.4) == {1}
     assert kept(0.75) == {1, 3}
     assert kept(0.9) == {1, 3, 2}
@@ -42,8 +42,9 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert kept(1e-6) == {1}  # always at least the most likely token
     assert draws(logits, SamplingParams(temperature=1.0, top_p=0.75)) == {1, 3}
     # Renormalised over what is kept: 0.5 / 0.8 and 0.3 / 0.8.
-    kept_probs = filter_top_p(logits, 0.75).softmax(-1)
-    assert math.isclose(kept_probs[1].item(), 0.625, rel_tol=1e-5)
+    kept_probs, kept_ids = nucleus(logits, 0.75)
+    assert kept_ids.tolist() == [1, 3]
+    assert math.isclose((kept_probs[0] / kept_probs.sum()).item(), 0.625, rel_tol=1e-5)
 
 
 def test_top_k_then_top_p():
@@ -102,21 +103,28 @@ def test_invalid_parameters_are_refused(kwargs):
         SamplingParams(**kwargs)
 
 
-def test_top_p_shortcut_over_the_top_candidates_matches_the_full_sort():
-    # sample_token finds the nucleus among the top 64 tokens when it lies there; its tokens and
-    # renormalised probabilities must be those of filtering the whole vocabulary.
-    from stablecode.sampling import NUCLEUS_CANDIDATES, _small_nucleus
+def reference_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Probabilities after top-p by sorting the whole vocabulary: the textbook definition."""
+    sorted_logits, order = torch.sort(logits, descending=True)
+    probs = sorted_logits.softmax(-1)
+    remove = probs.cumsum(-1) - probs >= p
+    remove[0] = False
+    kept = torch.zeros_like(probs).scatter(0, order, probs.masked_fill(remove, 0.0))
+    return kept / kept.sum()
+
+
+def test_top_p_over_the_top_candidates_or_the_whole_vocabulary_matches_the_full_sort():
+    # Confident distributions are settled among the top 64 tokens, flat ones need the whole
+    # vocabulary: both must keep exactly the textbook set with the same renormalised probabilities.
     generator = torch.Generator().manual_seed(0)
-    for scale, p in [(8.0, 0.95), (4.0, 0.9), (8.0, 0.5), (0.5, 0.95)]:
+    sizes = []
+    for scale, p in [(8.0, 0.95), (4.0, 0.9), (8.0, 0.5), (0.5, 0.95), (0.01, 0.3)]:
         logits = torch.randn(8192, generator=generator) * scale
-        nucleus = _small_nucleus(logits, p)
-        reference = filter_top_p(logits, p).softmax(-1)
-        kept = torch.nonzero(reference).flatten()
-        if len(kept) > NUCLEUS_CANDIDATES:
-            assert nucleus is None  # flat distributions take the full sort
-            continue
-        probs, token_ids = nucleus
-        assert set(token_ids.tolist()) == set(kept.tolist())
+        probs, token_ids = nucleus(logits, p)
+        reference = reference_top_p(logits, p)
+        assert set(token_ids.tolist()) == set(torch.nonzero(reference).flatten().tolist())
         torch.testing.assert_close(probs / probs.sum(), reference[token_ids])
+        sizes.append(len(token_ids))
+    assert min(sizes) <= NUCLEUS_CANDIDATES < max(sizes)  # both paths were taken
     chosen = draws(torch.tensor([5.0, 4.0, 0.0] + [-10.0] * 100), SamplingParams(temperature=1.0, top_p=0.9))
     assert chosen == {0, 1}
