@@ -36,6 +36,9 @@ class ModelConfig:
     attention_bias: bool = True
     bos_token_id: int = 0
     eos_token_id: int = 0
+    # Trained for fill-in-the-middle (StarCoder's <fim_prefix>/<fim_suffix>/<fim_middle>): the server
+    # accepts FIM prompts and `suffix` only for such a model.
+    fim: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
@@ -143,6 +146,7 @@ class ModelConfig:
                 attention_bias=optional("attention_bias", bool, True),
                 bos_token_id=optional("bos_token_id", int, 0),
                 eos_token_id=eos if isinstance(eos, int) else 0,
+                fim=optional("stablecode_fim", bool, False),
             )
         except ConfigError as e:
             if str(e).startswith(source):
@@ -177,6 +181,7 @@ class ModelConfig:
             "use_cache": True,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
+            "stablecode_fim": self.fim,
         }
 
     @classmethod
