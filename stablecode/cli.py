@@ -186,7 +186,7 @@ from stablecode.eval.cli import add_eval_command  # noqa: E402
 
 COMMANDS += [add_eval_command]
 
-from stablecode.server.serve import add_serve_command  # noqa: E402
+from stablecode.server.cli import add_serve_command  # noqa: E402
 
 COMMANDS += [add_serve_command]
 

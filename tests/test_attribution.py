@@ -1,4 +1,4 @@
-"""Attribution index: building, exact lookup, integrity checks, the CLI and POST /overlap."""
+"""Attribution index: building, exact lookup, integrity checks and the CLI (POST /overlap: tests/server)."""
 
 import json
 import random
@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stablecode.attribution import Attributor, AttributionIndexError, add_overlap_routes, build_index
+from stablecode.attribution import Attributor, AttributionIndexError, build_index
 from stablecode.attribution import lookup
 from stablecode.attribution.fingerprint import normalise
 from stablecode.cli import main
@@ -396,62 +396,3 @@ def test_cli_attribute_prints_spans_and_json(index, corpus, tmp_path, capsys):
     assert "always found             shared stretches of 81+" in capsys.readouterr().out
     assert main(["attribute", str(tmp_path / "missing.py"), "--index", str(index)]) == 2
     assert "cannot read" in capsys.readouterr().err
-
-
-def test_overlap_endpoint(attributor, corpus):
-    from fastapi import FastAPI
-    from fastapi.testclient import TestClient
-
-    app = FastAPI()
-    add_overlap_routes(app, attributor)
-    client = TestClient(app)
-    repo, text = corpus[1]["pkg/mod6.py"]
-    excerpt = text[100:600].strip()
-    document = "x = '😀'  # new code\n" + excerpt + "\n"
-    start = document.index(excerpt)
-    response = client.post("/overlap", json={"document": document, "parameters": {"ignored": True}})
-    assert response.status_code == 200
-    body = response.json()
-    assert body["spans"] == [[start + 1, start + 1 + len(excerpt)]]  # UTF-16: the emoji is 2 units
-    assert body["sources"][0]["repository"] == repo and body["sources"][0]["span"] == 0
-    assert body["sources"][0]["source_start"] == text.index(excerpt)
-    response = client.post("/overlap", json={"document": document, "offset_unit": "codepoint"})
-    assert response.json()["spans"] == [[start, start + len(excerpt)]]
-    assert client.post("/overlap", json={"document": unseen_code(3)}).json() == {"spans": [], "sources": []}
-    assert client.post("/overlap", json={"text": "no document"}).status_code == 422
-    assert client.post("/overlap", json={"document": document, "max_sources": 0}).status_code == 422
-
-
-def test_overlap_over_a_real_uvicorn_server(attributor, corpus):
-    """The request llm-vscode's attribution command makes, over HTTP to a running server."""
-    import socket
-    import threading
-    import time
-
-    import httpx
-    import uvicorn
-    from fastapi import FastAPI
-
-    app = FastAPI()
-    add_overlap_routes(app, attributor)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.01)
-        repo, text = corpus[1]["pkg/mod0.py"]
-        document = "# around the cursor\n" + text[300:750]
-        response = httpx.post(f"http://127.0.0.1:{sock.getsockname()[1]}/overlap", json={"document": document},
-                              timeout=30)
-        assert response.status_code == 200
-        (start, end), = response.json()["spans"]
-        assert document[start:end] == text[300:750].strip()
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()

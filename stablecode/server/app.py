@@ -1,12 +1,16 @@
-"""The FastAPI application: routes of every API family over one `Engine`, API-key and body-size
-guard, and errors formatted the way each family's clients parse them.
+"""The FastAPI application: routes of every API family over one `Engine`; a guard for the Host
+header (DNS rebinding), the API key and the body size; errors formatted the way each family's
+clients parse them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import ipaddress
 import logging
 import os
+from collections.abc import Iterable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -14,13 +18,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from stablecode.server import ollama, openai, tgi
-from stablecode.server.engine import ApiError, ClientDisconnected, Engine, Limits
+from stablecode.server import ollama, openai, overlap, tgi
+from stablecode.server.engine import ClientDisconnected, Engine
+from stablecode.server.validation import ApiError, Limits
 
 log = logging.getLogger("stablecode.server")
 
 # Reachable without the API key: liveness probes and the API documentation.
 OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+# Host names always accepted: loopback names, and (in host_allowed) any IP literal, since DNS
+# rebinding needs a host name the attacker controls.
+LOOPBACK_NAMES = ("localhost",)
+RETRY_AFTER_SECONDS = 1  # 429: the queue drains in about a completion's time
 
 
 def error_response(path: str, status: int, message: str, kind: str, param: str | None = None,
@@ -32,19 +41,47 @@ def error_response(path: str, status: int, message: str, kind: str, param: str |
         family = ollama
     else:
         family = tgi
-    return family.error_response(status, message, kind, param, details)
+    response = family.error_response(status, message, kind, param, details)
+    if status in (429, 503):
+        response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+    return response
+
+
+def host_name(header: bytes) -> str:
+    """The host part of a Host header value: no port, no IPv6 brackets, lower case, no final dot."""
+    host = header.decode("latin-1").strip().lower()
+    if host.startswith("["):
+        host = host[1:host.find("]")] if "]" in host else host[1:]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    return host.rstrip(".")
+
+
+def host_allowed(host: str, allowed: frozenset[str]) -> bool:
+    if "*" in allowed or host in allowed or host in LOOPBACK_NAMES:
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 class RequestGuard:
-    """ASGI middleware: API key check, then the request body read whole up to a size limit.
+    """ASGI middleware: Host header check, API key check, then the request body read whole, up to a
+    size limit and within a deadline.
 
-    Reading the body here bounds memory before any parsing; the app then gets it replayed.
+    Reading the body here bounds memory and time before any parsing (a client trickling its body
+    gets 408); the app then gets it replayed.
     """
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, allowed_hosts: frozenset[str],
+                 body_timeout: float | None):
         self.app = app
         self.api_key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
+        self.allowed_hosts = allowed_hosts
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -52,6 +89,12 @@ class RequestGuard:
             return
         path = scope["path"]
         headers = dict(scope["headers"])
+        host = host_name(headers.get(b"host", b""))
+        if host and not host_allowed(host, self.allowed_hosts):
+            await error_response(path, 403, f"Host {host!r} is not allowed (a guard against DNS rebinding); start "
+                                            f"the server with `--allow-host {host}` to serve it under that name",
+                                 "forbidden")(scope, receive, send)
+            return
         if self.api_key is not None and path not in OPEN_PATHS:
             scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
             if scheme.lower() != b"bearer" or not token.strip():
@@ -71,8 +114,17 @@ class RequestGuard:
             await too_large(scope, receive, send)
             return
         body = bytearray()
+        loop = asyncio.get_running_loop()
+        deadline = None if self.body_timeout is None else loop.time() + self.body_timeout
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), None if deadline is None else deadline - loop.time())
+            except asyncio.TimeoutError:
+                timeout = error_response(path, 408, f"the request body did not arrive within {self.body_timeout:g} s",
+                                         "timeout")
+                timeout.headers["Connection"] = "close"
+                await timeout(scope, receive, send)
+                return
             if message["type"] == "http.disconnect":
                 return
             body += message.get("body", b"")
@@ -97,7 +149,7 @@ def _validation_details(errors) -> tuple[str, str | None, list[dict]]:
     """FastAPI validation errors as (message, param, detail items with a string `loc`)."""
     details = []
     for error in errors:
-        if error.get("type") == "json_invalid":
+        if error.get("type") in ("json_invalid", "json_type"):
             position = error.get("loc", ("body", "?"))[-1]
             reason = (error.get("ctx") or {}).get("error", "JSON decode error")
             details.append({"loc": "body", "msg": f"the request body is not valid JSON ({reason} at character "
@@ -106,19 +158,26 @@ def _validation_details(errors) -> tuple[str, str | None, list[dict]]:
         loc = ".".join(str(part) for part in error.get("loc", ()))
         details.append({"loc": loc or "body", "msg": error.get("msg", "invalid value"), "type": error.get("type", "")})
     message = "; ".join(f"{d['loc']}: {d['msg']}" for d in details) or "invalid request"
-    first = errors[0].get("loc", ()) if errors else ()
-    param = str(first[-1]) if len(first) > 1 else None
+    # The parameter is the last name in the location (not a list index, nor a JSON character offset).
+    names = [part for part in (errors[0].get("loc", ()) if errors else ())[1:] if isinstance(part, str)]
+    json_error = bool(errors) and errors[0].get("type") in ("json_invalid", "json_type")
+    param = names[-1] if names and not json_error else None
     return message, param, details
 
 
 def create_app(model: str | os.PathLike | None = None, *, dtype: str | None = None, device: str | None = None,
                quantize: str | None = None, api_key: str | None = None, max_batch: int = 8, max_queue: int = 32,
-               limits: Limits = Limits(), attributor=None) -> FastAPI:
+               limits: Limits = Limits(), attributor=None, allowed_hosts: Iterable[str] = (),
+               body_timeout: float | None = 30.0) -> FastAPI:
     """The completion server for a checkpoint directory or embedded model name (None: the default).
 
     With an `attributor` (stablecode.attribution.Attributor), POST /overlap is added and the
     completion routes can return the attribution of their text (TGI `parameters.attribution`,
     OpenAI and Ollama `attribution`).
+
+    Requests whose Host header names neither an IP address, `localhost`, nor one of
+    `allowed_hosts` ("*": any) get 403: a web page cannot reach the server through DNS rebinding.
+    A body not received within `body_timeout` seconds gets 408.
 
     The config and tokenizer are read now (bad paths fail here); the weights load in the
     background once the app starts, while GET /health answers 503.
@@ -138,7 +197,9 @@ def create_app(model: str | os.PathLike | None = None, *, dtype: str | None = No
                   description="Code completion with one StableCode model, speaking Text Generation Inference's, "
                               "OpenAI's and Ollama's APIs.")
     app.state.engine = engine
-    app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=engine.limits.max_body_bytes)
+    app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=engine.limits.max_body_bytes,
+                       allowed_hosts=frozenset(host_name(h.encode()) if h != "*" else h for h in allowed_hosts),
+                       body_timeout=body_timeout)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
@@ -178,9 +239,7 @@ def create_app(model: str | os.PathLike | None = None, *, dtype: str | None = No
     app.include_router(openai.router)
     app.include_router(ollama.router)
     if attributor is not None:
-        from stablecode.attribution import add_overlap_routes
-
-        add_overlap_routes(app, attributor)
+        app.include_router(overlap.router)
     return app
 
 

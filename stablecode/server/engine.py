@@ -1,9 +1,9 @@
-"""What the API modules share: the loaded model and its scheduler, request limits, and errors.
+"""What the API modules share: the loaded model and its scheduler, and the lifecycle of a request.
 
-Each API family (tgi, openai, ollama) parses its own request shape, validates it against
-`Engine.limits` (`check_*`), builds `Sequence`s with `Engine.sequence`, queues them with
-`Engine.submit`, and either awaits `Engine.wait` (whole answer) or iterates `group.events()`
-inside a `GenerationStream` (streaming).
+Each API family (tgi, openai, ollama) parses its own request shape into a
+`validation.GenerationRequest`, has it checked and tokenised by `Engine.validate`, queues the
+result with `Engine.submit`, and either awaits `Engine.wait` (whole answer) or iterates
+`Engine.events` inside a `GenerationStream` (streaming).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from starlette.responses import StreamingResponse
@@ -23,52 +23,41 @@ from stablecode.errors import StablecodeError
 from stablecode.generate import Sequence
 from stablecode.sampling import SamplingParams
 from stablecode.server.scheduler import Failed, Finished, Group, Overloaded, Scheduler, TokenEvent
+from stablecode.server.validation import (MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY, MIN_TEMPERATURE, ApiError,
+                                         GenerationRequest, Limits, ValidRequest, Validator)
 from stablecode.tokenizer import load_tokenizer
 
 log = logging.getLogger("stablecode.server")
 
-
-class ApiError(Exception):
-    """An error answered to the client; each API family formats it its own way.
-
-    kind: "validation", "authentication", "overloaded", "unavailable", "not_found", "generation".
-    """
-
-    def __init__(self, status: int, message: str, kind: str = "validation", param: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.kind = kind
-        self.param = param
+__all__ = ["ApiError", "ClientDisconnected", "Engine", "GenerationStream", "Limits", "Result", "Submission"]
 
 
 class ClientDisconnected(Exception):
     """The client closed the connection before its answer was ready."""
 
 
-@dataclass(frozen=True)
-class Limits:
-    """Bounds on what one request may ask for; reported by GET /info."""
-
-    max_body_bytes: int = 2 * 1024 * 1024
-    max_prompt_chars: int = 256 * 1024  # longer prompts are refused; longer-than-context ones are cut
-    max_new_tokens: int | None = None  # None: the model's context length
-    max_stop_strings: int = 16
-    max_stop_string_chars: int = 256
-    max_sequences_per_request: int = 16  # OpenAI's n x number of prompts
-
-    def resolved(self, context_length: int) -> "Limits":
-        if self.max_new_tokens is None:
-            return Limits(**{**asdict(self), "max_new_tokens": context_length})
-        return self
-
-
 @dataclass
 class Result:
-    """One finished sequence of a request, with its per-token events (for TGI `details`)."""
+    """One finished sequence of a request, with its per-token events (for TGI `details`) and when its
+    first token and its end came (perf_counter_ns)."""
 
     completion: object  # stablecode.generate.Completion
     tokens: list[TokenEvent]
+    first_token_ns: int | None = None
+    finished_ns: int | None = None
+
+
+@dataclass
+class Submission:
+    """A validated request queued in the scheduler."""
+
+    request: ValidRequest
+    group: Group
+    submitted_ns: int = field(default_factory=time.perf_counter_ns)
+    first_token_ns: dict[int, int] = field(default_factory=dict)
+
+    def cancel(self) -> None:
+        self.group.cancel()
 
 
 class Engine:
@@ -91,6 +80,9 @@ class Engine:
         self.dtype, self.device, self.quantize = dtype, device, quantize
         self.max_batch, self.max_queue = max_batch, max_queue
         self.attributor = attributor  # a stablecode.attribution.Attributor, or None: no attribution index
+        self.validator = Validator(self.tokenizer, vocab_size=self.config.vocab_size,
+                                   context_length=self.context_length, fim=self.config.fim, limits=limits,
+                                   attribution=attributor is not None)
         self.model = None
         self.scheduler: Scheduler | None = None
         self.state = "loading"
@@ -149,47 +141,10 @@ class Engine:
         if self.state == "failed":
             raise ApiError(503, self.error or "the model failed to load", "unavailable")
 
-    def check_prompt(self, prompt: str, param: str) -> None:
-        try:
-            prompt.encode("utf-8")
-        except UnicodeEncodeError as e:  # a lone surrogate escape such as "\ud800" in the JSON
-            raise ApiError(422, f"{param} is not valid Unicode: {e.reason} at character {e.start}", param=param) from None
-        if len(prompt) > self.limits.max_prompt_chars:
-            raise ApiError(413, f"{param} has {len(prompt):,} characters; the limit is "
-                                f"{self.limits.max_prompt_chars:,} (see GET /info). Only the last "
-                                f"{self.context_length} tokens are used anyway: send the code nearest the cursor",
-                           param=param)
-
-    def check_stop(self, stop: list[str], param: str, limit: int | None = None) -> list[str]:
-        limit = self.limits.max_stop_strings if limit is None else min(limit, self.limits.max_stop_strings)
-        if len(stop) > limit:
-            raise ApiError(422, f"{param}: {len(stop)} stop strings given; at most {limit} are allowed", param=param)
-        for s in stop:
-            if len(s) > self.limits.max_stop_string_chars:
-                raise ApiError(422, f"{param}: a stop string has {len(s)} characters; at most "
-                                    f"{self.limits.max_stop_string_chars} are allowed", param=param)
-            self.check_prompt(s, param)
-        return stop
-
-    def check_max_new_tokens(self, value: int, param: str) -> int:
-        if value > self.limits.max_new_tokens:
-            raise ApiError(422, f"{param} must be <= {self.limits.max_new_tokens} (the model's context), got {value}",
-                           param=param)
-        return value
-
-    def check_token_ids(self, ids: list[int], param: str) -> list[int]:
-        bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
-        if bad:
-            raise ApiError(422, f"{param}: token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})",
-                           param=param)
-        return ids
-
-    def check_attribution(self, param: str) -> None:
-        """Refuse a request for attribution when the server has no index (before generating anything)."""
-        if self.attributor is None:
-            raise ApiError(422, f"{param}: this server has no attribution index; start it with "
-                                "`stablecode serve --index INDEX` (the embedded model's own index is used by default "
-                                "when it is installed)", param=param)
+    def validate(self, request: GenerationRequest) -> ValidRequest:
+        """Check and tokenise a parsed request (CPU work for long prompts: call it off the event loop)."""
+        self.check_ready()
+        return self.validator.validate(request)
 
     def attribute(self, text: str) -> dict:
         """Which parts of `text` are in the indexed training data: {"spans": [[start, end], ...], "sources":
@@ -199,66 +154,67 @@ class Engine:
         except StablecodeError as e:  # a corrupted index found while reading a source text
             raise ApiError(500, f"attribution failed: {e}", "attribution") from None
 
-    def encode(self, prompt: str) -> list[int]:
-        return self.tokenizer.encode(prompt)
-
-    def sequence(self, prompt_ids: list[int], *, max_new_tokens: int, sampling: SamplingParams,
-                 stop: list[str], context_length: int | None = None) -> Sequence:
-        """A Sequence for already tokenized, already validated input (cut from the left to fit)."""
-        context = min(context_length or self.context_length, self.context_length)
-        return Sequence(prompt_ids, self.tokenizer, context, max_new_tokens=max_new_tokens, sampling=sampling,
-                        stop_strings=tuple(stop), device=self.device or "cpu")
-
-    @staticmethod
-    def sampling(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
-                 seed: int | None = None, param: str = "parameters") -> SamplingParams:
-        try:
-            return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
-                                  repetition_penalty=repetition_penalty, seed=seed)
-        except ValueError as e:
-            raise ApiError(422, str(e), param=param) from None
-
-    def submit(self, sequences: list[Sequence]) -> Group:
-        """Queue a request's sequences; 429 when the queue is full, 503 while not ready."""
+    def submit(self, request: ValidRequest) -> Submission:
+        """Queue a validated request's sequences; 429 when the queue is full, 503 while not ready."""
         self.check_ready()
-        if len(sequences) > self.limits.max_sequences_per_request:
-            raise ApiError(422, f"a request may generate at most {self.limits.max_sequences_per_request} "
-                                f"sequences (prompts x n), got {len(sequences)}")
-        group = Group(sequences, asyncio.get_running_loop())
+        group = Group(self._sequences(request), asyncio.get_running_loop())
         try:
             self.scheduler.submit(group)
         except Overloaded as e:
             raise ApiError(429, str(e), "overloaded") from None
         except RuntimeError as e:
             raise ApiError(503, f"the server is not accepting requests: {e}", "unavailable") from None
-        return group
+        return Submission(request, group)
 
-    async def wait(self, group: Group, receive) -> list[Result]:
-        """Wait for every sequence of `group`; cancel it if the client disconnects first.
+    def _sequences(self, r: ValidRequest) -> list[Sequence]:
+        sequences = []
+        for prompt in r.prompts:
+            for j in range(r.n):
+                sampling = SamplingParams(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+                                          repetition_penalty=r.repetition_penalty,
+                                          seed=None if r.seed is None else r.seed + j)
+                sequences.append(Sequence(prompt.ids, self.tokenizer, r.context_length,
+                                          max_new_tokens=r.max_new_tokens, sampling=sampling,
+                                          stop_strings=r.stop, device=self.device or "cpu"))
+        return sequences
+
+    async def events(self, submission: Submission):
+        """Yield (index, TokenEvent | Finished | Failed) as they come, noting each sequence's first-token time."""
+        async for index, event in submission.group.events():
+            if isinstance(event, TokenEvent) and index not in submission.first_token_ns:
+                submission.first_token_ns[index] = time.perf_counter_ns()
+            yield index, event
+
+    async def wait(self, submission: Submission, receive) -> list[Result]:
+        """Wait for every sequence of `submission`; cancel it if the client disconnects first.
 
         `receive` is the request's ASGI receive (its body already read): it returns only when
         the client goes away.
         """
+        results: list[Result | None] = [None] * len(submission.group.tickets)
+        tokens: list[list[TokenEvent]] = [[] for _ in results]
+
+        async def collect():
+            async for index, event in self.events(submission):
+                if isinstance(event, TokenEvent):
+                    tokens[index].append(event)
+                elif isinstance(event, Finished):
+                    results[index] = Result(event.completion, tokens[index], submission.first_token_ns.get(index),
+                                            time.perf_counter_ns())
+                elif isinstance(event, Failed):
+                    raise ApiError(500, event.message, "generation")
+
         watcher = asyncio.ensure_future(_until_disconnected(receive))
-        finished = asyncio.ensure_future(group.finished.wait())
+        collector = asyncio.ensure_future(collect())
         try:
-            await asyncio.wait({watcher, finished}, return_when=asyncio.FIRST_COMPLETED)
-            if not group.finished.is_set():
+            await asyncio.wait({watcher, collector}, return_when=asyncio.FIRST_COMPLETED)
+            if not collector.done():
                 raise ClientDisconnected()
+            collector.result()  # raises the generation's failure, if any
         finally:
             watcher.cancel()
-            finished.cancel()
-            group.cancel()
-        tokens: list[list[TokenEvent]] = [[] for _ in group.tickets]
-        results: list[Result | None] = [None] * len(group.tickets)
-        while not group.queue.empty():
-            index, event = group.queue.get_nowait()
-            if isinstance(event, TokenEvent):
-                tokens[index].append(event)
-            elif isinstance(event, Finished):
-                results[index] = Result(event.completion, tokens[index])
-            elif isinstance(event, Failed):
-                raise ApiError(500, event.message, "generation")
+            collector.cancel()
+            submission.cancel()
         return results
 
     def info(self) -> dict:
@@ -281,9 +237,12 @@ class Engine:
             "max_batch": self.max_batch,
             "max_queue": self.max_queue,
             "max_concurrent_requests": self.max_batch + self.max_queue,
-            "limits": {**limits, "openai_max_stop_strings": min(4, self.limits.max_stop_strings),
-                       "prompt_longer_than_context": "cut from the left (the last tokens are kept)"},
-            "fill_in_the_middle": False,
+            "limits": {**limits, "min_temperature": MIN_TEMPERATURE,
+                       "repetition_penalty": [MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY],
+                       "prompt_longer_than_context": "cut from the left (the last tokens are kept); a "
+                                                     "fill-in-the-middle prompt loses its prefix's start and its "
+                                                     "suffix's end"},
+            "fill_in_the_middle": self.config.fim,
             "attribution_index": str(self.attributor.directory) if self.attributor is not None else None,
             "scheduler": self.scheduler.stats() if self.scheduler is not None else None,
             "version": _version(),
@@ -311,12 +270,12 @@ class GenerationStream(StreamingResponse):
     iterator) also covers a client gone before the first chunk, when the iterator never started.
     """
 
-    def __init__(self, group: Group, chunks, media_type: str):
+    def __init__(self, submission: Submission, chunks, media_type: str):
         super().__init__(chunks, media_type=media_type, headers={"Cache-Control": "no-cache"})
-        self.group = group
+        self.submission = submission
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self.group.cancel()
+            self.submission.cancel()

@@ -14,12 +14,14 @@ import time
 from datetime import datetime, timezone
 
 from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from stablecode.server.engine import ApiError, Engine, GenerationStream
 from stablecode.server.scheduler import Failed, Finished, TokenEvent
+from stablecode.server.validation import GenerationRequest
 
 router = APIRouter(prefix="/api", tags=["Ollama"])
 
@@ -44,7 +46,8 @@ class GenerateRequest(BaseModel):
 
     model: str | None = Field(None, description="any value: this server has one model")
     prompt: str = ""
-    suffix: str | None = Field(None, description="refused: the model has no fill-in-the-middle training")
+    suffix: str | None = Field(None, description="the text after the cursor (fill-in-the-middle): only for a model "
+                                                 "trained for it (GET /info `fill_in_the_middle`), else 400")
     system: str | None = None
     template: str | None = None
     context: list[int] | None = None
@@ -68,8 +71,7 @@ def error_response(status: int, message: str, kind: str, param: str | None = Non
 
 
 def _refuse_unsupported(body: GenerateRequest) -> None:
-    refused = {"suffix": "fill-in-the-middle is not supported: the model was not trained for it",
-               "system": "system prompts need a chat template; this is a raw code-completion model",
+    refused = {"system": "system prompts need a chat template; this is a raw code-completion model",
                "template": "prompt templates are not supported; send the raw prompt",
                "context": "conversation context is not supported; send the whole prompt",
                "images": "images are not supported by a code model",
@@ -83,51 +85,66 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-@router.post("/generate", summary="Complete a prompt (Ollama generate API; NDJSON streaming by default)")
-async def generate(request: Request, body: GenerateRequest):
-    engine: Engine = request.app.state.engine
-    engine.check_ready()
-    _refuse_unsupported(body)
-    if body.attribution:
-        engine.check_attribution("attribution")
-    model_name = body.model or engine.model_id
-    if not body.prompt:  # Ollama's "load the model" request
-        return {"model": model_name, "created_at": _now(), "response": "", "done": True, "done_reason": "load"}
-    engine.check_prompt(body.prompt, "prompt")
+async def parse_json(request: Request, model: type[BaseModel]) -> BaseModel:
+    """The body as JSON whatever its Content-Type says, as Ollama reads it (`curl -d` sends
+    application/x-www-form-urlencoded)."""
+    raw = await request.body()
+    try:
+        return model.model_validate_json(raw or b"{}")
+    except ValidationError as e:
+        raise RequestValidationError([{**error, "loc": ("body", *error.get("loc", ()))} for error in e.errors()])
+
+
+def _request(body: GenerateRequest, engine: Engine) -> GenerationRequest:
     o = body.options
     num_predict = DEFAULT_NUM_PREDICT if o.num_predict is None else o.num_predict
-    num_predict = engine.limits.max_new_tokens if num_predict < 0 else engine.check_max_new_tokens(num_predict,
-                                                                                                   "num_predict")
-    sampling = engine.sampling(temperature=0.8 if o.temperature is None else o.temperature,
-                               top_p=0.9 if o.top_p is None else o.top_p, top_k=40 if o.top_k is None else o.top_k,
-                               repetition_penalty=o.repeat_penalty or 1.0,
-                               seed=None if o.seed is None or o.seed < 0 else o.seed, param="options")
-    stop = engine.check_stop(o.stop or [], "stop")
-    ids = await run_in_threadpool(engine.encode, body.prompt)  # tokenizing: off the event loop
-    sequence = engine.sequence(ids, max_new_tokens=num_predict, sampling=sampling, stop=stop, context_length=o.num_ctx)
-    started = time.perf_counter_ns()
-    group = engine.submit([sequence])
+    return GenerationRequest(
+        prompts=[body.prompt], suffix=body.suffix,
+        max_new_tokens=engine.limits.max_new_tokens if num_predict < 0 else num_predict,
+        stop=o.stop or [], temperature=0.8 if o.temperature is None else o.temperature,
+        top_p=0.9 if o.top_p is None else o.top_p, top_k=40 if o.top_k is None else o.top_k,
+        repetition_penalty=1.0 if o.repeat_penalty is None else o.repeat_penalty,
+        seed=None if o.seed is None or o.seed < 0 else o.seed, context_length=o.num_ctx,
+        attribution=body.attribution,
+        names={"max_new_tokens": "num_predict", "repetition_penalty": "repeat_penalty", "context_length": "num_ctx"})
 
-    def final(completion) -> dict:
-        elapsed = time.perf_counter_ns() - started
+
+@router.post("/generate", summary="Complete a prompt (Ollama generate API; NDJSON streaming by default)",
+             openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                 "schema": GenerateRequest.model_json_schema()}}}})
+async def generate(request: Request):
+    engine: Engine = request.app.state.engine
+    body = await parse_json(request, GenerateRequest)
+    engine.check_ready()
+    _refuse_unsupported(body)
+    model_name = body.model or engine.model_id
+    if not body.prompt and not body.suffix:  # Ollama's "load the model" request
+        return {"model": model_name, "created_at": _now(), "response": "", "done": True, "done_reason": "load"}
+    valid = await run_in_threadpool(engine.validate, _request(body, engine))  # tokenizing: off the event loop
+    submission = engine.submit(valid)
+
+    def final(completion, first_token_ns: int | None) -> dict:
+        now = time.perf_counter_ns()
+        first = first_token_ns or now
         return {"model": model_name, "created_at": _now(), "done": True, "done_reason": completion.finish_reason,
-                "total_duration": elapsed, "load_duration": 0, "prompt_eval_count": completion.prompt_tokens,
-                "eval_count": completion.completion_tokens}
+                "total_duration": now - submission.submitted_ns, "load_duration": 0,
+                "prompt_eval_count": completion.prompt_tokens, "prompt_eval_duration": first - submission.submitted_ns,
+                "eval_count": completion.completion_tokens, "eval_duration": now - first}
 
     if not body.stream:
-        [result] = await engine.wait(group, request.receive)
-        answer = {**final(result.completion), "response": result.completion.text}
+        [result] = await engine.wait(submission, request.receive)
+        answer = {**final(result.completion, result.first_token_ns), "response": result.completion.text}
         if body.attribution:
             answer["attribution"] = await run_in_threadpool(engine.attribute, result.completion.text)
         return answer
 
     async def lines():
-        async for _, event in group.events():
+        async for index, event in engine.events(submission):
             if isinstance(event, TokenEvent):
                 if event.text:
                     yield _line({"model": model_name, "created_at": _now(), "response": event.text, "done": False})
             elif isinstance(event, Finished):
-                last = {**final(event.completion), "response": ""}
+                last = {**final(event.completion, submission.first_token_ns.get(index)), "response": ""}
                 if body.attribution:
                     try:
                         last["attribution"] = await run_in_threadpool(engine.attribute, event.completion.text)
@@ -138,7 +155,7 @@ async def generate(request: Request, body: GenerateRequest):
             elif isinstance(event, Failed):
                 yield _line({"error": event.message})
 
-    return GenerationStream(group, lines(), "application/x-ndjson")
+    return GenerationStream(submission, lines(), "application/x-ndjson")
 
 
 def _line(payload: dict) -> bytes:

@@ -21,13 +21,14 @@ from starlette.concurrency import run_in_threadpool
 
 from stablecode.server.engine import ApiError, Engine, GenerationStream
 from stablecode.server.scheduler import Failed, Finished, TokenEvent
+from stablecode.server.validation import GenerationRequest
 
 router = APIRouter(prefix="/v1", tags=["OpenAI"])
 
-MAX_STOP_STRINGS = 4  # OpenAI's own limit
 ERROR_TYPES = {"validation": "invalid_request_error", "authentication": "authentication_error",
                "overloaded": "server_overloaded", "unavailable": "service_unavailable",
-               "not_found": "not_found_error", "generation": "server_error"}
+               "not_found": "not_found_error", "generation": "server_error", "forbidden": "permission_error",
+               "timeout": "timeout"}
 
 
 class StreamOptions(BaseModel):
@@ -43,14 +44,16 @@ class CompletionRequest(BaseModel):
 
     model: str | None = Field(None, description="any value: this server has one model")
     prompt: str | list[str] | list[int] | list[list[int]]
-    suffix: str | None = Field(None, description="refused: the model has no fill-in-the-middle training")
+    suffix: str | None = Field(None, description="the text after the cursor (fill-in-the-middle): only for a model "
+                                                 "trained for it (GET /info `fill_in_the_middle`), else 400")
     max_tokens: int | None = Field(16, ge=0)
     temperature: float | None = Field(1.0, ge=0.0, le=2.0, description="0 means greedy")
     top_p: float | None = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(None, description="up to 16 (OpenAI's own API takes 4; Continue sends 12 "
+                                                            "with a FIM template)")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     echo: bool = False
     logprobs: int | None = Field(None, description="not supported: must be null")
@@ -78,9 +81,6 @@ def error_response(status: int, message: str, kind: str, param: str | None = Non
 
 
 def _refuse_unsupported(body: CompletionRequest) -> None:
-    if body.suffix:
-        raise ApiError(400, "`suffix` (fill-in-the-middle) is not supported: this model was not trained for it; "
-                            "send only the text before the cursor as `prompt`", param="suffix")
     if body.logprobs is not None:
         raise ApiError(400, "`logprobs` is not supported by this server", param="logprobs")
     if body.best_of not in (None, body.n):
@@ -92,50 +92,22 @@ def _refuse_unsupported(body: CompletionRequest) -> None:
         raise ApiError(400, "`logit_bias` is not supported by this server", param="logit_bias")
 
 
-def _prompts(engine: Engine, body: CompletionRequest) -> list[tuple[str, list[int]]]:
-    """(text, token ids) of each prompt."""
-    prompt = body.prompt
-    if isinstance(prompt, str):
-        prompt = [prompt]
-    if not prompt:
-        raise ApiError(400, "`prompt` is an empty list", param="prompt")
-    if all(isinstance(p, int) for p in prompt):
-        prompt = [prompt]
-    prompts = []
-    for p in prompt:
-        if isinstance(p, str):
-            engine.check_prompt(p, "prompt")
-            prompts.append((p, engine.encode(p)))
-        else:
-            if len(p) > engine.limits.max_prompt_chars:
-                raise ApiError(413, f"prompt has {len(p):,} tokens; the limit is {engine.limits.max_prompt_chars:,}",
-                               param="prompt")
-            ids = engine.check_token_ids(list(p), "prompt")
-            prompts.append((engine.tokenizer.decode(ids), ids))
-    return prompts
-
-
-def _prepare(engine: Engine, body: CompletionRequest):
-    engine.check_ready()
+def _request(body: CompletionRequest) -> GenerationRequest:
     _refuse_unsupported(body)
-    if body.attribution:
-        engine.check_attribution("attribution")
-    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    stop = engine.check_stop(stop, "stop", limit=MAX_STOP_STRINGS)
-    max_tokens = engine.check_max_new_tokens(16 if body.max_tokens is None else body.max_tokens, "max_tokens")
-    prompts = _prompts(engine, body)
-    if len(prompts) * body.n > engine.limits.max_sequences_per_request:
-        raise ApiError(400, f"{len(prompts)} prompts x n={body.n} is more than the "
-                            f"{engine.limits.max_sequences_per_request} completions one request may ask for", param="n")
-    sequences = []
-    for _, ids in prompts:
-        for j in range(body.n):
-            sampling = engine.sampling(temperature=1.0 if body.temperature is None else body.temperature,
-                                       top_p=body.top_p or 1.0, top_k=body.top_k or 0,
-                                       repetition_penalty=body.repetition_penalty or 1.0,
-                                       seed=None if body.seed is None else body.seed + j)
-            sequences.append(engine.sequence(ids, max_new_tokens=max_tokens, sampling=sampling, stop=stop))
-    return prompts, sequences
+    prompts = body.prompt
+    if isinstance(prompts, str) or prompts and all(isinstance(p, int) for p in prompts):
+        prompts = [prompts]  # one text, or one prompt of token ids
+    return GenerationRequest(
+        prompts=list(prompts), suffix=body.suffix,
+        max_new_tokens=16 if body.max_tokens is None else body.max_tokens,
+        stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
+        temperature=1.0 if body.temperature is None else body.temperature, top_p=body.top_p or 1.0,
+        top_k=body.top_k or 0, repetition_penalty=body.repetition_penalty or 1.0, seed=body.seed, n=body.n,
+        attribution=body.attribution, names={"max_new_tokens": "max_tokens"})
+
+
+def _validate(engine: Engine, body: CompletionRequest):
+    return engine.validate(_request(body))
 
 
 def _header(engine: Engine) -> dict:
@@ -153,16 +125,16 @@ def _usage(completions: list, n: int) -> dict:
 @router.post("/completions", summary="Complete a prompt (OpenAI completions API)")
 async def completions(request: Request, body: CompletionRequest):
     engine: Engine = request.app.state.engine
-    prompts, sequences = await run_in_threadpool(_prepare, engine, body)  # tokenizing: off the event loop
-    group = engine.submit(sequences)
+    submission = engine.submit(await run_in_threadpool(_validate, engine, body))  # tokenizing: off the event loop
+    prompts = submission.request.prompts
     if body.stream:
-        return GenerationStream(group, _stream(engine, body, prompts, group), "text/event-stream")
-    results = await engine.wait(group, request.receive)
+        return GenerationStream(submission, _stream(engine, body, submission), "text/event-stream")
+    results = await engine.wait(submission, request.receive)
     choices = []
     for index, result in enumerate(results):
         text = result.completion.text
         if body.echo:
-            text = prompts[index // body.n][0] + text
+            text = prompts[index // body.n].text + text
         choices.append({"index": index, "text": text, "logprobs": None,
                         "finish_reason": result.completion.finish_reason})
     if body.attribution:
@@ -172,8 +144,9 @@ async def completions(request: Request, body: CompletionRequest):
     return {**_header(engine), "choices": choices, "usage": _usage([r.completion for r in results], body.n)}
 
 
-async def _stream(engine: Engine, body: CompletionRequest, prompts, group):
+async def _stream(engine: Engine, body: CompletionRequest, submission):
     header = _header(engine)
+    prompts, group = submission.request.prompts, submission.group
 
     def chunk(index: int, text: str, finish_reason: str | None = None, **extra) -> bytes:
         choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason, **extra}
@@ -181,9 +154,9 @@ async def _stream(engine: Engine, body: CompletionRequest, prompts, group):
 
     if body.echo:
         for index in range(len(group.tickets)):
-            yield chunk(index, prompts[index // body.n][0])
+            yield chunk(index, prompts[index // body.n].text)
     completions = [None] * len(group.tickets)
-    async for index, event in group.events():
+    async for index, event in engine.events(submission):
         if isinstance(event, TokenEvent):
             if event.text:
                 yield chunk(index, event.text)
@@ -191,7 +164,7 @@ async def _stream(engine: Engine, body: CompletionRequest, prompts, group):
             completions[index] = event.completion
             extra = {}
             if body.attribution:
-                text = (prompts[index // body.n][0] if body.echo else "") + event.completion.text
+                text = (prompts[index // body.n].text if body.echo else "") + event.completion.text
                 try:
                     extra["attribution"] = await run_in_threadpool(engine.attribute, text)
                 except ApiError as e:

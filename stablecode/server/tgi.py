@@ -14,11 +14,13 @@ import json
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 
 from stablecode.server.engine import ApiError, Engine, GenerationStream, Result
 from stablecode.server.scheduler import Failed, Finished, TokenEvent
+from stablecode.server.validation import GenerationRequest
+from stablecode.tokenizer import IncrementalDecoder, Tokenizer
 
 router = APIRouter(tags=["Text Generation Inference"])
 
@@ -26,9 +28,28 @@ DEFAULT_MAX_NEW_TOKENS = 100
 
 
 class Parameters(BaseModel):
-    """TGI generation parameters; unknown keys are ignored (llm-ls nests a second `parameters`)."""
+    """TGI generation parameters; unknown keys are ignored.
+
+    llm-ls can send `{"parameters": {"parameters": {...}}}`: the inner object's keys count as if
+    given at the outer level; the same key at both levels with different values is refused.
+    """
 
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_nested(cls, data):
+        if not isinstance(data, dict) or not isinstance(data.get("parameters"), dict):
+            return data
+        merged = {k: v for k, v in data.items() if k != "parameters"}
+        for key, value in data["parameters"].items():
+            if key == "parameters" or key not in cls.model_fields:
+                continue
+            if key in merged and merged[key] != value:
+                raise ValueError(f"`{key}` is given twice, as parameters.{key} ({merged[key]!r}) and "
+                                 f"parameters.parameters.{key} ({value!r}); give it once")
+            merged[key] = value
+        return merged
 
     max_new_tokens: int | None = Field(None, ge=1, description="default 100")
     do_sample: bool | None = None
@@ -83,26 +104,22 @@ def _refuse_unsupported(p: Parameters) -> None:
         raise ApiError(422, f"parameters not supported by this server: {', '.join(names)}", param=names[0])
 
 
-def _prepare(engine: Engine, body: GenerateRequest):
-    engine.check_ready()
-    if not body.inputs:
-        raise ApiError(422, "`inputs` cannot be empty", param="inputs")
-    engine.check_prompt(body.inputs, "inputs")
+def _request(body: GenerateRequest) -> GenerationRequest:
     p = body.parameters
     _refuse_unsupported(p)
-    if p.attribution:
-        engine.check_attribution("attribution")
-    max_new_tokens = engine.check_max_new_tokens(p.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, "max_new_tokens")
-    stop = engine.check_stop(p.stop or [], "stop")
     # As TGI: any warper (temperature != 1, top_k, top_p < 1) or do_sample turns sampling on.
     sample = bool(p.do_sample) or p.temperature not in (None, 1.0) or bool(p.top_k) or p.top_p not in (None, 1.0)
-    sampling = engine.sampling(temperature=(1.0 if p.temperature is None else p.temperature) if sample else 0.0,
-                               top_p=p.top_p or 1.0, top_k=p.top_k or 0,
-                               repetition_penalty=p.repetition_penalty or 1.0, seed=p.seed)
-    ids = engine.encode(body.inputs)
-    if p.truncate is not None:
-        ids = ids[-p.truncate:]
-    return engine.sequence(ids, max_new_tokens=max_new_tokens, sampling=sampling, stop=stop)
+    return GenerationRequest(
+        prompts=[body.inputs], empty_prompt_allowed=False,
+        max_new_tokens=p.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, stop=p.stop or [],
+        temperature=(1.0 if p.temperature is None else p.temperature) if sample else 0.0,
+        top_p=p.top_p or 1.0, top_k=p.top_k or 0, repetition_penalty=p.repetition_penalty or 1.0, seed=p.seed,
+        truncate=p.truncate, attribution=bool(p.attribution), names={"prompt": "inputs"})
+
+
+def _validate(engine: Engine, body: GenerateRequest):
+    # Tokenizing a long prompt takes a while: validation runs off the event loop, so streams keep flowing.
+    return engine.validate(_request(body))
 
 
 def _finish_reason(engine: Engine, completion) -> str:
@@ -113,8 +130,21 @@ def _finish_reason(engine: Engine, completion) -> str:
     return "stop_sequence"
 
 
-def _token(event: TokenEvent) -> dict:
-    return {"id": event.id, "text": event.text, "logprob": event.logprob, "special": event.special}
+def _token(event: TokenEvent, text: str | None = None) -> dict:
+    return {"id": event.id, "text": event.text if text is None else text, "logprob": event.logprob,
+            "special": event.special}
+
+
+def token_texts(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
+    """Each token's own text, whatever the stop matcher held back: together they make the decoded
+    ids (special tokens as their names); a token that only starts a character has none."""
+    decoder = IncrementalDecoder(tokenizer)
+    texts = []
+    for i in ids:
+        texts.append(tokenizer.token_text(i) if i in tokenizer.special_ids else decoder.add(i))
+    if texts:
+        texts[-1] += decoder.flush()
+    return texts
 
 
 def _output(engine: Engine, body: GenerateRequest, result: Result) -> dict:
@@ -126,15 +156,16 @@ def _output(engine: Engine, body: GenerateRequest, result: Result) -> dict:
         output["details"] = {"finish_reason": _finish_reason(engine, result.completion),
                              "generated_tokens": result.completion.completion_tokens,
                              "seed": body.parameters.seed, "prefill": [],
-                             "tokens": [_token(e) for e in result.tokens], "best_of_sequences": None}
+                             "tokens": [_token(e, text) for e, text in
+                                        zip(result.tokens, token_texts(engine.tokenizer, [e.id for e in result.tokens]))],
+                             "best_of_sequences": None}
     return output
 
 
 async def _generate(request: Request, body: GenerateRequest) -> dict:
     engine: Engine = request.app.state.engine
-    # Tokenizing a long prompt takes a while: off the event loop, so streams keep flowing.
-    group = engine.submit([await run_in_threadpool(_prepare, engine, body)])
-    [result] = await engine.wait(group, request.receive)
+    submission = engine.submit(await run_in_threadpool(_validate, engine, body))
+    [result] = await engine.wait(submission, request.receive)
     output = _output(engine, body, result)
     if body.parameters.attribution:
         output["attribution"] = await run_in_threadpool(engine.attribute, output["generated_text"])
@@ -143,11 +174,11 @@ async def _generate(request: Request, body: GenerateRequest) -> dict:
 
 async def _stream(request: Request, body: GenerateRequest) -> GenerationStream:
     engine: Engine = request.app.state.engine
-    group = engine.submit([await run_in_threadpool(_prepare, engine, body)])
+    submission = engine.submit(await run_in_threadpool(_validate, engine, body))
 
     async def events():
         last, count = None, 0
-        async for _, event in group.events():
+        async for _, event in engine.events(submission):
             if isinstance(event, TokenEvent):
                 count += 1
                 payload = {"index": count, "token": _token(event),
@@ -174,7 +205,7 @@ async def _stream(request: Request, body: GenerateRequest) -> GenerationStream:
             elif isinstance(event, Failed):
                 yield _sse({"error": event.message, "error_type": "generation"})
 
-    return GenerationStream(group, events(), "text/event-stream")
+    return GenerationStream(submission, events(), "text/event-stream")
 
 
 def _sse(payload: dict) -> bytes:

@@ -42,3 +42,22 @@ def reference(tiny_checkpoint, one_torch_thread):
         return completer.complete(prompt, max_new_tokens=max_new_tokens, **options).text
 
     return complete
+
+
+@pytest.fixture(scope="session")
+def tiny_fim_checkpoint(tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint with a config saying it was trained for fill-in-the-middle."""
+    import json
+    import shutil
+
+    out = tmp_path_factory.mktemp("fim") / "tiny-fim"
+    shutil.copytree(tiny_checkpoint, out)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "stablecode_fim": True}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def fim_server(tiny_fim_checkpoint, one_torch_thread):
+    with running(create_app(tiny_fim_checkpoint, max_batch=2, max_queue=8)) as s:
+        yield s

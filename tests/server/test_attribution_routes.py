@@ -15,7 +15,7 @@ import pytest
 from serving import running
 from stablecode.attribution import Attributor, AttributionIndexError, build_index
 from stablecode.server import create_app
-from stablecode.server.serve import serving_attributor
+from stablecode.server.cli import serving_attributor
 
 MAX_NEW_TOKENS = 80
 CANDIDATE_PROMPTS = ["class Foo:\n", "def add(a, b):\n", "x", "for i in range(10):\n    "]

@@ -106,7 +106,7 @@ def test_tgi_out_of_range(client, parameters, field):
     ({"prompt": [], "max_tokens": 2}, "prompt"),
     ({"prompt": [1, 2, 10**6]}, "prompt"),
     ({"prompt": ["a", 1]}, "prompt"),
-    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"prompt": "x", "stop": [f"s{i}" for i in range(17)]}, "stop"),
     ({"prompt": "x", "logprobs": 2}, "logprobs"),
     ({"prompt": "x", "suffix": "y"}, "suffix"),
     ({"prompt": "x", "frequency_penalty": 0.5}, "frequency_penalty"),
