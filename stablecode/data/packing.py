@@ -14,7 +14,13 @@ Work is split into units (a run of row groups of one parquet file); each unit is
 worker process and its shards are written to a temporary file and renamed, the unit's json last.
 A killed run, started again with the same arguments, redoes only the units without a json.
 
-Every document is followed by EOS. A split's shards, concatenated in unit order, form one token
+Every document is followed by EOS. With `fim_rate` > 0, that fraction of the training documents
+is rearranged for fill-in-the-middle as StarCoder was trained: split at two random character
+positions into prefix, middle and suffix and written `<fim_prefix>prefix<fim_suffix>suffix<fim_middle>middle`
+(PSM) or, for `fim_spm_rate` of them, `<fim_prefix><fim_suffix>suffix<fim_middle>prefix middle` (SPM,
+the variant in which prefix and middle stay one contiguous text). The choice is a function of the
+seed and the file's key, so a pack is reproducible and resumable. Validation files stay plain text,
+so the validation loss is left-to-right loss. A split's shards, concatenated in unit order, form one token
 stream; sequence i is the window [i·seq_len, i·seq_len + seq_len + 1) of that stream — seq_len + 1
 tokens, so input = x[:-1] and target = x[1:] — and consecutive sequences share one token (stride
 seq_len, as GPT-NeoX packs). The tail shorter than a window is not used.
@@ -22,6 +28,7 @@ seq_len, as GPT-NeoX packs). The tail shorter than a window is not used.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import multiprocessing
@@ -47,6 +54,57 @@ VALIDATION_FILES = "validation_files.tsv"
 def token_dtype(vocab_size: int) -> np.dtype:
     """The smallest unsigned dtype that holds every id of the vocabulary (uint16 for ≤ 65,536 tokens)."""
     return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
+FIM_TOKENS = ("<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>")
+
+
+@dataclass(frozen=True)
+class FimSettings:
+    """Fill-in-the-middle rearrangement of training documents (see the module docstring)."""
+
+    rate: float = 0.0
+    spm_rate: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.rate <= 1.0 or not 0.0 <= self.spm_rate <= 1.0:
+            raise ValueError(f"FIM rates must be in [0, 1], got rate {self.rate} and SPM rate {self.spm_rate}")
+
+    def split(self, key: str, text: str) -> tuple[str, str, str, bool] | None:
+        """(prefix, middle, suffix, spm) when this document is rearranged, else None."""
+        if self.rate == 0.0:
+            return None
+        digest = hashlib.blake2b(f"{self.seed}:{key}".encode(), digest_size=8).digest()
+        rng = np.random.default_rng(int.from_bytes(digest, "little"))
+        if rng.random() >= self.rate:
+            return None
+        low, high = sorted(int(x) for x in rng.integers(0, len(text) + 1, size=2))
+        return text[:low], text[low:high], text[high:], bool(rng.random() < self.spm_rate)
+
+
+def fim_token_ids(tokenizer: Tokenizer) -> tuple[int, int, int]:
+    """Ids of <fim_prefix>, <fim_middle>, <fim_suffix>; a clear error when the tokenizer lacks them."""
+    ids = [tokenizer.backend.token_to_id(t) for t in FIM_TOKENS[:3]]
+    if None in ids:
+        missing = [t for t, i in zip(FIM_TOKENS, ids) if i is None]
+        raise DataError(f"the tokenizer has no {', '.join(missing)} token: FIM packing needs StarCoder's special tokens "
+                        "(train one with `stablecode tokenizer train`)")
+    return ids[0], ids[1], ids[2]
+
+
+def encode_document(key: str, text: str, fim: FimSettings, sentinels: tuple[int, int, int] | None,
+                    encode) -> list[int]:
+    """Token ids of one training document (FIM-rearranged when its draw says so), EOS not included."""
+    parts = fim.split(key, text) if sentinels is not None else None
+    if parts is None:
+        return encode([text])[0]
+    prefix, middle, suffix, spm = parts
+    p, m, s = (e for e in encode([prefix, middle, suffix]))
+    fim_prefix, fim_middle, fim_suffix = sentinels
+    if spm:
+        return [fim_prefix, fim_suffix, *s, fim_middle, *p, *m]
+    return [fim_prefix, *p, fim_suffix, *s, fim_middle, *m]
 
 
 @dataclass(frozen=True)
@@ -132,19 +190,31 @@ def _write_atomically(path: Path, chunks) -> int:
     return count
 
 
+def _encode_ids(texts: list[str]) -> list[list[int]]:
+    return [e.ids for e in _encode_batch(texts)]
+
+
 def pack_unit(unit: Unit, out: str, dtype: str, validation_fraction: float, mix: DataMix,
-              batch_size: int) -> dict:
+              batch_size: int, fim: FimSettings = FimSettings()) -> dict:
     """Tokenize one unit into `train/<unit>.bin` and `validation/<unit>.bin`; writes and returns its summary."""
     out, dtype = Path(out), np.dtype(dtype)
     eos = _tokenizer.eos_id
+    sentinels = fim_token_ids(_tokenizer) if fim.rate > 0 else None
     chunks = {split: [] for split in SPLITS}
     documents = {split: 0 for split in SPLITS}
     held_out, text_bytes = [], 0
     for docs in iter_file_documents(Path(unit.path), unit.language, list(unit.row_groups), batch_size):
-        for doc, encoding in zip(docs, _encode_batch([d.content for d in docs])):
+        validation = [is_validation(d.key, validation_fraction) for d in docs]
+        plain = [d.content for d, v in zip(docs, validation) if v or fim.split(d.key, d.content) is None]
+        encoded = iter(_encode_ids(plain))  # one batch for the plain documents, in order
+        for doc, held in zip(docs, validation):
             text_bytes += len(doc.content.encode("utf-8"))
-            tokens = np.array(encoding.ids + [eos], dtype=dtype)
-            if is_validation(doc.key, validation_fraction):
+            if held or fim.split(doc.key, doc.content) is None:
+                ids = next(encoded)
+            else:
+                ids = encode_document(doc.key, doc.content, fim, sentinels, _encode_ids)
+            tokens = np.array(ids + [eos], dtype=dtype)
+            if held:
                 held_out.append(doc.key)
                 chunks["validation"].append(tokens)
                 documents["validation"] += 1
@@ -183,7 +253,7 @@ def _unit_done(out: Path, unit: Unit, itemsize: int) -> dict | None:
 
 def pack(data_dir: str | Path, tokenizer: str | Path, seq_len: int, out: str | Path,
          validation_fraction: float = 0.02, workers: int = 2, mix: DataMix | None = None, batch_size: int = 256,
-         unit_bytes: int = 4 << 20, progress: bool = False, log=None) -> dict:
+         unit_bytes: int = 4 << 20, fim: FimSettings | None = None, progress: bool = False, log=None) -> dict:
     """Tokenize and pack `data_dir` into `out` (see the module docstring); returns the index.
 
     Runs again with the same arguments resume a killed run: finished units are kept. `seq_len` only
@@ -191,6 +261,7 @@ def pack(data_dir: str | Path, tokenizer: str | Path, seq_len: int, out: str | P
     """
     data_dir, out, tokenizer = Path(data_dir), Path(out), Path(tokenizer)
     mix = mix or DataMix()
+    fim = fim or FimSettings()
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
     if not 0.0 <= validation_fraction < 1.0:
@@ -200,6 +271,8 @@ def pack(data_dir: str | Path, tokenizer: str | Path, seq_len: int, out: str | P
     if tokenizer.is_dir():
         tokenizer = tokenizer / "tokenizer.json"
     tok = Tokenizer.from_file(tokenizer)
+    if fim.rate > 0:
+        fim_token_ids(tok)
     dtype = token_dtype(tok.vocab_size)
     tokenizer_bytes = tokenizer.read_bytes()
     started = time.monotonic()
@@ -208,7 +281,7 @@ def pack(data_dir: str | Path, tokenizer: str | Path, seq_len: int, out: str | P
     plan = {"format": FORMAT, "data_dir": str(data_dir.resolve()), "files": files,
             "tokenizer_sha256": hashlib.sha256(tokenizer_bytes).hexdigest(), "vocab_size": tok.vocab_size,
             "eos_id": tok.eos_id, "dtype": dtype.str, "validation_fraction": validation_fraction,
-            "mix": mix.to_json(), "units": [[u.language, u.path, list(u.row_groups)] for u in units]}
+            "mix": mix.to_json(), "fim": dataclasses.asdict(fim), "units": [[u.language, u.path, list(u.row_groups)] for u in units]}
     plan_path = out / PLAN_FILE
     if plan_path.exists():
         try:
@@ -241,7 +314,7 @@ def pack(data_dir: str | Path, tokenizer: str | Path, seq_len: int, out: str | P
         log(f"resuming: {len(summaries)} of {len(units)} units already packed")
 
     text_bytes = {u.name: u.text_bytes for u in pending}
-    jobs = [(unit, str(out), dtype.str, validation_fraction, mix, batch_size) for unit in pending]
+    jobs = [(unit, str(out), dtype.str, validation_fraction, mix, batch_size, fim) for unit in pending]
     from tqdm import tqdm
 
     bar = tqdm(total=sum(u.text_bytes for u in pending), unit="B", unit_scale=True, desc="packing",
@@ -310,6 +383,7 @@ def _write_index(out: Path, units: list[Unit], summaries: dict, plan: dict, seq_
         "tokenizer": {"file": "tokenizer.json", "source": str(tokenizer.resolve()), "sha256": plan["tokenizer_sha256"]},
         "data_dir": plan["data_dir"],
         "mix": plan["mix"],
+        "fim": plan["fim"],
         "missing_languages": [lang for lang in plan["mix"]["languages"] if lang not in languages],
         "validation_fraction": plan["validation_fraction"],
         "languages": languages,

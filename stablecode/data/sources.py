@@ -223,13 +223,16 @@ class _LanguageWriter:
 
 def from_dir(src: str | Path, out: str | Path, languages: list[str] | None = None, license: str | None = None,
              repo_name: str | None = None, exclude: list[str] | None = None, filters: SourceFilters | None = None,
-             overwrite: bool = False, row_group_rows: int = 256, row_group_bytes: int = 4 << 20,
+             overwrite: bool = False, packages: dict[str, dict] | None = None, row_group_rows: int = 256, row_group_bytes: int = 4 << 20,
              shard_bytes: int = 256 << 20, log=None) -> FromDirResult:
     """Build the starcoderdata layout in `out` from the files under `src`; see the module docstring.
 
     `languages`: starcoderdata names (default: StableCode's stage-1 list; ["all"]: every known one).
     `license`: the licence of the tree (default: identified from a LICENSE/COPYING file in `src`);
     a nested LICENSE file or a file's SPDX-License-Identifier header takes precedence for its files.
+    `packages`: top-level directory -> {"package", "version", "license"} (as `stablecode data pypi`
+    writes): files under such a directory get that licence, `pypi/<package>` as repo name, and their
+    package and version in the manifest.
     `exclude`: glob patterns matched against each file or directory name and its path relative to `src`.
     The output is written to a temporary directory and renamed into place when complete.
     """
@@ -345,16 +348,21 @@ def from_dir(src: str | Path, out: str | Path, languages: list[str] | None = Non
                     skip(relative, "duplicate", f"same content as {seen[digest]}")
                     continue
                 seen[digest] = relative
-                licence = spdx_license(text, filters) or licence_of_dir[directory]
+                package = packages.get(relative.split("/", 1)[0]) if packages else None
+                licence = spdx_license(text, filters) or (package["license"] if package else licence_of_dir[directory])
                 if language not in writers:
                     writers[language] = _LanguageWriter(staging / language, row_group_rows, row_group_bytes,
                                                         shard_bytes)
                 writers[language].add({
-                    "content": text, "max_stars_repo_name": repo_name, "max_stars_repo_path": relative,
+                    "content": text, "max_stars_repo_name": f"pypi/{package['package']}" if package else repo_name,
+                    "max_stars_repo_path": relative,
                     "max_stars_count": None, "id": relative, "language": language, "license": licence,
                     "path": relative, "sha256": digest, "size": len(data)})
-                taken.append({"path": relative, "sha256": digest, "language": language, "license": licence,
-                              "bytes": len(data)})
+                entry = {"path": relative, "sha256": digest, "language": language, "license": licence,
+                         "bytes": len(data)}
+                if package:
+                    entry = {"package": package["package"], "version": package["version"]} | entry
+                taken.append(entry)
                 result.files += 1
                 result.bytes += len(data)
                 result.per_language[language] += 1
