@@ -353,7 +353,7 @@ def main() -> None:
         results["speculative-int8"] = run_worker("speculative", dirs["int8"], args, [
             "--code-prompts", str(args.code_prompts), "--code-prompt-tokens", str(args.code_prompt_tokens)])
     if args.embedded:
-        from stablecode.checkpoint import resolve_model_dir
+        from stablecode.registry import resolve_model_dir
 
         embedded = resolve_model_dir(args.embedded)
         results["embedded"] = run_worker("ours", embedded, args)
@@ -377,10 +377,10 @@ def read_bandwidth(threads: int) -> float:
     """GB/s of a plain streaming read of 2 GiB (our AVX2 byte-sum kernel): the decode ceiling."""
     import torch
 
-    from stablecode.quantize import kernels
+    from stablecode import kernels
 
     torch.set_num_threads(threads)
-    ext = kernels()
+    ext = kernels.load()
     if ext is None:
         return float("nan")
     data = torch.ones(2 << 30, dtype=torch.uint8)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from stablecode.checkpoint import EMBEDDED_MODELS_DIR, load_model, save_checkpoint
+from stablecode.checkpoint import load_model, save_checkpoint
+from stablecode.registry import EMBEDDED_MODELS_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 

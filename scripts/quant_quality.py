@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from stablecode import load_model, load_tokenizer
 from stablecode import quantize as Q
-from stablecode.checkpoint import resolve_model_dir
+from stablecode.kernels import ops
+from stablecode.registry import resolve_model_dir
 
 
 def stdlib_ids(tokenizer, count: int, skip: int = 100) -> list[int]:
@@ -65,7 +66,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    Q.DECODE_MAX_ROWS = 1 << 30  # every row through the decode kernels
+    ops.DECODE_MAX_ROWS = 1 << 30  # every row through the decode kernels
 
     directory = resolve_model_dir(args.model)
     tokenizer = load_tokenizer(directory)

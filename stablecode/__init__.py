@@ -1,15 +1,36 @@
 """stablecode: run, serve, train and evaluate the StableCode-Completion-Alpha-3B-4K model family."""
 
-from stablecode.api import Completer
-from stablecode.attribution import Attributor
-from stablecode.checkpoint import load_model, save_checkpoint
-from stablecode.config import PRESETS, ModelConfig
-from stablecode.errors import StablecodeError
-from stablecode.generate import Completion
-from stablecode.model import GPTNeoX
-from stablecode.sampling import SamplingParams
-from stablecode.tokenizer import Tokenizer, load_tokenizer
+from importlib import import_module
 
-__all__ = ["Attributor", "Completer", "Completion", "GPTNeoX", "ModelConfig", "PRESETS", "SamplingParams",
-           "StablecodeError", "Tokenizer", "load_model", "load_tokenizer", "save_checkpoint"]
 __version__ = "0.1.0"
+
+# The public names, imported on first use: `import stablecode.atomic` or `stablecode --help` must
+# not pay for torch, and the torch-free subpackages (data, eval, attribution) must stay that way.
+_EXPORTS = {
+    "Attributor": "stablecode.attribution",
+    "Completer": "stablecode.api",
+    "Completion": "stablecode.generate",
+    "GPTNeoX": "stablecode.model",
+    "ModelConfig": "stablecode.config",
+    "PRESETS": "stablecode.config",
+    "SamplingParams": "stablecode.sampling",
+    "StablecodeError": "stablecode.errors",
+    "Tokenizer": "stablecode.tokenizer",
+    "load_model": "stablecode.checkpoint",
+    "load_tokenizer": "stablecode.tokenizer",
+    "save_checkpoint": "stablecode.checkpoint",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'stablecode' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

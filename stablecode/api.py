@@ -7,7 +7,8 @@ from typing import Iterator
 
 import torch
 
-from stablecode.checkpoint import load_model, resolve_model_dir
+from stablecode.checkpoint import load_model
+from stablecode.registry import resolve_model_dir
 from stablecode.generate import Completion, Sequence, generate
 from stablecode.prefix_cache import PrefixCache
 from stablecode.sampling import SamplingParams

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -17,82 +16,29 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from stablecode.atomic import staged_directory
 from stablecode.config import ModelConfig
 from stablecode.errors import CheckpointError, ConfigError
 from stablecode.model import GPTNeoX
-from stablecode.quantize import prepare_quantized, quantize_model, read_quantization, use_bf16_kernels
+from stablecode.quantize import (DEFAULT_GROUP_SIZE, check_method, prepare_quantized, quantize_model,
+                                 use_bf16_kernels)
+from stablecode.registry import resolve_model_dir
 
 # Buffers that old GPT-NeoX checkpoints carry and we recompute (or never need).
 IGNORED_SUFFIXES = ("attention.bias", "attention.masked_bias", "attention.rotary_emb.inv_freq")
 # Other names for our tensors: a transformers 5 `state_dict()` calls the head `lm_head` (its
 # save_pretrained writes `embed_out`, as released checkpoints do).
 TENSOR_ALIASES = {"lm_head.weight": "embed_out.weight"}
-EMBEDDED_MODELS_DIR = Path(__file__).parent / "models"
-DEFAULT_MODEL = "stablecode-nano"
+QUANTIZATION_FILE = "quantization.json"
+# bf16 models this large get the compiled matrix-vector layers (built on first use, about a minute).
+# Smaller ones (the embedded model) decode at PyTorch's speed already and never wait for a build.
+BF16_KERNELS_MIN_PARAMETERS = 100_000_000
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
 
-# ---- atomic file writing ---------------------------------------------------------------------
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would make the result private
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def replace_directory(staging: Path, destination: Path) -> None:
-    """Move a fully written `staging` directory to `destination`, replacing it as atomically as POSIX allows."""
-    destination = Path(destination)
-    old = destination.with_name(f".{destination.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if destination.exists():
-        os.replace(destination, old)
-    os.replace(staging, destination)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-# ---- resolving names and dtypes --------------------------------------------------------------
-
-def resolve_model_dir(model: str | os.PathLike | None) -> Path:
-    """A checkpoint directory, or the name of an embedded model (default: stablecode-nano)."""
-    if model is None:
-        model = DEFAULT_MODEL
-    path = Path(model)
-    if path.is_dir():
-        return path
-    embedded = EMBEDDED_MODELS_DIR / str(model)
-    if embedded.is_dir() and (embedded / "config.json").exists():
-        return embedded
-    if str(model) == DEFAULT_MODEL:
-        raise CheckpointError(f"the embedded model {DEFAULT_MODEL!r} is not installed in {embedded}; "
-                              "pass --model DIR with a checkpoint directory")
-    raise CheckpointError(f"{model}: no such checkpoint directory (and not an embedded model name)")
-
+# ---- dtypes and devices ----------------------------------------------------------------------
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
@@ -270,7 +216,8 @@ def load_model(path: str | os.PathLike | None = None, dtype: str | torch.dtype |
     model.eval()
     if quantize:
         quantize_model(model, quantize)
-    elif device.type == "cpu" and final_dtype == torch.bfloat16 and stored_quantization is None:
+    elif (device.type == "cpu" and final_dtype == torch.bfloat16 and stored_quantization is None
+          and config.num_parameters >= BF16_KERNELS_MIN_PARAMETERS):
         use_bf16_kernels(model)
     return model
 
@@ -294,9 +241,7 @@ def save_checkpoint(model: GPTNeoX, directory: str | os.PathLike, max_shard_size
                     extra_files: dict[str, bytes] | None = None) -> Path:
     """Write config.json + safetensors (sharded above max_shard_size bytes) atomically as a directory."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
-    try:
+    with staged_directory(directory) as staging:
         state = hf_state_dict(model)
         if dtype is not None:
             state = {k: v.to(dtype) for k, v in state.items()}
@@ -329,13 +274,29 @@ def save_checkpoint(model: GPTNeoX, directory: str | os.PathLike, max_shard_size
             shutil.copyfile(tokenizer_file, staging / "tokenizer.json")
         for name, data in (extra_files or {}).items():
             (staging / name).write_bytes(data)
-        for file in staging.iterdir():
-            os.chmod(file, 0o666 & ~_umask())
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
-        os.chmod(staging, 0o777 & ~_umask())
-        replace_directory(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return directory
+
+
+# ---- quantized checkpoints -------------------------------------------------------------------
+
+def read_quantization(directory: str | os.PathLike) -> dict | None:
+    """The quantization a checkpoint directory was saved with, or None for a float checkpoint."""
+    path = Path(directory) / QUANTIZATION_FILE
+    if not path.exists():
+        return None
+    try:
+        spec = json.loads(path.read_text())
+        check_method(spec["method"])
+        group_size = int(spec.get("group_size", DEFAULT_GROUP_SIZE))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a valid quantization description ({e})") from None
+    return {"method": spec["method"], **({"group_size": group_size} if spec["method"] == "int4" else {})}
+
+
+def save_quantized(model: GPTNeoX, directory: str | os.PathLike, tokenizer_file=None, max_shard_size=None) -> Path:
+    """Write a quantized model as a checkpoint directory that loads without re-quantizing."""
+    spec = getattr(model, "quantization", None)
+    if spec is None:
+        raise ValueError("the model is not quantized: call quantize_model() first")
+    return save_checkpoint(model, directory, max_shard_size=max_shard_size, tokenizer_file=tokenizer_file,
+                           extra_files={QUANTIZATION_FILE: (json.dumps(spec, indent=2) + "\n").encode()})

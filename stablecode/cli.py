@@ -99,8 +99,9 @@ def describe(config) -> str:
 
 
 def run_info(args) -> None:
-    from stablecode.checkpoint import load_config, resolve_model_dir
+    from stablecode.checkpoint import load_config
     from stablecode.config import ModelConfig
+    from stablecode.registry import resolve_model_dir
 
     config = ModelConfig.from_preset(args.preset) if args.preset else load_config(resolve_model_dir(args.model))
     print(describe(config))
@@ -155,6 +156,30 @@ def run_complete(args) -> None:
     sys.stdout.write("\n")
 
 
+# ---- quantize --------------------------------------------------------------------------------
+
+def add_quantize_command(subparsers) -> None:
+    p = subparsers.add_parser("quantize", help="write an int8 or int4 quantized copy of a checkpoint")
+    p.add_argument("--model", default=None, help="checkpoint directory or embedded model name")
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--method", required=True, choices=["int8", "int4"])
+    p.add_argument("--group-size", type=int, default=64, help="int4 group size (multiple of 32)")
+    p.set_defaults(func=run_quantize)
+
+
+def run_quantize(args) -> None:
+    from stablecode.checkpoint import load_model, save_quantized
+    from stablecode.quantize import quantize_model
+    from stablecode.registry import resolve_model_dir
+
+    source = resolve_model_dir(args.model)
+    model = load_model(source)
+    quantize_model(model, args.method, args.group_size)
+    tokenizer = source / "tokenizer.json"
+    save_quantized(model, args.out, tokenizer_file=tokenizer if tokenizer.exists() else None)
+    print(f"wrote {args.method} checkpoint to {args.out}", file=sys.stderr)
+
+
 # ---- entry point -----------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,7 +196,7 @@ def add_train_command(subparsers) -> None:
     add(subparsers)
 
 
-COMMANDS = [add_init_command, add_info_command, add_complete_command, add_train_command]
+COMMANDS = [add_init_command, add_info_command, add_complete_command, add_quantize_command, add_train_command]
 # Subcommands of other modules register here (serve, train, data, tokenizer, eval, index, attribute).
 
 from stablecode.attribution.commands import add_attribute_command, add_index_command  # noqa: E402
@@ -189,10 +214,6 @@ COMMANDS += [add_eval_command]
 from stablecode.server.cli import add_serve_command  # noqa: E402
 
 COMMANDS += [add_serve_command]
-
-from stablecode.quantize import add_quantize_command  # noqa: E402
-
-COMMANDS += [add_quantize_command]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+from stablecode.atomic import atomic_write_text
 from stablecode.errors import ConfigError
 
 
@@ -200,8 +201,6 @@ class ModelConfig:
         return cls.from_hf_dict(data, source=str(path))
 
     def save(self, path: str | Path) -> None:
-        from stablecode.checkpoint import atomic_write_text
-
         atomic_write_text(Path(path), json.dumps(self.to_hf_dict(), indent=2) + "\n")
 
     def replace(self, **changes) -> "ModelConfig":

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stablecode.config import ModelConfig
-from stablecode.quantize import decode_attention, use_decode_attention
+from stablecode.kernels import attention
 
 
 def rotary_tables(config: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,13 +114,7 @@ class Attention(nn.Module):
         k = apply_rotary(k, plan.cos, plan.sin)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(k, v, plan)
-        if not plan.is_causal and use_decode_attention(q, k):
-            # One new token per row on the CPU: a pass over each row's cached keys and values.
-            y = decode_attention(q, k, v, plan.cache_rows, plan.key_lengths)
-        else:
-            if plan.cache_rows is not None:
-                k, v = k[plan.cache_rows], v[plan.cache_rows]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, is_causal=plan.is_causal)
+        y = attention(q, k, v, plan.mask, plan.is_causal, plan.cache_rows, plan.key_lengths)
         return self.dense(y.transpose(1, 2).reshape(batch, steps, -1))
 
 

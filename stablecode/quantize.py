@@ -1,156 +1,29 @@
-"""Weight-only quantization and the fast CPU linear layers used for decoding.
+"""Weight-only quantized formats and the linear layers that run them (and Bf16Linear, the same for bf16).
 
 - int8: one fp32 scale per output channel, `w = scale[n] * q[n, k]`.
 - int4: groups of `group_size` inputs per output channel with an fp16 scale and minimum,
   `w = scale[n, g] * q[n, k] + min[n, g]`, q in 0..15, two values packed per byte.
 
 Decoding multiplies a few activation rows by each weight matrix, so it is bound by how fast the
-weights stream from memory. For that case the layers call small AVX2 kernels
-(`csrc/cpu_kernels.cpp`, compiled on first use) that multiply int8/int4 weights with int8-quantized
-activations. Prompts (many rows) dequantize the weights and run one big GEMM; on CPUs without
-native bf16 matrix units that GEMM runs in fp32, which is ~5x faster there than emulated bf16.
+weights stream from memory: for that case the layers call the compiled kernels (`stablecode.kernels`),
+or PyTorch's own weight-only ops where those are not loaded. Prompts (many rows) dequantize the
+weights and run one big GEMM; on CPUs without native bf16 matrix units that GEMM runs in fp32.
 
 Embeddings and norms stay in floating point; the output head is quantized unless tied to the embedding.
-
-The same compiled file holds the decode attention kernel (one new token per row over a bf16 KV
-cache), which `stablecode.model` calls where it applies (`use_decode_attention`).
+How a quantized model is stored on disk is `stablecode.checkpoint`'s business.
 """
 
 from __future__ import annotations
-
-import json
-import os
-import sys
-import warnings
-from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stablecode import kernels
+from stablecode.kernels import bf16_linear, gemm_dtype, int4_linear, int8_linear, ops, use_linear_kernels
+
 QUANTIZATIONS = ("int8", "int4")
 DEFAULT_GROUP_SIZE = 64
-# Up to this many rows (tokens) the matrix-vector kernels run; above, dequantize + GEMM is faster.
-DECODE_MAX_ROWS = 16
-QUANTIZATION_FILE = "quantization.json"
-KERNEL_SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
-
-_kernels = None
-_kernels_loaded = False
-
-
-# ---- the compiled kernels ----------------------------------------------------------------------
-
-def _simd_level() -> str:
-    try:
-        flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "").split()
-    except OSError:
-        flags = []
-    return "avx2" if {"avx2", "fma", "f16c"} <= set(flags) else "generic"
-
-
-def kernels():
-    """The compiled CPU kernels, built once per machine; None (after one warning) if they cannot be.
-
-    STABLECODE_KERNELS=torch skips them and uses PyTorch's own ops (for comparisons).
-    """
-    global _kernels, _kernels_loaded
-    if _kernels_loaded:
-        return _kernels
-    _kernels_loaded = True
-    if os.environ.get("STABLECODE_KERNELS", "native") == "torch":
-        return None
-    simd = _simd_level()
-    flags = ["-O3", "-fopenmp"] + (["-mavx2", "-mfma", "-mf16c"] if simd == "avx2" else [])
-    try:
-        from torch.utils.cpp_extension import _get_build_directory, load
-
-        name = f"stablecode_cpu_kernels_{simd}"
-        if not any(Path(_get_build_directory(name, verbose=False)).glob("*.so")):
-            print("stablecode: compiling the CPU kernels (first use on this machine, about a minute)",
-                  file=sys.stderr)
-        _kernels = load(name=name, sources=[str(KERNEL_SOURCE)], extra_cflags=flags, verbose=False)
-    except Exception as e:  # no compiler, no ninja, build error: all mean the same to the user
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        warnings.warn(f"stablecode: could not build the CPU kernels ({first_line}); decoding falls back to "
-                      "PyTorch's slower ops (install gcc/g++ and ninja for full speed)", RuntimeWarning, stacklevel=2)
-        _kernels = None
-    return _kernels
-
-
-# The kernels as torch custom ops: a pybind function is opaque to torch.compile, an op with a
-# shape function is not, so a compiled decode step keeps these kernels and fuses the small ops
-# between them. Eager calls pay a few microseconds of dispatch per call.
-
-@torch.library.custom_op("stablecode::int8_linear", mutates_args=())
-def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """x [M, K] fp32/bf16 @ (scale[n] * weight[n, k]).T + bias, activations quantized to int8 per 32."""
-    return kernels().int8_linear(x, weight, scale, bias)
-
-
-@torch.library.custom_op("stablecode::int4_linear", mutates_args=())
-def int4_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
-                group_size: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """x [M, K] @ the 4-bit weight's dequantized transpose + bias."""
-    return kernels().int4_linear(x, weight, scale, minimum, group_size, bias)
-
-
-@torch.library.custom_op("stablecode::bf16_linear", mutates_args=())
-def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """x [M, K] @ weight.T + bias for a bf16 weight, accumulated in fp32."""
-    return kernels().bf16_linear(x, weight, bias)
-
-
-@int8_linear.register_fake
-@bf16_linear.register_fake
-def _linear_shape(x, weight, *_):
-    return x.new_empty(x.shape[0], weight.shape[0])
-
-
-@int4_linear.register_fake
-def _int4_linear_shape(x, weight, scale, minimum, group_size, bias):
-    return x.new_empty(x.shape[0], weight.shape[0])
-
-
-@torch.library.custom_op("stablecode::decode_attention", mutates_args=())
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: Optional[torch.Tensor] = None,
-                     lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """softmax(q kᵀ / √D) v for one query per row and head: q [B, H, 1, D], k and v [R, H, L, D].
-
-    Row b attends to cache row rows[b] (default b), keys 0..lengths[b]-1 (default all L)."""
-    return kernels().decode_attention(q, k, v, rows, lengths)
-
-
-@decode_attention.register_fake
-def _decode_attention_shape(q, k, v, rows=None, lengths=None):
-    return q.new_empty(q.shape)
-
-
-def use_decode_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether the decode attention kernel applies: one query per row, CPU, a bf16 cache, no gradients.
-
-    (With fp32 caches PyTorch's own attention is as fast; with bf16 it is 4-5x slower here.)"""
-    return (q.shape[2] == 1 and q.device.type == "cpu" and q.dtype == torch.bfloat16
-            and k.dtype == q.dtype and q.stride(-1) == 1 and k.stride(-1) == 1 and not q.requires_grad
-            and kernels() is not None)
-
-
-def _use_kernels(x: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and x.shape[0] <= DECODE_MAX_ROWS and x.dtype in (torch.float32, torch.bfloat16)
-            and x.shape[1] % 32 == 0 and kernels() is not None)
-
-
-def gemm_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype for big matrix products: bf16 only where the CPU multiplies bf16 natively."""
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not _native_bf16():
-        return torch.float32
-    return x.dtype
-
-
-def _native_bf16() -> bool:
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 # ---- quantization math (also the reference the kernels are tested against) -------------------
@@ -258,9 +131,9 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = _rows(x)
-        if _use_kernels(rows):
+        if use_linear_kernels(rows):
             y = int8_linear(rows, self.weight, self.scale, self.bias)
-        elif rows.shape[0] <= DECODE_MAX_ROWS and rows.device.type == "cpu":
+        elif rows.shape[0] <= ops.DECODE_MAX_ROWS and rows.device.type == "cpu":
             # PyTorch's own weight-only int8 kernel (no compiler, or STABLECODE_KERNELS=torch).
             y = torch._weight_int8pack_mm(rows, self.weight, self.scale.to(rows.dtype))
             y = y if self.bias is None else y + self.bias
@@ -314,9 +187,9 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = _rows(x)
-        if _use_kernels(rows):
+        if use_linear_kernels(rows):
             y = int4_linear(rows, self.weight, self.scale, self.min, self.group_size, self.bias)
-        elif rows.shape[0] <= DECODE_MAX_ROWS and rows.device.type == "cpu":
+        elif rows.shape[0] <= ops.DECODE_MAX_ROWS and rows.device.type == "cpu":
             y = self._torch_int4_mm(rows)
             y = y if self.bias is None else y + self.bias
         else:
@@ -339,9 +212,9 @@ class Bf16Linear(nn.Linear):
         if torch.is_grad_enabled() or self.weight.dtype != torch.bfloat16 or x.device.type != "cpu":
             return super().forward(x)
         rows = _rows(x)
-        if _use_kernels(rows):
+        if use_linear_kernels(rows):
             y = bf16_linear(rows, self.weight, self.bias)
-        elif gemm_dtype(rows) == torch.float32 and rows.shape[0] > DECODE_MAX_ROWS:
+        elif gemm_dtype(rows) == torch.float32 and rows.shape[0] > ops.DECODE_MAX_ROWS:
             y = _dequantized_linear(self, rows, x.dtype)
         else:
             y = F.linear(rows, self.weight, self.bias)
@@ -374,7 +247,7 @@ def quantize_model(model: nn.Module, method: str, group_size: int = DEFAULT_GROU
         setattr(parent, name, quantized)
     model.quantization = {"method": method, **({"group_size": group_size} if method == "int4" else {})}
     if model.embed_out.weight.device.type == "cpu":
-        kernels()  # compile now, not during the first request
+        kernels.load()  # build now (first use on this machine), not during the first request
     return model
 
 
@@ -388,30 +261,13 @@ def use_bf16_kernels(model: nn.Module) -> nn.Module:
     for parent, name, layer in _linear_layers(model):
         if type(layer) is nn.Linear and layer.weight.dtype == torch.bfloat16:
             layer.__class__ = Bf16Linear
-    kernels()
+    kernels.load()
     return model
-
-
-# ---- quantized checkpoints -------------------------------------------------------------------
-
-def read_quantization(directory: str | os.PathLike) -> dict | None:
-    """The quantization a checkpoint directory was saved with, or None for a float checkpoint."""
-    path = Path(directory) / QUANTIZATION_FILE
-    if not path.exists():
-        return None
-    try:
-        spec = json.loads(path.read_text())
-        check_method(spec["method"])
-        group_size = int(spec.get("group_size", DEFAULT_GROUP_SIZE))
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        from stablecode.errors import CheckpointError
-
-        raise CheckpointError(f"{path}: not a valid quantization description ({e})") from None
-    return {"method": spec["method"], **({"group_size": group_size} if spec["method"] == "int4" else {})}
 
 
 def prepare_quantized(model: nn.Module, spec: dict) -> None:
     """Give a model built on the meta device the empty quantized layers a quantized checkpoint fills."""
+    check_method(spec["method"])
     for parent, name, layer in _linear_layers(model):
         bias = layer.bias is not None
         if spec["method"] == "int8":
@@ -420,36 +276,3 @@ def prepare_quantized(model: nn.Module, spec: dict) -> None:
             quantized = Int4Linear(layer.in_features, layer.out_features, bias, spec["group_size"], device="meta")
         setattr(parent, name, quantized)
     model.quantization = dict(spec)
-
-
-def save_quantized(model: nn.Module, directory: str | os.PathLike, tokenizer_file=None, max_shard_size=None) -> Path:
-    """Write a quantized model as a checkpoint directory that loads without re-quantizing."""
-    from stablecode.checkpoint import save_checkpoint
-
-    spec = getattr(model, "quantization", None)
-    if spec is None:
-        raise ValueError("the model is not quantized: call quantize_model() first")
-    return save_checkpoint(model, directory, max_shard_size=max_shard_size, tokenizer_file=tokenizer_file,
-                           extra_files={QUANTIZATION_FILE: (json.dumps(spec, indent=2) + "\n").encode()})
-
-
-# ---- command line ----------------------------------------------------------------------------
-
-def add_quantize_command(subparsers) -> None:
-    p = subparsers.add_parser("quantize", help="write an int8 or int4 quantized copy of a checkpoint")
-    p.add_argument("--model", default=None, help="checkpoint directory or embedded model name")
-    p.add_argument("--out", required=True, type=Path, help="output directory")
-    p.add_argument("--method", required=True, choices=QUANTIZATIONS)
-    p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, help="int4 group size (multiple of 32)")
-    p.set_defaults(func=run_quantize)
-
-
-def run_quantize(args) -> None:
-    from stablecode.checkpoint import load_model, resolve_model_dir
-
-    source = resolve_model_dir(args.model)
-    model = load_model(source)
-    quantize_model(model, args.method, args.group_size)
-    tokenizer = source / "tokenizer.json"
-    save_quantized(model, args.out, tokenizer_file=tokenizer if tokenizer.exists() else None)
-    print(f"wrote {args.method} checkpoint to {args.out}", file=sys.stderr)

@@ -61,7 +61,7 @@ def generate_one(model: GPTNeoX, sequence: Sequence, prefix_cache: PrefixCache |
     """
     if draft_tokens and not sequence.sampling.greedy:
         raise ValueError("speculative decoding needs greedy decoding (temperature 0)")
-    from stablecode.quantize import DECODE_MAX_ROWS
+    from stablecode.kernels import DECODE_MAX_ROWS
 
     draft_tokens = min(draft_tokens, DECODE_MAX_ROWS - 1)  # keep verification on the decode kernels
     device = model.rotary_cos.device

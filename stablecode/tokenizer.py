@@ -8,6 +8,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 
 from stablecode.errors import TokenizerError
+from stablecode.registry import resolve_model_dir
 
 EOS_TOKEN = "<|endoftext|>"
 
@@ -56,8 +57,6 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
     """The tokenizer of a checkpoint directory, a tokenizer.json file, or an embedded model name."""
     if path is not None and Path(path).is_file():
         return Tokenizer.from_file(path)
-    from stablecode.checkpoint import resolve_model_dir
-
     return Tokenizer.from_file(resolve_model_dir(path))
 
 

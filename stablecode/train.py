@@ -19,7 +19,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from stablecode.checkpoint import atomic_write_text, save_checkpoint
+from stablecode.atomic import atomic_path, atomic_write_text
+from stablecode.checkpoint import save_checkpoint
 from stablecode.config import ModelConfig
 from stablecode.errors import StablecodeError
 from stablecode.model import GPTNeoX, init_weights
@@ -295,16 +295,8 @@ def _local_optimizer_state(state: dict) -> dict:
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def latest_checkpoint(directory: Path) -> Path | None:
@@ -560,11 +552,9 @@ def plot_losses(history: dict, path: Path) -> None:
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
-    os.close(fd)
-    figure.savefig(tmp)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png")
     plt.close(figure)
-    os.replace(tmp, path)
 
 
 def add_train_command(subparsers) -> None:

@@ -334,9 +334,9 @@ def test_corrupted_text_found_at_lookup_without_verification(index, corpus, tmp_
 
 
 def test_default_is_the_embedded_models_index(index, tmp_path, monkeypatch):
-    import stablecode.checkpoint
+    import stablecode.registry
 
-    monkeypatch.setattr(stablecode.checkpoint, "EMBEDDED_MODELS_DIR", tmp_path / "models")
+    monkeypatch.setattr(stablecode.registry, "EMBEDDED_MODELS_DIR", tmp_path / "models")
     with pytest.raises(AttributionIndexError, match="scripts/build_nano_index.sh"):
         Attributor()
     shutil.copytree(index, tmp_path / "models" / "stablecode-nano" / "attribution-index")

@@ -281,8 +281,8 @@ def test_dtype_or_device_that_cannot_run(saved):
 
 
 def test_embedded_default_model_missing_is_a_clear_error(monkeypatch, tmp_path):
-    from stablecode import checkpoint
+    from stablecode import registry
 
-    monkeypatch.setattr(checkpoint, "EMBEDDED_MODELS_DIR", tmp_path)
+    monkeypatch.setattr(registry, "EMBEDDED_MODELS_DIR", tmp_path)
     monkeypatch.chdir(tmp_path)
     assert "--model DIR" in error_of(None)

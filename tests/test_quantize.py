@@ -8,6 +8,9 @@ import torch.nn.functional as F
 
 from stablecode import GPTNeoX, ModelConfig, load_model
 from stablecode import quantize as Q
+from stablecode.checkpoint import save_quantized
+from stablecode.kernels import build, ops
+from stablecode.kernels import load as load_kernels
 from stablecode.errors import CheckpointError
 from stablecode.model import init_weights
 
@@ -17,19 +20,10 @@ CONFIG = ModelConfig(name="quant-test", vocab_size=320, hidden_size=128, num_lay
 
 @pytest.fixture(scope="module")
 def ext():
-    kernels = Q.kernels()
+    kernels = load_kernels()
     if kernels is None:
         pytest.fail("the CPU kernels did not build on this machine (see the warning above)")
     return kernels
-
-
-def reference_activations(x: torch.Tensor) -> torch.Tensor:
-    """x after the kernels' int8 quantization per block of 32 (scale max|x|/127, round half to even)."""
-    blocks = x.float().reshape(x.shape[0], -1, 32)
-    amax = blocks.abs().amax(-1, keepdim=True)
-    # torch.div, not `127.0 / amax` (which is computed as amax.reciprocal() * 127 and rounds differently).
-    inv = torch.where(amax > 0, torch.div(torch.full_like(amax, 127.0), amax), torch.zeros_like(amax))
-    return (torch.round(blocks * inv) * (amax / 127.0)).reshape(x.shape)
 
 
 def random_model(config=CONFIG, seed=0, dtype=torch.float32) -> GPTNeoX:
@@ -78,132 +72,6 @@ def test_bad_quantization_settings_are_refused():
         Q.quantize_model(random_model(), "int3")
 
 
-# ---- kernels against reference math ----------------------------------------------------------
-
-@pytest.mark.parametrize("rows", [1, 3, 4, 7, 16])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_kernel_matches_reference(ext, rows, dtype):
-    torch.manual_seed(rows)
-    w, b, x = torch.randn(72, 256), torch.randn(72), torch.randn(rows, 256).to(dtype)
-    q, scale = Q.quantize_int8(w)
-    expected = reference_activations(x).double() @ Q.dequantize_int8(q, scale).double().T + b.to(dtype).double()
-    y = ext.int8_linear(x, q, scale, b.to(dtype))
-    assert y.dtype == dtype and y.shape == (rows, 72)
-    tolerance = 1e-5 if dtype == torch.float32 else 2 ** -8
-    assert ((y.double() - expected).abs() <= tolerance * (expected.abs() + 1)).all()
-    # And the activation quantization itself costs little against exact float math.
-    exact = x.double() @ Q.dequantize_int8(q, scale).double().T + b.to(dtype).double()
-    assert (y.double() - exact).abs().max() <= 0.02 * exact.abs().max()
-
-
-@pytest.mark.parametrize("rows", [1, 5, 16])
-@pytest.mark.parametrize("group_size", [32, 64, 128])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int4_kernel_matches_reference(ext, rows, group_size, dtype):
-    torch.manual_seed(rows + group_size)
-    w, b, x = torch.randn(40, 384), torch.randn(40), torch.randn(rows, 384).to(dtype)
-    packed, scale, minimum = Q.quantize_int4(w, group_size)
-    dequantized = Q.dequantize_int4(packed, scale, minimum, group_size).double()
-    expected = reference_activations(x).double() @ dequantized.T + b.to(dtype).double()
-    y = ext.int4_linear(x, packed, scale, minimum, group_size, b.to(dtype))
-    tolerance = 1e-5 if dtype == torch.float32 else 2 ** -8
-    assert ((y.double() - expected).abs() <= tolerance * (expected.abs() + 1)).all()
-
-
-def test_kernels_without_bias_and_with_zero_input(ext):
-    w = torch.randn(16, 64)
-    q, scale = Q.quantize_int8(w)
-    x = torch.zeros(2, 64)
-    x[1, :32] = torch.randn(32)  # one all-zero block: scale 0 must not produce nan
-    expected = reference_activations(x).double() @ Q.dequantize_int8(q, scale).double().T
-    assert torch.allclose(ext.int8_linear(x, q, scale, None).double(), expected, atol=1e-5)
-    packed, s4, m4 = Q.quantize_int4(w, 32)
-    expected = reference_activations(x).double() @ Q.dequantize_int4(packed, s4, m4, 32).double().T
-    assert torch.allclose(ext.int4_linear(x, packed, s4, m4, 32, None).double(), expected, atol=1e-5)
-
-
-@pytest.mark.parametrize("rows", [1, 6])
-def test_bf16_kernel_matches_fp32_math(ext, rows):
-    torch.manual_seed(1)
-    w, b, x = torch.randn(50, 200).bfloat16(), torch.randn(50).bfloat16(), torch.randn(rows, 200).bfloat16()
-    expected = F.linear(x.double(), w.double(), b.double())
-    y = ext.bf16_linear(x, w, b)
-    assert y.dtype == torch.bfloat16
-    assert ((y.double() - expected).abs() <= 2 ** -8 * expected.abs() + 1e-3).all()  # one bf16 rounding
-    assert torch.allclose(ext.bf16_linear(x.float(), w, None).double(), F.linear(x.double(), w.double()), atol=1e-4)
-
-
-def test_kernels_refuse_bad_shapes(ext):
-    q, scale = Q.quantize_int8(torch.randn(8, 64))
-    with pytest.raises(RuntimeError, match="weight"):
-        ext.int8_linear(torch.randn(1, 32), q, scale, None)
-    with pytest.raises(RuntimeError, match="group size"):
-        packed, s, m = Q.quantize_int4(torch.randn(8, 64), 32)
-        ext.int4_linear(torch.randn(1, 64), packed, s, m, 48, None)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("batch, heads, length, head_dim", [(1, 32, 300, 80), (3, 4, 37, 64), (2, 2, 1, 12)])
-def test_decode_attention_kernel_matches_sdpa_on_cache_slices(ext, dtype, batch, heads, length, head_dim):
-    # As the model calls it: q a strided view of the fused projection, k and v slices of a bigger cache.
-    torch.manual_seed(2)
-    cache_k = torch.randn(batch + 1, heads, length + 9, head_dim, dtype=dtype)
-    cache_v = torch.randn(batch + 1, heads, length + 9, head_dim, dtype=dtype)
-    k, v = cache_k[:batch, :, :length], cache_v[:batch, :, :length]
-    q = torch.randn(batch, 1, heads, 3 * head_dim, dtype=dtype).transpose(1, 2)[..., :head_dim]
-    expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
-    y = Q.decode_attention(q, k, v)
-    assert y.dtype == dtype and y.shape == (batch, heads, 1, head_dim)
-    tolerance = 1e-5 if dtype == torch.float32 else 2 ** -7
-    assert (y.double() - expected).abs().max() <= tolerance
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_attention_reads_each_rows_cache_row_and_length(ext, dtype):
-    # Batched decoding: sequences at different positions, in any rows of a shared cache.
-    torch.manual_seed(3)
-    cache_k, cache_v = torch.randn(5, 4, 20, 32, dtype=dtype), torch.randn(5, 4, 20, 32, dtype=dtype)
-    rows, lengths = torch.tensor([3, 0, 4]), torch.tensor([20, 1, 7])
-    q = torch.randn(3, 4, 1, 32, dtype=dtype)
-    y = Q.decode_attention(q, cache_k, cache_v, rows, lengths)
-    for b in range(3):
-        k, v = cache_k[rows[b], :, :lengths[b]], cache_v[rows[b], :, :lengths[b]]
-        expected = F.scaled_dot_product_attention(q[b].double(), k.double(), v.double())
-        assert (y[b].double() - expected).abs().max() <= (1e-5 if dtype == torch.float32 else 2 ** -7)
-    with pytest.raises(RuntimeError, match="cache row out of range"):
-        ext.decode_attention(q, cache_k, cache_v, torch.tensor([0, 1, 5]), None)
-    with pytest.raises(RuntimeError, match="key length out of range"):
-        ext.decode_attention(q, cache_k, cache_v, rows, torch.tensor([21, 1, 1]))
-
-
-def test_decode_attention_is_what_bf16_decoding_uses(ext, monkeypatch):
-    calls = []
-    monkeypatch.setattr(Q, "decode_attention",
-                        lambda q, k, v, *index: calls.append(q.shape) or ext.decode_attention(q, k, v, *index))
-    import stablecode.model as M
-    monkeypatch.setattr(M, "decode_attention", Q.decode_attention)
-    model = GPTNeoX(CONFIG).to(torch.bfloat16).eval()
-    prompt = torch.randint(0, CONFIG.vocab_size, (1, 9))
-    with torch.inference_mode():
-        full = model(torch.cat((prompt, prompt[:, :1]), dim=1))[:, -1]
-        model.setup_kv_cache(1, 16)
-        model(prompt, input_pos=0)
-        assert not calls  # the prompt goes through the fused causal kernel
-        step = model(prompt[:, :1], input_pos=9)[:, -1]
-        model.clear_kv_cache()
-    assert len(calls) == CONFIG.num_layers
-    assert (step.float() - full.float()).abs().max() < 0.1 * full.float().abs().max()
-    assert step.argmax() == full.argmax()
-
-
-def test_decode_attention_refuses_mismatched_inputs(ext):
-    q, k = torch.randn(1, 4, 1, 16), torch.randn(1, 4, 10, 16)
-    with pytest.raises(RuntimeError, match="shapes disagree"):
-        ext.decode_attention(q, k, torch.randn(1, 4, 11, 16))
-    with pytest.raises(RuntimeError, match="float32 or all bfloat16"):
-        ext.decode_attention(q, k.bfloat16(), k.bfloat16())
-
-
 # ---- layers and whole models -----------------------------------------------------------------
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
@@ -216,9 +84,9 @@ def test_layer_paths_agree(ext, method, monkeypatch):
     reference = F.linear(x.float(), layer.dequantized(), layer.bias.float())
     with torch.no_grad():
         kernel = layer(x)
-        monkeypatch.setattr(Q, "_kernels", None)
+        monkeypatch.setattr(build, "_library", None)
         torch_kernel = layer(x)
-        monkeypatch.setattr(Q, "DECODE_MAX_ROWS", 0)
+        monkeypatch.setattr(ops, "DECODE_MAX_ROWS", 0)
         gemm = layer(x)
     assert kernel.shape == torch_kernel.shape == gemm.shape == (1, 3, 96)
     scale = reference.abs().max()
@@ -267,7 +135,7 @@ def test_tied_head_stays_float():
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_quantized_checkpoint_loads_without_requantizing(tmp_path, byte_tokenizer_file, method):
     model = Q.quantize_model(random_model(), method, group_size=32)
-    Q.save_quantized(model, tmp_path / "q", tokenizer_file=byte_tokenizer_file)
+    save_quantized(model, tmp_path / "q", tokenizer_file=byte_tokenizer_file)
     assert json.loads((tmp_path / "q" / "quantization.json").read_text())["method"] == method
 
     loaded = load_model(tmp_path / "q")
@@ -287,7 +155,7 @@ def test_quantized_checkpoint_loads_without_requantizing(tmp_path, byte_tokenize
 
 def test_quantized_checkpoint_with_bf16_floats(tmp_path):
     model = Q.quantize_model(random_model(dtype=torch.bfloat16), "int8")
-    Q.save_quantized(model, tmp_path / "q")
+    save_quantized(model, tmp_path / "q")
     loaded = load_model(tmp_path / "q", dtype="float32")  # floats convert; int8 weights and scales do not
     assert loaded.gpt_neox.embed_in.weight.dtype == torch.float32
     assert loaded.embed_out.weight.dtype == torch.int8 and loaded.embed_out.scale.dtype == torch.float32
@@ -295,7 +163,7 @@ def test_quantized_checkpoint_with_bf16_floats(tmp_path):
 
 
 def test_corrupt_quantization_file_is_a_clear_error(tmp_path):
-    Q.save_quantized(Q.quantize_model(random_model(), "int8"), tmp_path / "q")
+    save_quantized(Q.quantize_model(random_model(), "int8"), tmp_path / "q")
     (tmp_path / "q" / "quantization.json").write_text('{"method": "int3"}')
     with pytest.raises(CheckpointError, match="quantization"):
         load_model(tmp_path / "q")
@@ -308,9 +176,10 @@ def test_load_model_quantize_option(tiny_checkpoint):
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]]))).all()
 
 
-def test_bf16_cpu_model_uses_fast_layers(tmp_path):
-    from stablecode import save_checkpoint
+def test_large_bf16_cpu_model_uses_fast_layers(tmp_path, monkeypatch):
+    from stablecode import checkpoint, save_checkpoint
 
+    monkeypatch.setattr(checkpoint, "BF16_KERNELS_MIN_PARAMETERS", CONFIG.num_parameters)
     save_checkpoint(random_model(dtype=torch.bfloat16), tmp_path / "bf16")
     model = load_model(tmp_path / "bf16")
     layer = model.gpt_neox.layers[0].attention.query_key_value
@@ -362,7 +231,7 @@ def test_prompt_gemm_in_chunks_matches_whole(method, monkeypatch):
     x = torch.randn(2, 20, 64).bfloat16()
     expected = F.linear(x.float(), layer.dequantized(), layer.bias.float())
     monkeypatch.setattr(Q, "GEMM_CHUNK_CHANNELS", 32)  # 80 channels: chunks of 32, 32, 16
-    monkeypatch.setattr(Q, "_native_bf16", lambda: False)
+    monkeypatch.setattr(ops, "native_bf16", lambda: False)
     with torch.no_grad():
         y = layer(x)
     assert y.dtype == torch.bfloat16 and y.shape == (2, 20, 80)

@@ -25,7 +25,8 @@ import numpy as np
 
 from stablecode.attribution.fingerprint import (BLOOM_SEGMENT_BITS, bloom_positions, normalise, sampled_positions,
                                                 window_hashes)
-from stablecode.attribution.storage import DATA_FILES, FORMAT, MANIFEST, VERSION, describe_files, manifest_checksum
+from stablecode.attribution.storage import FORMAT, MANIFEST, VERSION, describe_files, manifest_checksum
+from stablecode.atomic import staged_directory
 from stablecode.errors import StablecodeError
 
 # Where each field of a source row may come from: starcoderdata's columns first, then the extra
@@ -228,8 +229,6 @@ def build_index(data: str | os.PathLike, out: str | os.PathLike, *, window: int 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from stablecode.checkpoint import replace_directory
-
     if window < 8:
         raise ValueError(f"window must be at least 8 characters, got {window}")
     if stride < 1:
@@ -248,11 +247,7 @@ def build_index(data: str | os.PathLike, out: str | os.PathLike, *, window: int 
             pass  # reported, naming the file, when it is read
     started = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.building-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
-    try:
+    with staged_directory(out, tag="building") as staging:
         partitions = _Partitions(staging / "partitions")
         schema = pa.schema([("repository", pa.string()), ("path", pa.string()), ("license", pa.string()),
                             ("id", pa.string()), ("language", pa.string()), ("stars", pa.int64()),
@@ -339,9 +334,6 @@ def build_index(data: str | os.PathLike, out: str | os.PathLike, *, window: int 
         del checkpoints_out
         (staging / "checkpoints.bin").unlink()
         shutil.rmtree(staging / "partitions")
-        for name in DATA_FILES:
-            with open(staging / name, "rb") as f:
-                os.fsync(f.fileno())
 
         seconds = time.perf_counter() - started
         manifest = {
@@ -366,10 +358,6 @@ def build_index(data: str | os.PathLike, out: str | os.PathLike, *, window: int 
         }
         manifest["checksum"] = manifest_checksum(manifest)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-        replace_directory(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     if log:
         log(f"indexed {num_sources:,} files ({source_bytes / 1e6:,.1f} MB) into {out} "
             f"({index_size(out) / 1e6:,.1f} MB) in {seconds:,.1f} s")

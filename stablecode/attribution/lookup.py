@@ -65,7 +65,7 @@ class Span:
 def resolve_index_dir(index: str | os.PathLike | None) -> Path:
     """An index directory, a model directory (or embedded model name) holding one, or None for the
     embedded default model's index."""
-    from stablecode.checkpoint import DEFAULT_MODEL, EMBEDDED_MODELS_DIR
+    from stablecode.registry import DEFAULT_MODEL, EMBEDDED_MODELS_DIR
 
     if index is None:
         directory = EMBEDDED_MODELS_DIR / DEFAULT_MODEL / INDEX_DIR_NAME

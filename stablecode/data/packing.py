@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stablecode.checkpoint import atomic_write_bytes, atomic_write_text
+from stablecode.atomic import atomic_open, atomic_write_bytes, atomic_write_text
 from stablecode.data import DataError
 from stablecode.data.starcoder import (SPLITS, DataMix, _key_columns, is_validation, iter_file_documents,
                                        language_files, open_parquet)
@@ -174,19 +174,11 @@ def _encode_batch(texts: list[str]):
 
 def _write_atomically(path: Path, chunks) -> int:
     """Write arrays one after another to a temporary file, fsync, rename; returns the element count."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     count = 0
-    try:
-        with open(tmp, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk.tobytes())
-                count += chunk.size
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as f:
+        for chunk in chunks:
+            f.write(chunk.tobytes())
+            count += chunk.size
     return count
 
 

@@ -13,8 +13,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,7 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stablecode.checkpoint import replace_directory
+from stablecode.atomic import staged_directory
 from stablecode.data import DataError
 from stablecode.data.starcoder import STAGE1_LANGUAGES, canonical_language
 
@@ -255,9 +253,7 @@ def from_dir(src: str | Path, out: str | Path, languages: list[str] | None = Non
     repo_name = repo_name or src.resolve().name
     started = time.monotonic()
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
-    try:
+    with staged_directory(out, tag="partial") as staging:  # replaces `out` (absent, empty or --overwrite)
         result = FromDirResult(out)
         writers: dict[str, _LanguageWriter] = {}
         taken, skipped_files, seen = [], [], {}
@@ -385,19 +381,8 @@ def from_dir(src: str | Path, out: str | Path, languages: list[str] | None = Non
             "seconds": round(time.monotonic() - started, 2),
         }
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0700 would make the result private
-        replace_directory(staging, out)  # `out` is absent, empty or (--overwrite) to be replaced
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     if log:
         log(f"took {result.files} files ({result.bytes:,} bytes) in {time.monotonic() - started:.1f}s: "
             + ", ".join(f"{lang} {n}" for lang, n in result.per_language.most_common()))
         log("skipped: " + (", ".join(f"{reason} {n}" for reason, n in result.skipped.most_common()) or "none"))
     return result
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -15,7 +15,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from stablecode.checkpoint import atomic_write_text
+from stablecode.atomic import atomic_write_text
 from stablecode.data import DataError
 from stablecode.data.starcoder import DataMix, iter_documents, language_files
 

@@ -85,7 +85,7 @@ def run_humaneval(args) -> None:
         raise StablecodeError("give --samples FILE to score, or --out DIR to generate samples there")
     subset = select_problems(problems, args.tasks.split(",") if args.tasks else None, args.limit)
     stop = tuple(s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop)
-    from stablecode.checkpoint import DEFAULT_MODEL
+    from stablecode.registry import DEFAULT_MODEL
     from stablecode.eval.humaneval import STOP_SEQUENCES
 
     settings = GenerationSettings(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,

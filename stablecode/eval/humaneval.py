@@ -22,7 +22,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from stablecode.checkpoint import atomic_write_text
+from stablecode.atomic import atomic_write_text
 from stablecode.errors import StablecodeError
 from stablecode.eval.execution import Limits, Sandbox
 from stablecode.eval.passk import ks_for, mean_pass_at_k

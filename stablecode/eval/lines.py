@@ -206,7 +206,7 @@ def evaluate_lines(model, tokenizer, sources: list[tuple[str, str]], num_lines: 
                    out_dir: str | os.PathLike | None = None, model_name: str = "") -> dict:
     """Sample lines, complete them, score model and baseline; write `lines_report.json` and
     `lines_results.jsonl` to `out_dir` when given. Returns the report."""
-    from stablecode.checkpoint import atomic_write_text
+    from stablecode.atomic import atomic_write_text
 
     if num_lines < 1:
         raise ValueError(f"the number of lines must be >= 1, got {num_lines}")

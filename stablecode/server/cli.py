@@ -59,7 +59,7 @@ def run_serve(args) -> None:
 def serving_attributor(model, index, no_index: bool = False):
     """The attribution index to serve: `index` if given; else, when serving the embedded default model,
     its own index if installed (if not, one line on stderr says so); else None."""
-    from stablecode import checkpoint
+    from stablecode import registry
     from stablecode.attribution import Attributor, AttributionIndexError
     from stablecode.attribution.lookup import resolve_index_dir
 
@@ -67,8 +67,8 @@ def serving_attributor(model, index, no_index: bool = False):
         return None
     if index is not None:
         return Attributor(index)
-    embedded = checkpoint.EMBEDDED_MODELS_DIR / checkpoint.DEFAULT_MODEL
-    if checkpoint.resolve_model_dir(model).resolve() != embedded.resolve():
+    embedded = registry.EMBEDDED_MODELS_DIR / registry.DEFAULT_MODEL
+    if registry.resolve_model_dir(model).resolve() != embedded.resolve():
         return None
     try:
         directory = resolve_index_dir(None)

@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from starlette.responses import StreamingResponse
 
-from stablecode.checkpoint import load_config, load_model, resolve_model_dir
+from stablecode.checkpoint import load_config, load_model
+from stablecode.registry import resolve_model_dir
 from stablecode.errors import StablecodeError
 from stablecode.generate import Sequence
 from stablecode.sampling import SamplingParams

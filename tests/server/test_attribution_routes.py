@@ -178,9 +178,9 @@ def test_a_corrupted_index_fails_the_request_not_the_server(client, attributed, 
 
 
 def test_serve_loads_the_embedded_models_index_by_default(tiny_checkpoint, index, tmp_path, monkeypatch, capsys):
-    import stablecode.checkpoint
+    import stablecode.registry
 
-    monkeypatch.setattr(stablecode.checkpoint, "EMBEDDED_MODELS_DIR", tmp_path / "models")
+    monkeypatch.setattr(stablecode.registry, "EMBEDDED_MODELS_DIR", tmp_path / "models")
     embedded = tmp_path / "models" / "stablecode-nano"
     shutil.copytree(tiny_checkpoint, embedded)
     # not installed: serve without it, and say so on one line

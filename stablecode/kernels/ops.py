@@ -1,0 +1,117 @@
+"""The compiled kernels as torch custom ops, when each one applies, and `attention()`.
+
+A pybind function is opaque to torch.compile, an op with a shape function is not, so a compiled
+decode step keeps these kernels and fuses the small ops between them. Eager calls pay a few
+microseconds of dispatch per call.
+
+Every `use_*` check asks only whether this process has already loaded the kernels
+(`build.loaded()`): choosing a path never starts a build and never waits for one.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from stablecode.kernels import build
+
+# Up to this many rows (tokens) the matrix-vector kernels run; above, dequantize + GEMM is faster.
+DECODE_MAX_ROWS = 16
+
+
+def _library():
+    library = build.loaded()
+    if library is None:
+        raise RuntimeError("the stablecode CPU kernels are not loaded (call stablecode.kernels.load() first)")
+    return library
+
+
+@torch.library.custom_op("stablecode::int8_linear", mutates_args=())
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x [M, K] fp32/bf16 @ (scale[n] * weight[n, k]).T + bias, activations quantized to int8 per 32."""
+    return _library().int8_linear(x, weight, scale, bias)
+
+
+@torch.library.custom_op("stablecode::int4_linear", mutates_args=())
+def int4_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
+                group_size: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x [M, K] @ the 4-bit weight's dequantized transpose + bias."""
+    return _library().int4_linear(x, weight, scale, minimum, group_size, bias)
+
+
+@torch.library.custom_op("stablecode::bf16_linear", mutates_args=())
+def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x [M, K] @ weight.T + bias for a bf16 weight, accumulated in fp32."""
+    return _library().bf16_linear(x, weight, bias)
+
+
+@int8_linear.register_fake
+@bf16_linear.register_fake
+def _linear_shape(x, weight, *_):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@int4_linear.register_fake
+def _int4_linear_shape(x, weight, scale, minimum, group_size, bias):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op("stablecode::decode_attention", mutates_args=())
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: Optional[torch.Tensor] = None,
+                     lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """softmax(q kᵀ / √D) v for one query per row and head: q [B, H, 1, D], k and v [R, H, L, D].
+
+    Row b attends to cache row rows[b] (default b), keys 0..lengths[b]-1 (default all L)."""
+    return _library().decode_attention(q, k, v, rows, lengths)
+
+
+@decode_attention.register_fake
+def _decode_attention_shape(q, k, v, rows=None, lengths=None):
+    return q.new_empty(q.shape)
+
+
+def use_decode_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether the decode attention kernel applies: one query per row, CPU, a bf16 cache, no gradients.
+
+    (With fp32 caches PyTorch's own attention is as fast; with bf16 it is 4-5x slower here.)"""
+    return (q.shape[2] == 1 and q.device.type == "cpu" and q.dtype == torch.bfloat16
+            and k.dtype == q.dtype and q.stride(-1) == 1 and k.stride(-1) == 1 and not q.requires_grad
+            and build.loaded() is not None)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              is_causal: bool = False, rows: torch.Tensor | None = None,
+              lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """The model's attention, softmax(q kᵀ / √D + mask) v: q [B, H, T, D], k and v [R, H, L, D].
+
+    rows [B]: the cache rows of k/v that query row b reads (default: the first B rows).
+    lengths [B]: how many keys each row's last query sees; it says the same as `mask`, for the
+    decode kernel, which reads only those keys instead of applying a mask. Elsewhere PyTorch's SDPA.
+    """
+    if not is_causal and use_decode_attention(q, k):
+        # One new token per row on the CPU: one pass over each row's cached keys and values.
+        return decode_attention(q, k, v, rows, lengths)
+    if rows is not None:
+        k, v = k[rows], v[rows]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+
+
+def use_linear_kernels(rows: torch.Tensor) -> bool:
+    """Whether the matrix-vector kernels apply to these activation rows [M, K]."""
+    return (rows.device.type == "cpu" and rows.shape[0] <= DECODE_MAX_ROWS
+            and rows.dtype in (torch.float32, torch.bfloat16) and rows.shape[1] % 32 == 0
+            and build.loaded() is not None)
+
+
+def gemm_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype for big matrix products: bf16 only where the CPU multiplies bf16 natively."""
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not native_bf16():
+        return torch.float32
+    return x.dtype
+
+
+def native_bf16() -> bool:
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
