@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stablecode.checkpoint import atomic_write_text
+from stablecode.atomic import atomic_write_text
 from stablecode.data import DataError
 from stablecode.data.sources import UNKNOWN_LICENSE, SourceFilters, identify_license, spdx_license
 
