@@ -1,8 +1,9 @@
 """Ollama's generate API: Ollama clients and llm-vscode's `ollama` backend.
 
 POST /api/generate streams newline-delimited JSON objects by default ({"response": piece,
-"done": false} ..., then one with "done": true and the counts); "stream": false answers one
-object. GET /api/tags and /api/version let clients discover the model. Errors are {"error"}.
+"done": false} ..., then one with "done": true, the counts and durations); "stream": false answers
+one object. POST /api/show, GET /api/tags and /api/version let clients discover the model. Bodies
+are read as JSON whatever their Content-Type, as Ollama does. Errors are {"error"}.
 Extension: `"attribution": true` adds "attribution": {"spans", "sources"} of the response (to the
 final "done" object when streaming); 400 without an attribution index.
 """
@@ -160,6 +161,32 @@ async def generate(request: Request):
 
 def _line(payload: dict) -> bytes:
     return json.dumps(payload, ensure_ascii=False).encode("utf-8") + b"\n"
+
+
+class ShowRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    name: str | None = None  # older clients' key
+
+
+# How Ollama writes a template that takes a suffix; Continue looks for `.Suffix` to decide on FIM.
+FIM_TEMPLATE = ("{{- if .Suffix }}<fim_prefix>{{ .Prompt }}<fim_suffix>{{ .Suffix }}<fim_middle>"
+                "{{- else }}{{ .Prompt }}{{- end }}")
+
+
+@router.post("/show", summary="The served model's template and parameters (Continue asks before completing)",
+             openapi_extra={"requestBody": {"content": {"application/json": {
+                 "schema": ShowRequest.model_json_schema()}}}})
+async def show(request: Request) -> dict:
+    engine: Engine = request.app.state.engine
+    await parse_json(request, ShowRequest)  # one model: any name shows it
+    fim = engine.config.fim
+    return {"modelfile": "", "parameters": f"num_ctx {engine.context_length}",
+            "template": FIM_TEMPLATE if fim else "{{ .Prompt }}",
+            "details": {"format": "safetensors", "family": "gptneox", "families": ["gptneox"]},
+            "model_info": {"general.architecture": "gptneox", "gptneox.context_length": engine.context_length},
+            "capabilities": ["completion", "insert"] if fim else ["completion"]}
 
 
 @router.get("/tags", summary="The served model (Ollama model list)")
