@@ -337,7 +337,7 @@ def test_default_is_the_embedded_models_index(index, tmp_path, monkeypatch):
     import stablecode.registry
 
     monkeypatch.setattr(stablecode.registry, "EMBEDDED_MODELS_DIR", tmp_path / "models")
-    with pytest.raises(AttributionIndexError, match="scripts/build_nano_index.sh"):
+    with pytest.raises(AttributionIndexError, match="scripts/nano/build_index.sh"):
         Attributor()
     shutil.copytree(index, tmp_path / "models" / "stablecode-nano" / "attribution-index")
     assert Attributor().num_sources == 11

@@ -72,7 +72,7 @@ def resolve_index_dir(index: str | os.PathLike | None) -> Path:
         if not (directory / MANIFEST).is_file():
             raise AttributionIndexError(
                 f"the embedded model's attribution index is not installed at {directory}; build it with "
-                "scripts/build_nano_index.sh, or pass an index built with `stablecode index build`")
+                "scripts/nano/build_index.sh, or pass an index built with `stablecode index build`")
         return directory
     path = Path(index)
     for candidate in (path, path / INDEX_DIR_NAME, EMBEDDED_MODELS_DIR / str(index) / INDEX_DIR_NAME):

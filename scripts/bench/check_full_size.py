@@ -1,7 +1,7 @@
 """Full-size parity: our 3B logits vs transformers' GPTNeoXForCausalLM on the same random weights.
 
-    python scripts/check_full_size.py                 # fp32 and bf16, 256-token prompt
-    python scripts/check_full_size.py --dtypes float32 --tokens 64
+    python scripts/bench/check_full_size.py                 # fp32 and bf16, 256-token prompt
+    python scripts/bench/check_full_size.py --dtypes float32 --tokens 64
 
 The 3B preset is written once with `stablecode init` (bf16 on disk, 5.5 GB) and reused. Each
 (engine, dtype) loads it in its own subprocess, one after the other, and saves its logits to disk,

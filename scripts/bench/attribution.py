@@ -1,8 +1,8 @@
 """Attribution figures: build throughput, index size, lookup latency, held-out match rates, the
 extrapolation to starcoderdata, and how often a model's completions reproduce its training data.
 
-    python scripts/bench_attribution.py                      # the nano corpus, held-out split excluded
-    python scripts/bench_attribution.py --data DIR [--exclude KEYS.tsv] [--model DIR|--no-model]
+    python scripts/bench/attribution.py                      # the nano corpus, held-out split excluded
+    python scripts/bench/attribution.py --data DIR [--exclude KEYS.tsv] [--model DIR|--no-model]
 
 Lookup latency is compared with a peer in the same run: a brute-force scan of the normalised corpus
 (`window in corpus` for each window of the document), i.e. what attribution costs without an index.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STARCODERDATA_BYTES = 783e9
 HUMANEVAL_STOPS = ["\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif"]
 

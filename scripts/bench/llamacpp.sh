@@ -2,12 +2,12 @@
 # llama.cpp beside our engine at the 3B shape, back to back on the same machine.
 #
 # llama.cpp is built from the source vendored in llama-cpp-python's sdist (PyPI is reachable here;
-# GitHub is not), the bench checkpoint (work/bench/bf16, from scripts/bench_cpu.py) is converted
+# GitHub is not), the bench checkpoint (work/bench/bf16, from scripts/bench/cpu.py) is converted
 # with its convert_hf_to_gguf.py and quantized to q8_0 and q4_0; llama-bench then measures a
 # 512-token prefill and 64 tokens decoded after 512 tokens of context (-d 512), as our benchmark does.
-# Usage: scripts/bench_llamacpp.sh [WORK_DIR]   (needs cmake and a C++ compiler; ~10 min to build)
+# Usage: scripts/bench/llamacpp.sh [WORK_DIR]   (needs cmake and a C++ compiler; ~10 min to build)
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 WORK="${1:-work/llamacpp}"
 mkdir -p "$WORK"
 if [ ! -d "$WORK/src" ]; then
@@ -34,4 +34,4 @@ for m in q8_0 q4_0 bf16; do
   "$BIN/llama-bench" -m "$WORK/model-$m.gguf" -t 2 -r 3 -p 512 -n 0 -o md 2>/dev/null
   "$BIN/llama-bench" -m "$WORK/model-$m.gguf" -t 2 -r 3 -p 0 -n 64 -d 512 -o md 2>/dev/null
 done
-python scripts/bench_cpu.py --work work/bench --repeats 3 --skip prefix,speculative --engines ours-int8,ours-int4,ours-bf16
+python scripts/bench/cpu.py --work work/bench --repeats 3 --skip prefix,speculative --engines ours-int8,ours-int4,ours-bf16

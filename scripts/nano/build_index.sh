@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Build the attribution index that ships with the embedded stablecode-nano model: every file of its
-# training corpus (work/nano/corpus from scripts/nano_data.sh) except the held-out validation files.
+# training corpus (work/nano/corpus from scripts/nano/data.sh) except the held-out validation files.
 # Run it after the model is saved: save_checkpoint replaces the model directory as a whole.
-# Usage: scripts/build_nano_index.sh [CORPUS_DIR] [OUT_DIR]
+# Usage: scripts/nano/build_index.sh [CORPUS_DIR] [OUT_DIR]
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 CORPUS="${1:-work/nano/corpus}"
 OUT="${2:-stablecode/models/stablecode-nano/attribution-index}"
 HELD_OUT=work/nano/packed/validation_files.tsv
 
 if [ ! -d "$CORPUS" ]; then
-    echo "no corpus at $CORPUS: run scripts/nano_data.sh first" >&2
+    echo "no corpus at $CORPUS: run scripts/nano/data.sh first" >&2
     exit 1
 fi
 exclude=()

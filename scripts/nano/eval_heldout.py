@@ -2,7 +2,7 @@
 
 Reports nats per token and bits per byte over every validation sequence (the files the model never
 saw), and xz's bits per byte on exactly the text those tokens decode to.
-Usage: python scripts/eval_heldout.py [--model stablecode-nano] [--data work/nano/packed]
+Usage: python scripts/nano/eval_heldout.py [--model stablecode-nano] [--data work/nano/packed]
 """
 
 from __future__ import annotations

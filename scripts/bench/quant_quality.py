@@ -9,8 +9,8 @@ text: max / mean abs error relative to the logits' spread, and argmax agreement.
 Quantized logits are computed through the decode kernels (int8 activations), the path that picks
 tokens, not through the dequantized prefill GEMM.
 
-    python scripts/quant_quality.py --model stablecode-nano --tokens 20000
-    python scripts/quant_quality.py --model work/bench/bf16 --tokens 256 --windows 1
+    python scripts/bench/quant_quality.py --model stablecode-nano --tokens 20000
+    python scripts/bench/quant_quality.py --model work/bench/bf16 --tokens 256 --windows 1
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Same config (the nano preset by default), same weights, batch, sequence length, precision and
 threads; forward + cross-entropy + backward + AdamW step; the two models alternate so machine noise
 hits both alike. Prints tokens/s for each and the ratio.
-Usage: python scripts/bench_train.py [--preset stablecode-nano] [--batch 2] [--seq-len 1024] [--steps 5]
+Usage: python scripts/bench/train.py [--preset stablecode-nano] [--batch 2] [--seq-len 1024] [--steps 5]
 """
 
 from __future__ import annotations

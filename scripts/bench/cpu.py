@@ -7,8 +7,8 @@ cold load time (weights in the page cache), prefill of the prompt, then greedy d
 Also: prefix-reuse time to first token (TTFT) for a long prompt and one-keystroke edits, and
 prompt-lookup speculative decoding on real code (CPython stdlib files).
 
-    python scripts/bench_cpu.py --work work/bench                     # the 3B shape, random weights
-    python scripts/bench_cpu.py --work work/smoke --preset tiny-49k   # a quick smoke run
+    python scripts/bench/cpu.py --work work/bench                     # the 3B shape, random weights
+    python scripts/bench/cpu.py --work work/smoke --preset tiny-49k   # a quick smoke run
 
 Needs `pip install -e .[bench]` for the CTranslate2 engine. Results: a table on stdout and
 --work/results.json.
@@ -28,7 +28,7 @@ import sysconfig
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER = ROOT.parent / "shared" / "tokenizers" / "starcoder-49k" / "tokenizer.json"
 ENGINES = ["ours-bf16", "ours-int8", "ours-int4", "torch-int8", "torch-int4", "transformers-bf16", "ct2-int8"]
 

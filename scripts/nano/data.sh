@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Rebuild the training data of the embedded stablecode-nano model from CPython's standard library
 # (PSF-2.0): corpus in the starcoderdata layout, an 8192-token tokenizer, 1024-token packed sequences.
-# Everything goes under work/nano/ (git-ignored). Usage: scripts/nano_data.sh [PYTHON_LIB_DIR]
+# Everything goes under work/nano/ (git-ignored). Usage: scripts/nano/data.sh [PYTHON_LIB_DIR]
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 LIB="${1:-/root/.pyenv/versions/3.11.7/lib/python3.11}"
 OUT=work/nano
 

@@ -2,7 +2,7 @@
 
 Writes the bf16 weights, the tokenizer, the training config, the loss curve and a training manifest
 (every file and licence that went in, and the held-out files), then the attribution index is built
-by scripts/build_nano_index.sh. Usage: python scripts/export_nano.py [RUN_DIR] [--checkpoint DIR]
+by scripts/nano/build_index.sh. Usage: python scripts/nano/export.py [RUN_DIR] [--checkpoint DIR]
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from stablecode.checkpoint import load_model, save_checkpoint
 from stablecode.registry import EMBEDDED_MODELS_DIR
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def training_manifest(corpus: Path, packed: Path) -> dict:
@@ -37,8 +37,8 @@ def training_manifest(corpus: Path, packed: Path) -> dict:
         "training_files": [{k: f[k] for k in ("path", "sha256", "language", "license", "bytes")} for f in trained],
         "held_out_files": sorted(held_out),
         "training_tokens_available": json.loads((packed / "index.json").read_text())["splits"]["train"]["num_tokens"],
-        "rebuild": "scripts/nano_data.sh && stablecode train --config configs/nano.json && "
-                   "python scripts/export_nano.py && scripts/build_nano_index.sh",
+        "rebuild": "scripts/nano/data.sh && stablecode train --config configs/nano.json && "
+                   "python scripts/nano/export.py && scripts/nano/build_index.sh",
     }
 
 

@@ -9,9 +9,9 @@ Each client loops: take a slice of real Python source (the standard library) as 
 POST /generate_stream with llm-vscode's defaults (60 new tokens, temperature 0.2, top-p 0.95),
 read the stream to the end. Example:
 
-    python scripts/load_test.py                              # the embedded model, 16 clients, 60 s per phase
-    python scripts/load_test.py --model work/tiny --threads 1
-    python scripts/load_test.py --url http://127.0.0.1:8080  # an already running server (one phase)
+    python scripts/bench/load_test.py                              # the embedded model, 16 clients, 60 s per phase
+    python scripts/bench/load_test.py --model work/tiny --threads 1
+    python scripts/bench/load_test.py --url http://127.0.0.1:8080  # an already running server (one phase)
 """
 
 from __future__ import annotations

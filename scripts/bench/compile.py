@@ -1,6 +1,6 @@
 """Decode step, eager against `torch.compile`, for each weight format and kernel choice.
 
-    python scripts/bench_compile.py --work work/bench [--formats bf16,int8,int4] [--tokens 32]
+    python scripts/bench/compile.py --work work/bench [--formats bf16,int8,int4] [--tokens 32]
 
 Each variant runs in its own process (the kernel choice, STABLECODE_KERNELS, is fixed per process):
 our kernels or PyTorch's own weight-only ops, eager or with the whole model compiled by
@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def worker(model_dir: str, compiled: bool, context: int, tokens: int, threads: int) -> dict:
@@ -60,7 +60,7 @@ def worker(model_dir: str, compiled: bool, context: int, tokens: int, threads: i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=ROOT / "work" / "bench",
-                        help="holds bf16/, int8/, int4/ checkpoints (scripts/bench_cpu.py prepares them)")
+                        help="holds bf16/, int8/, int4/ checkpoints (scripts/bench/cpu.py prepares them)")
     parser.add_argument("--formats", default="bf16,int8,int4")
     parser.add_argument("--kernels", default="native,torch", help="native (ours), torch (PyTorch's own ops)")
     parser.add_argument("--modes", default="eager,compiled")

@@ -1,7 +1,7 @@
 """Prefill and decode speed, ours vs transformers' GPTNeoXForCausalLM, same weights, dtype and threads.
 
-    python scripts/bench_core.py                      # 3B preset, random weights, bf16 and fp32
-    python scripts/bench_core.py --dtypes bfloat16 --new-tokens 16
+    python scripts/bench/core.py                      # 3B preset, random weights, bf16 and fp32
+    python scripts/bench/core.py --dtypes bfloat16 --new-tokens 16
 
 Each (engine, dtype) runs in its own subprocess, one after the other, so two 11 GB fp32 models are
 never in memory together and each engine's peak RSS is its own. Both engines generate greedily
@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_TOKENIZER = ROOT.parent / "shared" / "tokenizers" / "starcoder-49k" / "tokenizer.json"
 PRESET = "stablecode-completion-alpha-3b-4k"
 
