@@ -1,19 +1,26 @@
 """Running untrusted programs (model completions + their tests) in an OS-level sandbox.
 
 Every program runs in a fresh `python -I` process (see `sandbox_child.py`) with:
-- a wall-clock limit (`timeout` for the program, plus a second for the interpreter to start) and
-  RLIMIT_CPU, RLIMIT_AS (memory), RLIMIT_FSIZE, RLIMIT_NOFILE, no core dumps;
+- a wall-clock limit (`timeout` for the program, counted from the moment it starts, plus a grace
+  second before the parent's hard kill) and RLIMIT_CPU, RLIMIT_AS (memory per process),
+  RLIMIT_FSIZE, RLIMIT_NOFILE, RLIMIT_MSGQUEUE, no core dumps;
+- a memory limit for the program as a whole: the resident memory of all its processes, summed
+  every WATCH_INTERVAL seconds by the parent, which stops the program when the sum is over;
 - its own new, empty temporary directory as working directory, HOME and TMPDIR, and an environment
   of only PATH/HOME/TMPDIR/LANG (nothing inherited: no tokens, no keys);
-- a new session, and afterwards SIGKILL of its process group, of every process of its session and of
-  every process of its uid, repeated until none is left (the launcher is not reaped until then, so
-  its pid, session and group ids cannot be reused meanwhile);
-- as root: an unprivileged uid/gid of its own per worker (RLIMIT_NPROC then bounds fork bombs,
-  and no file outside its directory is writable by ordinary permissions), no_new_privs;
-- where the kernel allows: a new mount namespace where every mount is read-only except the
-  working directory and the invoking user's home is hidden, a new pid namespace (when its first
-  process ends the kernel kills all the rest: daemons included) and a new network namespace (no
-  network at all).
+- a launcher that is a child subreaper: whatever the program starts, daemons included, stays in
+  the launcher's process tree, and afterwards exactly that tree (and the launcher's session) is
+  SIGKILLed, repeated until none is left; the launcher stays alive (and so keeps its pid, group and
+  session ids) until then. Nothing is killed for its uid alone: a host process may use it too;
+- as root: an unprivileged uid/gid of its own per worker (one no process uses; RLIMIT_NPROC then
+  bounds fork bombs, and no file outside its directory is writable by ordinary permissions),
+  no_new_privs;
+- where the kernel allows: a new mount namespace whose root holds only the system directories and
+  the Python installation (read-only), a few device nodes, a private /dev/shm and the working
+  directory (so no host Unix socket, /tmp, /run or home is reachable), a new pid namespace (when
+  its first process ends the kernel kills all the rest), a new network namespace (no network, and
+  abstract Unix sockets of its own) and a new IPC namespace (System V shared memory, semaphores and
+  message queues and POSIX message queues die with the program; System V IPC capped there).
 Which of these took effect is probed once at start-up; anything missing is recorded in `notes`
 (and in the evaluation report), never skipped silently.
 
@@ -26,13 +33,14 @@ not from lying about its own result.)
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
+import math
 import os
 import pwd
 import secrets
 import select
-import shutil
 import signal
 import site
 import subprocess
@@ -48,10 +56,17 @@ from typing import Iterable, Iterator
 from stablecode.errors import StablecodeError
 
 CHILD_SCRIPT = str(Path(__file__).with_name("sandbox_child.py"))
-NAMESPACES = ("mount_namespace", "pid_namespace", "network_namespace")
+NAMESPACES = ("mount_namespace", "pid_namespace", "network_namespace", "ipc_namespace")
 UID_BASE = 60100  # first uid tried for the per-worker sandbox users (must have no passwd entry)
 UID_CANDIDATES = 256
-STARTUP_ALLOWANCE = 1.0  # seconds on top of the program's timeout for the interpreter to start
+MIN_TIMEOUT, MAX_TIMEOUT = 0.05, 3600.0  # seconds: below, not even the interpreter starts
+GRACE = 1.0  # seconds after the program's own timeout (its SIGALRM) before the parent kills it
+# Starting the interpreter and building the namespaces is not the program's time: on a loaded machine it
+# can take seconds. Past this the sandbox itself is broken.
+SETUP_ALLOWANCE = 120.0
+WATCH_INTERVAL = 0.01  # seconds between two sums of the program's resident memory
+SHM_BYTES = 64 << 20  # size of the program's private /dev/shm (a tmpfs)
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
 class SandboxError(StablecodeError):
@@ -69,8 +84,10 @@ class Limits:
     open_files: int = 256
 
     def __post_init__(self):
-        if not self.timeout > 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {self.timeout}")
+        # NaN fails both comparisons; inf fails the second.
+        if not (isinstance(self.timeout, (int, float)) and MIN_TIMEOUT <= self.timeout <= MAX_TIMEOUT):
+            raise ValueError(f"timeout must be a number of seconds between {MIN_TIMEOUT:g} and {MAX_TIMEOUT:g}, "
+                             f"got {self.timeout!r}")
         if self.memory_bytes < 64 << 20:
             raise ValueError(f"memory limit must be at least 64 MiB, got {self.memory_bytes} bytes")
 
@@ -87,8 +104,8 @@ class ExecutionResult:
         return self.result == "passed"
 
 
-def _processes() -> Iterator[tuple[int, str, int, int, int]]:
-    """(pid, state, process group, session, real uid) of every process, from /proc."""
+def _processes() -> Iterator[tuple[int, str, int, int, int, int]]:
+    """(pid, state, parent, process group, session, real uid) of every process, from /proc."""
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -100,14 +117,85 @@ def _processes() -> Iterator[tuple[int, str, int, int, int]]:
         except (OSError, StopIteration):
             continue  # ended meanwhile
         fields = stat[stat.rindex(b")") + 2:].split()  # the command name may hold spaces and parentheses
-        yield int(name), fields[0].decode(), int(fields[2]), int(fields[3]), int(uid_line.split()[1])
+        yield (int(name), fields[0].decode(), int(fields[1]), int(fields[2]), int(fields[3]),
+               int(uid_line.split()[1]))
 
 
 def processes_of(uid: int | None = None, session: int | None = None) -> list[int]:
     """Live (non-zombie) processes with this real uid, or in this session or process group."""
-    return [pid for pid, state, group, sid, puid in _processes()
+    return [pid for pid, state, _, group, sid, puid in _processes()
             if state != "Z" and ((uid is not None and puid == uid) or
                                  (session is not None and session in (sid, group)))]
+
+
+_CHILDREN_FILES = os.path.exists(f"/proc/self/task/{os.getpid()}/children")  # CONFIG_PROC_CHILDREN
+
+
+def _children(pid: int) -> list[int]:
+    """The children of every thread of `pid`."""
+    if not _CHILDREN_FILES:
+        return [p for p, _, parent, *_ in _processes() if parent == pid]
+    children = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children", "rb") as f:
+                children.extend(int(c) for c in f.read().split())
+        except OSError:
+            continue
+    return children
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` in the process tree (zombies included), parents before children."""
+    found, queue = [], [pid]
+    while queue:
+        for child in _children(queue.pop()):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+def _state(pid: int) -> str:
+    """A process's state letter ("Z" for a zombie), "X" once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return "X"
+    return stat[stat.rindex(b")") + 2:].split()[0].decode()
+
+
+def _resident(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * PAGE_SIZE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _proportional(pid: int) -> int:
+    """Proportional set size: each shared page divided among the processes that map it."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1]) << 10
+    except (OSError, IndexError, ValueError):
+        pass
+    return _resident(pid)
+
+
+def tree_memory(pid: int, limit: int) -> int:
+    """Memory held by the processes below `pid`: their resident sizes summed (cheap to read, but pages
+    that forked processes share count once per process), and when that is over `limit`, their
+    proportional sizes (costly to read: the kernel walks the page tables), which count them once."""
+    tree = descendants(pid)
+    used = sum(_resident(p) for p in tree)
+    return used if used <= limit else sum(_proportional(p) for p in tree)
 
 
 def _python_paths() -> list[str]:
@@ -134,9 +222,8 @@ class Sandbox:
         os.chmod(self._base, 0o711)  # the sandbox users may enter their own directory, nothing else
         self._locks: list[int] = []
         self._slots: Queue = Queue()
-        home = pwd.getpwuid(os.geteuid()).pw_dir
-        self._hide = sorted({os.path.realpath(h) for h in (home, os.path.expanduser("~")) if h and h != "/"})
         self._keep = _python_paths()
+        self._host_ipc = os.readlink("/proc/self/ns/ipc")
         try:
             uids = self._reserve_uids(workers, uid_base) if self._root else [None] * workers
             for uid in uids:
@@ -150,16 +237,20 @@ class Sandbox:
 
     def _reserve_uids(self, count: int, base: int) -> list[int]:
         """Uids with no passwd entry and no process, each locked (flock) for the life of this sandbox so
-        that concurrent evaluations never share one (cleanup kills every process of a worker's uid)."""
+        that concurrent evaluations never share one. A uid some process uses is not taken (nor is that
+        process touched: it may be a leftover of a killed run or a host process, we cannot tell)."""
         lock_dir = Path(tempfile.gettempdir()) / "stablecode-sandbox-uids"
         lock_dir.mkdir(mode=0o700, exist_ok=True)
         if lock_dir.stat().st_uid != os.geteuid():
             raise SandboxError(f"{lock_dir} belongs to another user; remove it")
         busy = {puid for *_, puid in _processes()}
+        taken = sorted(busy & set(range(base, base + UID_CANDIDATES)))
         uids = []
         for uid in range(base, base + UID_CANDIDATES):
             if len(uids) == count:
                 break
+            if uid in busy:
+                continue
             try:
                 pwd.getpwuid(uid)
                 continue  # a real account
@@ -171,12 +262,12 @@ class Sandbox:
             except BlockingIOError:
                 os.close(fd)
                 continue
-            if uid in busy:  # left over from a run that was killed: we hold its lock now, so stop them
-                self._stop(None, uid)
             self._locks.append(fd)
             uids.append(uid)
         if len(uids) < count:
             raise SandboxError(f"no {count} free sandbox uids in [{base}, {base + UID_CANDIDATES})")
+        if taken:
+            self.notes.append(f"uids {taken[:8]} of the sandbox range have processes running: not used")
         return uids
 
     def _probe(self, uid: int | None) -> set[str]:
@@ -209,10 +300,16 @@ class Sandbox:
             self.notes.append("private_user: not root, so programs run as the invoking user and RLIMIT_NPROC is "
                               "not set (it would count all of that user's processes)")
         if "pid_namespace" not in features and "private_user" not in features:
-            self.notes.append("a program that daemonises out of its session (setsid) may outlive its run")
+            self.notes.append("a program may kill its launcher (same uid, no pid namespace); what it started in "
+                              "a session of its own may then outlive its run")
         error = self._try(features, uid)
         if error is not None:
             raise SandboxError(f"the sandbox does not work here: {error}")
+        # Enforced from here, by reading /proc: nothing to probe beyond that.
+        features.add("memory_tree")
+        self.notes.append("memory: the program's resident memory summed over its processes every "
+                          f"{WATCH_INTERVAL * 1000:g} ms (no cgroup used); files in /dev/shm ({SHM_BYTES >> 20} MiB "
+                          "at most) and System V shared memory not mapped by any process are not counted")
         return features
 
     def _try(self, features: set[str], uid: int | None) -> str | None:
@@ -226,6 +323,8 @@ class Sandbox:
             checks.append("assert os.getpid() == 1")
         if "network_namespace" in features:
             checks.append("assert [n for _, n in socket.if_nameindex()] == ['lo']")
+        if "ipc_namespace" in features:
+            checks.append(f"assert os.readlink('/proc/self/ns/ipc') != {self._host_ipc!r}")
         if "mount_namespace" in features:
             checks.append("try:\n    open('/.stablecode-probe', 'w')\nexcept OSError:\n    pass\n"
                           "else:\n    raise AssertionError('/ is writable')")
@@ -264,8 +363,8 @@ class Sandbox:
         nonce = secrets.token_hex(16)
         verdict_r, verdict_w = os.pipe()
         config = {"nonce": nonce, "program": program, "features": sorted(features), "workdir": workdir,
-                  "hide": self._hide, "keep": self._keep, "uid": uid, "gid": uid, "result_fd": verdict_w,
-                  "timeout": limits.timeout, "cpu_seconds": int(limits.timeout) + 1,
+                  "root": self._base, "keep": self._keep, "shm_bytes": SHM_BYTES, "uid": uid, "gid": uid,
+                  "result_fd": verdict_w, "timeout": limits.timeout, "cpu_seconds": math.ceil(limits.timeout) + 1,
                   "memory_bytes": limits.memory_bytes, "file_bytes": limits.file_bytes,
                   "open_files": limits.open_files,
                   "processes": limits.processes if "private_user" in features else 0}
@@ -277,26 +376,25 @@ class Sandbox:
                                     cwd=workdir, env=env, start_new_session=True)
         except OSError as e:
             os.close(verdict_r)
-            shutil.rmtree(workdir, ignore_errors=True)
+            remove_tree(workdir)
             raise SandboxError(f"cannot start {sys.executable}: {e}") from None
         finally:
             os.close(verdict_w)
         try:
-            report, timed_out = self._wait(proc, json.dumps(config).encode(), started + limits.timeout
-                                           + STARTUP_ALLOWANCE)
-            self._stop(proc.pid, uid if "private_user" in features else None)
-            proc.wait()
+            report, outcome = self._watch(proc, (json.dumps(config) + "\n").encode(), features)
+        finally:
+            # Also after an exception: never leave the launcher or anything of the program behind.
+            self._stop(proc)
             seconds = time.monotonic() - started
             verdict = _read_available(verdict_r)
-        finally:
-            if proc.returncode is None:  # an exception above: never leave the launcher behind
-                proc.kill()
-                proc.wait()
             os.close(verdict_r)
             proc.stderr.close()
-            shutil.rmtree(workdir)
-        if timed_out:
+            remove_tree(workdir)
+        if outcome == "timed out":
             return ExecutionResult("timed out", seconds)
+        if outcome == "memory":
+            return ExecutionResult(f"failed: memory limit exceeded: its processes held {report['memory'] >> 20} MiB "
+                                   f"together, the limit is {limits.memory_bytes >> 20} MiB", seconds)
         if report.get("setup") != "ok":
             raise SandboxError(f"sandbox set-up failed: {report.get('message', report)}")
         lines = verdict.decode("utf-8", "replace").splitlines()
@@ -309,66 +407,97 @@ class Sandbox:
             return ExecutionResult(f"failed: killed by signal {report['signal']} ({name})", seconds)
         return ExecutionResult(f"failed: exited with status {report.get('exit')} before its tests finished", seconds)
 
-    @staticmethod
-    def _wait(proc: subprocess.Popen, config: bytes, deadline: float) -> tuple[dict, bool]:
-        """Send the configuration, collect the launcher's report; returns (report, timed_out).
+    def _watch(self, proc: subprocess.Popen, config: bytes, features: set[str]) -> tuple[dict, str | None]:
+        """Send the configuration, follow the launcher's reports; returns (final report, outcome), outcome
+        "timed out" or "memory" when the parent had to stop the program, else None.
 
-        On return the launcher has exited (or the deadline passed) but is NOT reaped yet.
+        Deadlines run from the launcher's "started" report, so a slow start on a loaded machine costs the
+        program none of its time. On return the launcher is still alive (or unreaped) and its stdin open.
         """
+        limits = self.limits
         try:
             proc.stdin.write(config)
-            proc.stdin.close()
+            proc.stdin.flush()
         except BrokenPipeError:
             pass
         fd = proc.stderr.fileno()
         poller = select.poll()
         poller.register(fd, select.POLLIN)
-        output = bytearray()
+        pending = b""  # an unfinished line
+        noise = b""  # what the launcher wrote that is not a report (its own tracebacks)
+        deadline = time.monotonic() + SETUP_ALLOWANCE
+        running = False
+        watch_memory = "memory_tree" in features
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                return {}, True
-            if poller.poll(remaining * 1000):
+                if running:
+                    return {"setup": "ok"}, "timed out"
+                raise SandboxError(f"the sandbox did not start the program within {SETUP_ALLOWANCE:g} s")
+            wait = min(remaining, WATCH_INTERVAL) if running and watch_memory else remaining
+            if poller.poll(wait * 1000):
                 chunk = os.read(fd, 65536)
-                if not chunk:
-                    break
-                output += chunk[:65536 - len(output)]
-        # stderr closed: the launcher is ending; wait for it without reaping (WNOWAIT) so its pid,
-        # session and group ids stay reserved while we clean up.
-        os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
-        lines = output.decode("utf-8", "replace").strip().splitlines()
-        try:
-            return json.loads(lines[-1]), False
-        except (IndexError, ValueError):
-            return {"message": output.decode("utf-8", "replace")[-2000:] or "the launcher died silently"}, False
+                if not chunk:  # the launcher died without its final report
+                    text = (noise + pending).decode("utf-8", "replace")[-2000:]
+                    return {"message": text or "the launcher died silently"}, None
+                *lines, pending = (pending + chunk).split(b"\n")
+                if len(pending) > 65536:
+                    lines.append(pending)
+                    pending = b""
+                for line in lines:
+                    try:
+                        message = json.loads(line)
+                    except ValueError:
+                        message = None
+                    if not isinstance(message, dict):
+                        noise = (noise + line + b"\n")[-65536:]
+                    elif message.get("started"):
+                        running = True
+                        deadline = time.monotonic() + limits.timeout + GRACE
+                    elif "setup" in message:
+                        return message, None
+            if running and watch_memory:
+                used = tree_memory(proc.pid, limits.memory_bytes)
+                if used > limits.memory_bytes:
+                    return {"setup": "ok", "memory": used}, "memory"
 
     @staticmethod
-    def _stop(session: int | None, uid: int | None) -> None:
-        """SIGKILL the launcher's group, its session and every process of the worker's uid until none is left."""
-        if session is not None:
-            try:
-                os.killpg(session, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+    def _stop(proc: subprocess.Popen) -> None:
+        """SIGKILL every process in the launcher's tree and session until none is left, then end the launcher.
+
+        The launcher is a subreaper and still alive: what the program started cannot have left its tree,
+        and its pid, group and session ids cannot have been reused.
+        """
         deadline = time.monotonic() + 30
         while True:
-            left = processes_of(uid, session)
+            left = [p for p in descendants(proc.pid) if _state(p) not in "ZX"]
             if not left:
-                return
+                left = [p for p in processes_of(session=proc.pid) if p != proc.pid]
+            if not left:
+                break
             for pid in left:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
                     pass
             if time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
                 raise SandboxError(f"processes {left[:10]} of a finished program could not be stopped")
             time.sleep(0.002)
+        try:
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        proc.kill()  # it has nothing left to do
+        proc.wait()
 
     def close(self) -> None:
         for fd in self._locks:
             os.close(fd)
         self._locks = []
-        shutil.rmtree(self._base, ignore_errors=True)
+        if os.path.isdir(self._base):
+            remove_tree(self._base)
 
     def __enter__(self) -> "Sandbox":
         return self
@@ -382,6 +511,52 @@ class Sandbox:
                 "timeout_s": self.limits.timeout, "memory_bytes": self.limits.memory_bytes,
                 "file_bytes": self.limits.file_bytes,
                 "processes": self.limits.processes if "private_user" in self.features else None}
+
+
+def remove_tree(path: str | os.PathLike) -> None:
+    """Remove a directory tree of any depth, with a constant number of open files and no recursion.
+
+    Each subdirectory is emptied by moving its own subdirectories up into the top directory and
+    deleting the rest, so depth turns into breadth. Symbolic links are removed, never followed;
+    directories the program made unreadable are opened up first.
+    """
+    if not os.path.islink(path):
+        os.chmod(path, 0o700)
+    top = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    moved = 0
+    try:
+        while True:
+            with os.scandir(top) as it:
+                entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+            if not entries:
+                break
+            for name, is_dir in entries:
+                if not is_dir:
+                    os.unlink(name, dir_fd=top)
+                    continue
+                os.chmod(name, 0o700, dir_fd=top)  # a directory (not a link) the program has left
+                fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=top)
+                try:
+                    with os.scandir(fd) as it:
+                        inner = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+                    for sub, sub_is_dir in inner:
+                        if not sub_is_dir:
+                            os.unlink(sub, dir_fd=fd)
+                            continue
+                        while True:  # a fresh name in the top directory
+                            moved += 1
+                            try:
+                                os.rename(sub, f".up-{moved}", src_dir_fd=fd, dst_dir_fd=top)
+                                break
+                            except OSError as e:
+                                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                                    raise
+                finally:
+                    os.close(fd)
+                os.rmdir(name, dir_fd=top)
+    finally:
+        os.close(top)
+    os.rmdir(path)
 
 
 def _read_available(fd: int, limit: int = 1 << 16) -> bytes:

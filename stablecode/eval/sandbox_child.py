@@ -1,14 +1,18 @@
 """The child side of the sandbox: run as `python -I sandbox_child.py`, configuration on stdin.
 
 Standard library only (it starts once per program, so it must start fast). As root it
-1. enters new namespaces (mount, pid, network) where asked,
-2. makes every mount read-only in its mount namespace, hides the invoking user's home behind an
-   empty tmpfs (binding the Python installation back if it lives there), and mounts the program's
-   working directory writable,
+1. becomes a child subreaper (whatever the program starts stays in this process's tree, so the
+   evaluator finds and stops exactly the program's processes), enters new namespaces (mount, pid,
+   network, IPC) where asked and caps System V IPC in its IPC namespace,
+2. builds a new root in its mount namespace holding only the system directories and the Python
+   installation (read-only), a few device nodes, a private /dev/shm and the program's working
+   directory (writable), and pivots into it: host sockets, /tmp, /run and homes do not exist there,
 3. forks the process that runs the program (pid 1 of the new pid namespace: when it ends, the
    kernel kills everything it started), which sets resource limits, drops to an unprivileged uid/gid
    of its own, forbids gaining privileges, and runs the program,
-4. waits, and reports on stderr one JSON line: whether the setup worked and how the program ended.
+4. reports on stderr one JSON line when the program starts and one when it ended (or why the setup
+   failed), then waits for the evaluator to close its stdin: until then the program's processes
+   cannot leave its tree.
 
 The program's verdict goes to a separate pipe (`result_fd`): the per-run nonce, written only after
 the program (whose last statement is `check(...)`) returned, or "failed: <exception>". stdout and
@@ -24,20 +28,29 @@ import sys
 import time
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 MS_NOATIME, MS_NODIRATIME, MS_RELATIME, MS_STRICTATIME = 1024, 2048, 1 << 21, 1 << 24
-PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
+MNT_DETACH = 2
+SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
+# What the new root holds besides the Python installation: read-only, and none of the places where
+# services put their sockets (/run, /tmp, /var) or users their files.
+SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
+DEVICES = ("null", "zero", "full", "random", "urandom")
 # Per-mount options as /proc/self/mountinfo spells them; a read-only remount must keep them.
 MOUNT_OPTIONS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": MS_NOATIME,
                  "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME, "strictatime": MS_STRICTATIME}
+MSGQUEUE_BYTES = 256 << 10  # POSIX message queues, all of them together (RLIMIT_MSGQUEUE)
 SETUP_ERROR = 3  # exit status of this process when the sandbox could not be set up
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 
 def _check(ret: int, what: str) -> None:
@@ -73,32 +86,67 @@ def _inside(path: str, directory: str) -> bool:
     return path == directory or path.startswith(directory.rstrip("/") + "/")
 
 
-def setup_filesystem(workdir: str, hide: list[str], keep: list[str]) -> None:
-    """Everything read-only; `hide` directories replaced by empty tmpfs with the `keep` paths bound back
-    (read-only); `workdir` the one writable place. Runs in a fresh mount namespace."""
+def setup_filesystem(root: str, workdir: str, keep: list[str], shm_bytes: int) -> None:
+    """Pivot into a new root (a tmpfs mounted on `root`) holding only SYSTEM_PATHS and the `keep` paths
+    read-only, DEVICES, a private /dev/shm and `workdir`, the one writable place. Runs in a fresh mount
+    namespace; `root` and `workdir` are directories of the evaluator (workdir may lie inside root)."""
+    import platform
+
+    pivot_root = SYS_PIVOT_ROOT.get(platform.machine())
+    if pivot_root is None:
+        raise OSError(f"pivot_root: no system call number known for {platform.machine()}")
     mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we do here reaches the host's namespace
-    # File descriptors first: once a home is hidden, its paths lead into the empty tmpfs.
-    binds = [(path, os.open(path, os.O_PATH), False) for path in keep if any(_inside(path, h) for h in hide)]
-    binds.append((workdir, os.open(workdir, os.O_PATH | os.O_DIRECTORY), True))
-    for point, flags in mount_points():
+    work_fd = os.open(workdir, os.O_PATH | os.O_DIRECTORY)  # before the tmpfs on root may hide it
+    for point, flags in mount_points():  # read-only first: the bind mounts below inherit it
         if os.path.exists(point):
             mount(None, point, None, MS_REMOUNT | MS_BIND | MS_RDONLY | flags)
-    hidden = [h for h in hide if os.path.isdir(h)]
-    for home in hidden:
-        mount("tmpfs", home, "tmpfs", MS_NOSUID | MS_NODEV, "size=64k,mode=755")
-    for path, fd, writable in sorted(binds, key=lambda b: len(b[0])):
-        if any(_inside(path, h) for h in hidden):
-            if os.path.isdir(f"/proc/self/fd/{fd}"):
-                os.makedirs(path, mode=0o755, exist_ok=True)
-            else:
-                os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-                open(path, "a").close()
-        mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)
-        extra = 0 if writable else MS_RDONLY
-        mount(None, path, None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV | extra)
-        os.close(fd)
-    for home in hidden:  # the tmpfs itself read-only once its mount points exist
-        mount(None, home, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755")
+    paths = sorted({p for p in (*SYSTEM_PATHS, *keep) if os.path.lexists(p)})
+    whole = [p for p in paths if not os.path.islink(p)]
+    for path in paths:
+        if any(q != path and _inside(path, q) for q in whole):
+            continue  # bound with a directory above it
+        target = root + path
+        os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
+        if os.path.islink(path):  # /bin -> usr/bin and the like
+            os.symlink(os.readlink(path), target)
+        elif os.path.isdir(path):
+            os.mkdir(target, 0o755)
+            mount(path, target, None, MS_BIND | MS_REC)
+    dev = root + "/dev"
+    os.mkdir(dev, 0o755)
+    mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, "size=64k,mode=755")
+    for name in DEVICES:
+        if os.path.exists(f"/dev/{name}"):
+            open(f"{dev}/{name}", "w").close()
+            mount(f"/dev/{name}", f"{dev}/{name}", None, MS_BIND)
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                         ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, f"{dev}/{name}")
+    os.mkdir(f"{dev}/shm")
+    mount("tmpfs", f"{dev}/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, f"size={shm_bytes},mode=1777")
+    os.mkdir(root + "/proc", 0o555)  # the program's process mounts its own proc here
+    target = root + workdir
+    os.makedirs(target, mode=0o755, exist_ok=True)
+    mount(f"/proc/self/fd/{work_fd}", target, None, MS_BIND)
+    os.close(work_fd)
+    writable = {target, f"{dev}/shm"}
+    for point, flags in mount_points():  # every mount of the new root read-only, but those two
+        if _inside(point, root) and point not in writable:
+            mount(None, point, None, MS_REMOUNT | MS_BIND | MS_RDONLY | flags)
+    mount(None, target, None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV)
+    os.chdir(root)
+    _check(libc.syscall(pivot_root, b".", b"."), "pivot_root")  # the old root ends up stacked on "."
+    _check(libc.umount2(b".", MNT_DETACH), "umount the old root")
+    os.chdir("/")
+
+
+def limit_ipc(memory_bytes: int) -> None:
+    """System V shared memory and message queues of this (new) IPC namespace: at most the memory limit."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    for name, value in (("shmmax", memory_bytes), ("shmall", memory_bytes // page), ("shmmni", 64), ("msgmni", 16)):
+        with open(f"/proc/sys/kernel/{name}", "w") as f:
+            f.write(str(value))
 
 
 def enter_user_namespace(flags: int) -> None:
@@ -120,6 +168,9 @@ def set_limits(config: dict) -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (config["file_bytes"],) * 2)
     resource.setrlimit(resource.RLIMIT_NOFILE, (config["open_files"],) * 2)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    hard = resource.getrlimit(resource.RLIMIT_MSGQUEUE)[1]
+    queues = MSGQUEUE_BYTES if hard == resource.RLIM_INFINITY else min(MSGQUEUE_BYTES, hard)
+    resource.setrlimit(resource.RLIMIT_MSGQUEUE, (queues, queues))
     if config.get("processes"):  # counts every process of the real uid: only meaningful with our own uid
         resource.setrlimit(resource.RLIMIT_NPROC, (config["processes"],) * 2)
 
@@ -160,8 +211,8 @@ def child(config: dict, nonce: str, program: str, report_w: int) -> None:
     try:
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # if the launcher dies, so do we (and our namespace)
         features = config["features"]
-        if "pid_namespace" in features and "mount_namespace" in features:
-            # A /proc of our own pid namespace: the program sees only its own processes.
+        if "mount_namespace" in features:
+            # The new root has no /proc yet; with a pid namespace this one shows only the program's processes.
             mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY)
         set_limits(config)
         if "private_user" in features:
@@ -184,24 +235,32 @@ def child(config: dict, nonce: str, program: str, report_w: int) -> None:
     run_program(config, nonce, program, config["result_fd"])
 
 
+def report(message: dict) -> None:
+    sys.stderr.write(json.dumps(message) + "\n")
+    sys.stderr.flush()
+
+
 def main() -> int:
-    config = json.loads(sys.stdin.buffer.read())
+    config = json.loads(sys.stdin.buffer.readline())
     nonce, program = config.pop("nonce"), config.pop("program")
     features = set(config["features"])
-    report = {"setup": "error"}
+    result = {"setup": "error"}
     try:
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        prctl(PR_SET_CHILD_SUBREAPER, 1)
         flags = ((CLONE_NEWNS if "mount_namespace" in features else 0)
                  | (CLONE_NEWPID if "pid_namespace" in features else 0)
-                 | (CLONE_NEWNET if "network_namespace" in features else 0))
+                 | (CLONE_NEWNET if "network_namespace" in features else 0)
+                 | (CLONE_NEWIPC if "ipc_namespace" in features else 0))
         if "user_namespace" in features:
             enter_user_namespace(flags)
         elif flags:
             _check(libc.unshare(flags), "unshare")
+        if "ipc_namespace" in features and "user_namespace" not in features:
+            limit_ipc(config["memory_bytes"])
         if "mount_namespace" in features:
-            setup_filesystem(config["workdir"], config["hide"], config["keep"])
+            setup_filesystem(config["root"], config["workdir"], config["keep"], config["shm_bytes"])
         report_r, report_w = os.pipe()
-        started = time.monotonic()
         pid = os.fork()
         if pid == 0:
             os.close(report_r)
@@ -213,21 +272,26 @@ def main() -> int:
         os.close(config["result_fd"])  # only the program's side holds the verdict pipe now
         with os.fdopen(report_r, "rb") as f:
             setup = f.readline(4096).decode(errors="replace").strip()
+        started = time.monotonic()
+        if setup == "ok":
+            report({"started": True})
         _, status = os.waitpid(pid, 0)
         seconds = time.monotonic() - started
         if setup != "ok":
-            report["message"] = setup or "the program's process died during its setup"
+            result["message"] = setup or "the program's process died during its setup"
         else:
-            report = {"setup": "ok", "seconds": round(seconds, 4)}
+            result = {"setup": "ok", "seconds": round(seconds, 4)}
             if os.WIFSIGNALED(status):
-                report["signal"] = os.WTERMSIG(status)
+                result["signal"] = os.WTERMSIG(status)
             else:
-                report["exit"] = os.WEXITSTATUS(status)
+                result["exit"] = os.WEXITSTATUS(status)
     except BaseException as e:
-        report["message"] = f"{type(e).__name__}: {e}"
-    sys.stderr.write(json.dumps(report) + "\n")
-    sys.stderr.flush()
-    return 0 if report["setup"] == "ok" else SETUP_ERROR
+        result["message"] = f"{type(e).__name__}: {e}"
+    report(result)
+    # Stay until the evaluator has stopped what the program left behind (it closes our stdin then):
+    # as a subreaper we keep those processes in our tree, where it finds them.
+    sys.stdin.buffer.read()
+    return 0 if result["setup"] == "ok" else SETUP_ERROR
 
 
 if __name__ == "__main__":
