@@ -198,6 +198,77 @@ def tree_memory(pid: int, limit: int) -> int:
     return used if used <= limit else sum(_proportional(p) for p in tree)
 
 
+CGROUP_CONTROLLERS = ("memory", "pids")
+
+
+def cgroup_v2_parent() -> tuple[str | None, str]:
+    """(a new cgroup v2 directory whose children have the memory and pids controllers, "") or (None, why not).
+
+    Only a cgroup whose parent already delegates those controllers to its children is used: enabling
+    them ourselves would change the host's cgroup configuration (and fails where our own cgroup holds
+    processes, as most do).
+    """
+    mount = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields, _, rest = line.partition(" - ")
+            if rest.split()[:1] == ["cgroup2"]:
+                mount = fields.split()[4]
+                break
+    if mount is None:
+        return None, "no cgroup v2 hierarchy is mounted"
+    with open("/proc/self/cgroup") as f:
+        path = next((line[3:].strip() for line in f if line.startswith("0::")), None)
+    if path is None:
+        return None, "this process is in no cgroup v2 group"
+    own = os.path.join(mount, path.strip("/")).rstrip("/")
+    try:
+        with open(os.path.join(own, "cgroup.controllers")) as f:
+            offered = f.read().split()
+        with open(os.path.join(own, "cgroup.subtree_control")) as f:
+            delegated = f.read().split()
+    except OSError as e:
+        return None, f"cannot read the cgroup v2 group {own} ({e.strerror})"
+    missing = [c for c in CGROUP_CONTROLLERS if c not in offered or c not in delegated]
+    if missing:
+        return None, (f"the cgroup v2 group {own} offers {' '.join(offered) or 'no controllers'} and delegates "
+                      f"{' '.join(delegated) or 'none'} to child groups: no {' or '.join(missing)} for a child")
+    try:
+        parent = tempfile.mkdtemp(dir=own, prefix="stablecode-sandbox-")
+    except OSError as e:
+        return None, f"cannot make a child cgroup of {own} ({e.strerror})"
+    try:
+        with open(os.path.join(parent, "cgroup.subtree_control"), "w") as f:
+            f.write(" ".join(f"+{c}" for c in CGROUP_CONTROLLERS))
+    except OSError as e:
+        os.rmdir(parent)
+        return None, f"cannot delegate {' and '.join(CGROUP_CONTROLLERS)} below {parent} ({e.strerror})"
+    return parent, ""
+
+
+def _cgroup_events(path: str) -> dict[str, int]:
+    try:
+        with open(os.path.join(path, "memory.events")) as f:
+            return {k: int(v) for k, v in (line.split() for line in f)}
+    except (OSError, ValueError):
+        return {}
+
+
+def _remove_cgroup(path: str) -> None:
+    """rmdir a cgroup once the last of its (killed) processes has left it."""
+    for _ in range(500):
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            if e.errno != errno.EBUSY:
+                raise
+            time.sleep(0.002)
+    raise SandboxError(f"the cgroup {path} still holds processes")
+
+
 def _python_paths() -> list[str]:
     """The directories the sandboxed interpreter reads its standard library and packages from."""
     paths = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
@@ -224,6 +295,7 @@ class Sandbox:
         self._slots: Queue = Queue()
         self._keep = _python_paths()
         self._host_ipc = os.readlink("/proc/self/ns/ipc")
+        self._cgroup: str | None = None  # the sandbox's own cgroup v2 group, where one could be made
         try:
             uids = self._reserve_uids(workers, uid_base) if self._root else [None] * workers
             for uid in uids:
@@ -305,11 +377,21 @@ class Sandbox:
         error = self._try(features, uid)
         if error is not None:
             raise SandboxError(f"the sandbox does not work here: {error}")
-        # Enforced from here, by reading /proc: nothing to probe beyond that.
-        features.add("memory_tree")
-        self.notes.append("memory: the program's resident memory summed over its processes every "
-                          f"{WATCH_INTERVAL * 1000:g} ms (no cgroup used); files in /dev/shm ({SHM_BYTES >> 20} MiB "
-                          "at most) and System V shared memory not mapped by any process are not counted")
+        self._cgroup, why = cgroup_v2_parent()
+        if self._cgroup is not None:
+            error = self._try(features | {"memory_cgroup"}, uid)
+            if error is None:
+                features.add("memory_cgroup")
+            else:
+                why = f"a program in a cgroup of {self._cgroup} failed ({error})"
+                _remove_cgroup(self._cgroup)
+                self._cgroup = None
+        if "memory_cgroup" not in features:
+            # Enforced by the parent reading /proc: nothing to probe.
+            features.add("memory_tree")
+            self.notes.append(f"memory: no cgroup, because {why}; instead the program's resident memory is summed "
+                              f"over its processes every {WATCH_INTERVAL * 1000:g} ms. Not counted then: files in its "
+                              f"/dev/shm ({SHM_BYTES >> 20} MiB at most) and System V shared memory no process maps")
         return features
 
     def _try(self, features: set[str], uid: int | None) -> str | None:
@@ -325,6 +407,8 @@ class Sandbox:
             checks.append("assert [n for _, n in socket.if_nameindex()] == ['lo']")
         if "ipc_namespace" in features:
             checks.append(f"assert os.readlink('/proc/self/ns/ipc') != {self._host_ipc!r}")
+        if "memory_cgroup" in features:
+            checks.append("assert '/run-' in open('/proc/self/cgroup').read().split('0::', 1)[1]")
         if "mount_namespace" in features:
             checks.append("try:\n    open('/.stablecode-probe', 'w')\nexcept OSError:\n    pass\n"
                           "else:\n    raise AssertionError('/ is writable')")
@@ -360,10 +444,11 @@ class Sandbox:
         workdir = tempfile.mkdtemp(dir=self._base, prefix="run-")
         if uid is not None and "private_user" in features:
             os.chown(workdir, uid, uid)
+        cgroup = self._new_cgroup() if "memory_cgroup" in features else None
         nonce = secrets.token_hex(16)
         verdict_r, verdict_w = os.pipe()
         config = {"nonce": nonce, "program": program, "features": sorted(features), "workdir": workdir,
-                  "root": self._base, "keep": self._keep, "shm_bytes": SHM_BYTES, "uid": uid, "gid": uid,
+                  "root": self._base, "keep": self._keep, "cgroup": cgroup, "shm_bytes": SHM_BYTES, "uid": uid, "gid": uid,
                   "result_fd": verdict_w, "timeout": limits.timeout, "cpu_seconds": math.ceil(limits.timeout) + 1,
                   "memory_bytes": limits.memory_bytes, "file_bytes": limits.file_bytes,
                   "open_files": limits.open_files,
@@ -377,6 +462,8 @@ class Sandbox:
         except OSError as e:
             os.close(verdict_r)
             remove_tree(workdir)
+            if cgroup is not None:
+                _remove_cgroup(cgroup)
             raise SandboxError(f"cannot start {sys.executable}: {e}") from None
         finally:
             os.close(verdict_w)
@@ -390,9 +477,17 @@ class Sandbox:
             os.close(verdict_r)
             proc.stderr.close()
             remove_tree(workdir)
+            if cgroup is not None:
+                events = _cgroup_events(cgroup)
+                _remove_cgroup(cgroup)
+        if cgroup is not None and outcome is None and events.get("oom_kill", 0) > 0:
+            outcome, report = "memory", report | {"memory": limits.memory_bytes}
         if outcome == "timed out":
             return ExecutionResult("timed out", seconds)
         if outcome == "memory":
+            if cgroup is not None:
+                return ExecutionResult(f"failed: memory limit exceeded: its processes reached the limit of "
+                                       f"{limits.memory_bytes >> 20} MiB together (cgroup)", seconds)
             return ExecutionResult(f"failed: memory limit exceeded: its processes held {report['memory'] >> 20} MiB "
                                    f"together, the limit is {limits.memory_bytes >> 20} MiB", seconds)
         if report.get("setup") != "ok":
@@ -406,6 +501,22 @@ class Sandbox:
             name = signal.Signals(report["signal"]).name if report["signal"] in signal.valid_signals() else "?"
             return ExecutionResult(f"failed: killed by signal {report['signal']} ({name})", seconds)
         return ExecutionResult(f"failed: exited with status {report.get('exit')} before its tests finished", seconds)
+
+    def _new_cgroup(self) -> str:
+        """A cgroup for one program: its memory (no swap) and its number of tasks capped, killed as a group."""
+        path = tempfile.mkdtemp(dir=self._cgroup, prefix="run-")
+        settings = {"memory.max": self.limits.memory_bytes, "memory.swap.max": 0, "memory.oom.group": 1,
+                    "pids.max": self.limits.processes}
+        for name, value in settings.items():
+            if name == "memory.swap.max" and not os.path.exists(os.path.join(path, name)):
+                continue  # no swap accounting in this kernel
+            try:
+                with open(os.path.join(path, name), "w") as f:
+                    f.write(str(value))
+            except OSError as e:
+                os.rmdir(path)
+                raise SandboxError(f"cannot set {name} of the cgroup {path} ({e.strerror})") from None
+        return path
 
     def _watch(self, proc: subprocess.Popen, config: bytes, features: set[str]) -> tuple[dict, str | None]:
         """Send the configuration, follow the launcher's reports; returns (final report, outcome), outcome
@@ -498,6 +609,9 @@ class Sandbox:
         self._locks = []
         if os.path.isdir(self._base):
             remove_tree(self._base)
+        if getattr(self, "_cgroup", None) is not None:
+            _remove_cgroup(self._cgroup)
+            self._cgroup = None
 
     def __enter__(self) -> "Sandbox":
         return self

@@ -211,6 +211,9 @@ def child(config: dict, nonce: str, program: str, report_w: int) -> None:
     try:
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # if the launcher dies, so do we (and our namespace)
         features = config["features"]
+        if "cgroup_fd" in config:  # the program and all it starts, not the launcher
+            os.write(config["cgroup_fd"], b"0")
+            os.close(config["cgroup_fd"])
         if "mount_namespace" in features:
             # The new root has no /proc yet; with a pid namespace this one shows only the program's processes.
             mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY)
@@ -248,6 +251,8 @@ def main() -> int:
     try:
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         prctl(PR_SET_CHILD_SUBREAPER, 1)
+        if config.get("cgroup"):  # opened now: the new root has no /sys
+            config["cgroup_fd"] = os.open(os.path.join(config["cgroup"], "cgroup.procs"), os.O_WRONLY)
         flags = ((CLONE_NEWNS if "mount_namespace" in features else 0)
                  | (CLONE_NEWPID if "pid_namespace" in features else 0)
                  | (CLONE_NEWNET if "network_namespace" in features else 0)
@@ -270,6 +275,8 @@ def main() -> int:
                 os._exit(SETUP_ERROR)
         os.close(report_w)
         os.close(config["result_fd"])  # only the program's side holds the verdict pipe now
+        if "cgroup_fd" in config:
+            os.close(config["cgroup_fd"])
         with os.fdopen(report_r, "rb") as f:
             setup = f.readline(4096).decode(errors="replace").strip()
         started = time.monotonic()

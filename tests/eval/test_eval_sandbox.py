@@ -244,7 +244,13 @@ def test_memory_is_capped_for_the_whole_program_not_per_process(roomy):
     result = roomy.run(FORKS.format(children=4, mb=160))
     assert not result.passed
     assert result.result.startswith("failed: memory limit exceeded"), result
-    assert "memory_tree" in roomy.features
+
+
+def test_which_memory_accounting_ran_is_reported(roomy):
+    """A cgroup where one can be made, else the process tree summed by the parent, with the reason."""
+    assert len({"memory_cgroup", "memory_tree"} & roomy.features) == 1
+    if "memory_tree" in roomy.features:
+        assert [n for n in roomy.notes if n.startswith("memory: no cgroup, because ")], roomy.notes
 
 
 def test_forking_within_the_memory_limit_passes(roomy):
