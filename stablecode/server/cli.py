@@ -7,6 +7,10 @@ import os
 import sys
 from pathlib import Path
 
+DEFAULT_MAX_CONNECTIONS = 512
+DEFAULT_READ_TIMEOUT = 10.0
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
 
 def add_serve_command(subparsers) -> None:
     p = subparsers.add_parser("serve", help="HTTP completion server for editors (TGI, OpenAI and Ollama APIs)")
@@ -28,20 +32,49 @@ def add_serve_command(subparsers) -> None:
                        help="attribution index: adds POST /overlap (llm-vscode's code attribution) and the completion "
                             "routes' `attribution` option (default: the embedded model's own index when serving it)")
     index.add_argument("--no-index", action="store_true", help="serve without an attribution index")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests whose Host header is NAME (repeatable; '*' for any). By default only "
+                        "IP addresses, localhost and the --host name are: a guard against DNS rebinding")
+    p.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                   help=f"open connections at most; more get 503 at once (default {DEFAULT_MAX_CONNECTIONS})")
+    p.add_argument("--read-timeout", type=float, default=DEFAULT_READ_TIMEOUT,
+                   help="seconds a request's head, and then its body, may take to arrive; slower ones get 408 "
+                        f"(default {DEFAULT_READ_TIMEOUT:g})")
+    p.add_argument("--shutdown-timeout", type=float, default=5.0,
+                   help="on SIGTERM/SIGINT, seconds running completions may take to finish before they are ended "
+                        "with a final error event (default 5)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="default info")
     p.set_defaults(func=run_serve)
 
 
 def run_serve(args) -> None:
-    import uvicorn
-
     from stablecode.errors import StablecodeError
+    from stablecode.server import http
     from stablecode.server.app import create_app
 
     if not 1 <= args.port <= 65535:
         raise StablecodeError(f"--port must be in 1..65535, got {args.port}")
     if args.max_batch < 1 or args.max_queue < 0:
         raise StablecodeError("--max-batch must be >= 1 and --max-queue >= 0")
+    if not (args.read_timeout > 0 and args.shutdown_timeout >= 0):
+        raise StablecodeError("--read-timeout must be > 0 and --shutdown-timeout >= 0 seconds")
+    protocol_options = {"head_timeout": args.read_timeout, "max_connections": args.max_connections,
+                        "drain_seconds": args.shutdown_timeout, "log_level": args.log_level}
+    http.protocol(args.read_timeout, args.max_connections)  # checks the values
+    http.ensure_file_limit(args.max_connections)
+    # Bound before anything loads: a port in use is one line and exit 2.
+    sock = http.bind(args.host, args.port)
+    try:
+        _serve(args, sock, protocol_options)
+    finally:
+        sock.close()
+
+
+def _serve(args, sock, protocol_options: dict) -> None:
+    from stablecode.errors import StablecodeError
+    from stablecode.server import http
+    from stablecode.server.app import create_app
+
     if args.threads is not None:
         if args.threads < 1:
             raise StablecodeError(f"--threads must be >= 1, got {args.threads}")
@@ -51,9 +84,11 @@ def run_serve(args) -> None:
     attributor = serving_attributor(args.model, args.index, args.no_index)
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    allowed_hosts = [*args.allow_host] + ([] if args.host in WILDCARD_HOSTS else [args.host])
     app = create_app(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, api_key=args.api_key,
-                     max_batch=args.max_batch, max_queue=args.max_queue, attributor=attributor)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+                     max_batch=args.max_batch, max_queue=args.max_queue, attributor=attributor,
+                     allowed_hosts=allowed_hosts, body_timeout=args.read_timeout)
+    http.serve(app, sock, **protocol_options)
 
 
 def serving_attributor(model, index, no_index: bool = False):

@@ -93,6 +93,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._stopped = False
+        self.shutting_down = False
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -125,8 +126,18 @@ class Engine:
             self._thread.join(timeout)
         return self.state == "ready"
 
+    def begin_shutdown(self) -> None:
+        """Refuse new requests (503); running ones go on until `stop`."""
+        self.shutting_down = True
+
+    def busy(self) -> bool:
+        scheduler = self.scheduler
+        return scheduler is not None and scheduler.active + scheduler.waiting > 0
+
     def stop(self) -> None:
-        """Stop serving; a load still in progress is abandoned (its thread is a daemon)."""
+        """Stop serving: running and waiting sequences end with a Failed("the server is shutting down")
+        event; a load still in progress is abandoned (its thread is a daemon)."""
+        self.shutting_down = True
         with self._lock:
             self._stopped = True
             scheduler = self.scheduler
@@ -136,6 +147,8 @@ class Engine:
     # ---- requests ------------------------------------------------------------------------------
 
     def check_ready(self) -> None:
+        if self.shutting_down:
+            raise ApiError(503, "the server is shutting down", "unavailable")
         if self.state == "loading":
             raise ApiError(503, "the model is still loading; retry in a few seconds (GET /health says when ready)",
                            "unavailable")
@@ -203,7 +216,8 @@ class Engine:
                     results[index] = Result(event.completion, tokens[index], submission.first_token_ns.get(index),
                                             time.perf_counter_ns())
                 elif isinstance(event, Failed):
-                    raise ApiError(500, event.message, "generation")
+                    raise ApiError(503 if self.shutting_down else 500, event.message,
+                                   "unavailable" if self.shutting_down else "generation")
 
         watcher = asyncio.ensure_future(_until_disconnected(receive))
         collector = asyncio.ensure_future(collect())

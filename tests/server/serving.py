@@ -7,17 +7,21 @@ import threading
 import time
 from contextlib import contextmanager
 
-import uvicorn
+from stablecode.server import http
 
 
 class RunningServer:
-    def __init__(self, app):
+    """The app served as `stablecode serve` serves it (stablecode.server.http), on a free port."""
+
+    def __init__(self, app, drain_seconds: float = 1.0, **options):
         self.app = app
         self.engine = app.state.engine
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = http.Server(http.config(app, log_level="warning", drain_seconds=drain_seconds, **options),
+                                  self.engine, drain_seconds)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     @property
@@ -41,8 +45,8 @@ class RunningServer:
 
 
 @contextmanager
-def running(app, wait_ready: bool = True):
-    server = RunningServer(app).start(wait_ready)
+def running(app, wait_ready: bool = True, **options):
+    server = RunningServer(app, **options).start(wait_ready)
     try:
         yield server
     finally:
