@@ -347,14 +347,13 @@ class Sandbox:
         base = set() if self._root else {"user_namespace"}
         working = set()
         for namespace in NAMESPACES:
-            if namespace == "mount_namespace" and not self._root:
-                # In a user namespace the program would keep the capabilities to undo read-only mounts.
-                self.notes.append("mount_namespace: not root, so the filesystem is protected only by the "
-                                  "invoking user's own permissions (files it can write, the program can write)")
-                continue
             error = self._try(base | {namespace}, uid)
             if error is None:
                 working.add(namespace)
+            elif namespace == "mount_namespace":
+                self.notes.append(f"mount_namespace: not available here ({error}), so the filesystem is protected "
+                                  "only by ordinary permissions: files and Unix sockets the user running the "
+                                  "programs can reach, they can reach")
             else:
                 self.notes.append(f"{namespace}: not available here ({error})")
         features = base | working
@@ -488,8 +487,8 @@ class Sandbox:
             if cgroup is not None:
                 return ExecutionResult(f"failed: memory limit exceeded: its processes reached the limit of "
                                        f"{limits.memory_bytes >> 20} MiB together (cgroup)", seconds)
-            return ExecutionResult(f"failed: memory limit exceeded: its processes held {report['memory'] >> 20} MiB "
-                                   f"together, the limit is {limits.memory_bytes >> 20} MiB", seconds)
+            return ExecutionResult(f"failed: memory limit exceeded: its processes held {report['memory'] / 2**20:.1f} "
+                                   f"MiB together, over the limit of {limits.memory_bytes >> 20} MiB", seconds)
         if report.get("setup") != "ok":
             raise SandboxError(f"sandbox set-up failed: {report.get('message', report)}")
         lines = verdict.decode("utf-8", "replace").splitlines()

@@ -20,6 +20,7 @@ stderr of the program go to /dev/null.
 """
 
 import ctypes
+import errno
 import json
 import os
 import resource
@@ -35,7 +36,9 @@ CLONE_NEWNET = 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 MS_NOATIME, MS_NODIRATIME, MS_RELATIME, MS_STRICTATIME = 1024, 2048, 1 << 21, 1 << 24
-PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
+PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 24, 36, 38
+PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
+LINUX_CAPABILITY_VERSION_3 = 0x20080522
 MNT_DETACH = 2
 SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
 # What the new root holds besides the Python installation: read-only, and none of the places where
@@ -86,7 +89,7 @@ def _inside(path: str, directory: str) -> bool:
     return path == directory or path.startswith(directory.rstrip("/") + "/")
 
 
-def setup_filesystem(root: str, workdir: str, keep: list[str], shm_bytes: int) -> None:
+def setup_filesystem(root: str, workdir: str, keep: list[str], shm_bytes: int, own_pids: bool) -> None:
     """Pivot into a new root (a tmpfs mounted on `root`) holding only SYSTEM_PATHS and the `keep` paths
     read-only, DEVICES, a private /dev/shm and `workdir`, the one writable place. Runs in a fresh mount
     namespace; `root` and `workdir` are directories of the evaluator (workdir may lie inside root)."""
@@ -97,9 +100,6 @@ def setup_filesystem(root: str, workdir: str, keep: list[str], shm_bytes: int) -
         raise OSError(f"pivot_root: no system call number known for {platform.machine()}")
     mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we do here reaches the host's namespace
     work_fd = os.open(workdir, os.O_PATH | os.O_DIRECTORY)  # before the tmpfs on root may hide it
-    for point, flags in mount_points():  # read-only first: the bind mounts below inherit it
-        if os.path.exists(point):
-            mount(None, point, None, MS_REMOUNT | MS_BIND | MS_RDONLY | flags)
     mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755")
     paths = sorted({p for p in (*SYSTEM_PATHS, *keep) if os.path.lexists(p)})
     whole = [p for p in paths if not os.path.islink(p)]
@@ -125,20 +125,47 @@ def setup_filesystem(root: str, workdir: str, keep: list[str], shm_bytes: int) -
         os.symlink(target, f"{dev}/{name}")
     os.mkdir(f"{dev}/shm")
     mount("tmpfs", f"{dev}/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, f"size={shm_bytes},mode=1777")
-    os.mkdir(root + "/proc", 0o555)  # the program's process mounts its own proc here
+    os.mkdir(root + "/proc", 0o555)
+    if own_pids:
+        # A proc of our own pid namespace (we are its first process): it shows only the program's
+        # processes. Mounted before the pivot: in a user namespace the kernel allows a new proc only
+        # where one is already fully visible.
+        mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY)
+    else:
+        mount("/proc", root + "/proc", None, MS_BIND | MS_REC)
     target = root + workdir
     os.makedirs(target, mode=0o755, exist_ok=True)
     mount(f"/proc/self/fd/{work_fd}", target, None, MS_BIND)
     os.close(work_fd)
     writable = {target, f"{dev}/shm"}
-    for point, flags in mount_points():  # every mount of the new root read-only, but those two
-        if _inside(point, root) and point not in writable:
-            mount(None, point, None, MS_REMOUNT | MS_BIND | MS_RDONLY | flags)
-    mount(None, target, None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV)
+    for point, flags in mount_points():
+        # Every mount of the new root read-only but those two, each keeping its own flags (in a user
+        # namespace, those inherited from the host's mounts are locked).
+        if _inside(point, root) and not (own_pids and point == root + "/proc"):
+            extra = MS_NOSUID | MS_NODEV if point in writable else MS_RDONLY
+            mount(None, point, None, MS_REMOUNT | MS_BIND | flags | extra)
     os.chdir(root)
     _check(libc.syscall(pivot_root, b".", b"."), "pivot_root")  # the old root ends up stacked on "."
     _check(libc.umount2(b".", MNT_DETACH), "umount the old root")
     os.chdir("/")
+
+
+def drop_bounding_set() -> None:
+    """No capability can be gained again (needs CAP_SETPCAP: before giving up root)."""
+    cap = 0
+    while libc.prctl(PR_CAPBSET_DROP, ctypes.c_ulong(cap), 0, 0, 0) == 0:
+        cap += 1
+    if ctypes.get_errno() != errno.EINVAL:  # EINVAL: past the last capability this kernel has
+        _check(-1, f"prctl PR_CAPBSET_DROP {cap}")
+
+
+def clear_capabilities() -> None:
+    """No capability left. In a user namespace the program would otherwise hold them all there (it is
+    not exec'd), enough to undo the read-only mounts."""
+    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    header = (ctypes.c_uint32 * 2)(LINUX_CAPABILITY_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable (two words each): all empty
+    _check(libc.capset(header, data), "capset")
 
 
 def limit_ipc(memory_bytes: int) -> None:
@@ -215,14 +242,16 @@ def child(config: dict, nonce: str, program: str, report_w: int) -> None:
             os.write(config["cgroup_fd"], b"0")
             os.close(config["cgroup_fd"])
         if "mount_namespace" in features:
-            # The new root has no /proc yet; with a pid namespace this one shows only the program's processes.
-            mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY)
+            setup_filesystem(config["root"], config["workdir"], config["keep"], config["shm_bytes"],
+                             own_pids="pid_namespace" in features)
         set_limits(config)
+        drop_bounding_set()
         if "private_user" in features:
             uid, gid = config["uid"], config["gid"]
             os.setgroups([])
             os.setresgid(gid, gid, gid)
             os.setresuid(uid, uid, uid)
+        clear_capabilities()
         prctl(PR_SET_NO_NEW_PRIVS, 1)
         os.chdir(config["workdir"])
         os.umask(0o077)
@@ -263,8 +292,6 @@ def main() -> int:
             _check(libc.unshare(flags), "unshare")
         if "ipc_namespace" in features and "user_namespace" not in features:
             limit_ipc(config["memory_bytes"])
-        if "mount_namespace" in features:
-            setup_filesystem(config["root"], config["workdir"], config["keep"], config["shm_bytes"])
         report_r, report_w = os.pipe()
         pid = os.fork()
         if pid == 0:
