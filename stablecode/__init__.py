@@ -9,11 +9,11 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Attributor": "stablecode.attribution",
     "Completer": "stablecode.api",
-    "Completion": "stablecode.generate",
+    "Completion": "stablecode.inference.request",
     "GPTNeoX": "stablecode.model",
     "ModelConfig": "stablecode.config",
     "PRESETS": "stablecode.config",
-    "SamplingParams": "stablecode.sampling",
+    "SamplingParams": "stablecode.inference.sampling",
     "StablecodeError": "stablecode.errors",
     "Tokenizer": "stablecode.tokenizer",
     "load_model": "stablecode.checkpoint",

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import os
+from contextlib import closing
 from typing import Iterator
 
 import torch
 
 from stablecode.checkpoint import load_model
+from stablecode.inference.engine import DEFAULT_PREFIX_CACHE_MB, Engine, Failed, TokenEvent
+from stablecode.inference.request import Completion, Request
+from stablecode.inference.sampling import SamplingParams
+from stablecode.inference.speculation import draft_tokens_option
 from stablecode.registry import resolve_model_dir
-from stablecode.generate import Completion, Sequence, generate
-from stablecode.prefix_cache import PrefixCache
-from stablecode.sampling import SamplingParams
-from stablecode.speculative import draft_tokens_option, generate_one
 from stablecode.tokenizer import load_tokenizer
 
 
@@ -20,56 +21,58 @@ class Completer:
     """Code completion with one model: `Completer(path).complete("def fib(n):").text`.
 
     `model` is a checkpoint directory or an embedded model name; None means the embedded default.
-    `prefix_cache`: keep the KV cache of this many recent prompts (True: one) so that a prompt
-    extending or editing one of them runs only its new tokens (single-prompt calls).
+    Every call goes through one `stablecode.inference.engine.Engine`, so a prompt that extends or
+    edits an earlier one runs only its new tokens (`prefix_cache_mb` of memory keeps prefixes
+    beyond the engine's `max_batch` rows; 0 turns reuse off), and greedy completions verify
+    prompt-lookup guesses (`speculative`: True, False or a number of draft tokens per step).
     """
 
     def __init__(self, model: str | os.PathLike | None = None, *, dtype: str | torch.dtype | None = None,
                  device: str | torch.device | None = None, quantize: str | None = None, progress: bool = False,
-                 prefix_cache: bool | int = False):
+                 max_batch: int = 8, prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB, speculative: bool | int = True):
         self.model_dir = resolve_model_dir(model)
         self.model = load_model(self.model_dir, dtype=dtype, device=device, quantize=quantize, progress=progress)
-        self.prefix_cache = PrefixCache(entries=int(prefix_cache)) if prefix_cache else None
         self.tokenizer = load_tokenizer(self.model_dir)
         self.config = self.model.config
-        self.device = self.model.rotary_cos.device
+        self.device = self.model.device
+        self.engine = Engine(self.model, max_batch=max_batch, prefix_cache_mb=prefix_cache_mb,
+                             speculative=speculative)
 
-    def sequence(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                 top_k: int = 0, repetition_penalty: float = 1.0, stop: list[str] | tuple[str, ...] | None = None,
-                 seed: int | None = None) -> Sequence:
-        """A prepared (tokenized, context-fitted) sequence for `prompt`."""
+    def request(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                top_k: int = 0, repetition_penalty: float = 1.0, stop: list[str] | tuple[str, ...] | None = None,
+                seed: int | None = None, speculative: bool | int | None = None) -> Request:
+        """A prepared (tokenized, context-fitted) request for `prompt`.
+
+        speculative: None uses the engine's setting; True, False or a number of draft tokens."""
         sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
                                   repetition_penalty=repetition_penalty, seed=seed)
-        return Sequence(self.tokenizer.encode(prompt), self.tokenizer, self.config.max_position_embeddings,
-                        max_new_tokens=max_new_tokens, sampling=sampling, stop_strings=tuple(stop or ()),
-                        device=self.device)
+        return Request(self.tokenizer.encode(prompt), self.tokenizer, self.config.max_position_embeddings,
+                       max_new_tokens=max_new_tokens, sampling=sampling, stop_strings=tuple(stop or ()),
+                       device=self.device, speculative=None if speculative is None else draft_tokens_option(speculative))
 
     def complete(self, prompt: str, **options) -> Completion:
         """Complete one prompt. Options: max_new_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed,
-        speculative (greedy only: True or a number of prompt-lookup tokens to verify per step)."""
+        speculative (greedy requests: True, False or a number of prompt-lookup tokens to verify per step)."""
         return self.complete_batch([prompt], **options)[0]
 
     def complete_batch(self, prompts: list[str], **options) -> list[Completion]:
-        """Complete several prompts in one batch (seed i+k for prompt k when a seed is given)."""
+        """Complete several prompts together (seed i+k for prompt k when a seed is given)."""
         seed = options.pop("seed", None)
-        draft_tokens = draft_tokens_option(options.pop("speculative", False))
-        sequences = [self.sequence(p, seed=None if seed is None else seed + i, **options)
-                     for i, p in enumerate(prompts)]
-        for _ in self._generate(sequences, draft_tokens):
+        requests = [self.request(p, seed=None if seed is None else seed + i, **options) for i, p in enumerate(prompts)]
+        for _ in self.generate(requests):
             pass
-        return [s.result() for s in sequences]
+        return [request.result() for request in requests]
 
     def stream(self, prompt: str, **options) -> Iterator[str]:
         """Yield the completion's text piece by piece as it is generated."""
-        draft_tokens = draft_tokens_option(options.pop("speculative", False))
-        for _, piece in self._generate([self.sequence(prompt, **options)], draft_tokens):
+        for _, piece in self.generate([self.request(prompt, **options)]):
             yield piece
 
-    def _generate(self, sequences: list[Sequence], draft_tokens: int) -> Iterator[tuple[int, str]]:
-        if len(sequences) == 1 and (self.prefix_cache is not None or draft_tokens):
-            for piece in generate_one(self.model, sequences[0], self.prefix_cache, draft_tokens):
-                yield 0, piece
-        elif draft_tokens:
-            raise ValueError("speculative decoding completes one prompt at a time")
-        else:
-            yield from generate(self.model, sequences)
+    def generate(self, requests: list[Request]) -> Iterator[tuple[int, str]]:
+        """Run prepared requests, yielding (index, text piece) as text becomes visible."""
+        with closing(self.engine.run(requests)) as events:  # stopping early frees the rows at once
+            for index, event in events:
+                if isinstance(event, TokenEvent) and event.text:
+                    yield index, event.text
+                elif isinstance(event, Failed):
+                    raise RuntimeError(event.message)

@@ -5,6 +5,7 @@ import torch
 
 from stablecode import GPTNeoX, ModelConfig
 from stablecode.checkpoint import hf_state_dict
+from stablecode.kv_cache import KVCache
 from stablecode.model import init_weights
 
 transformers = pytest.importorskip("transformers")
@@ -85,11 +86,10 @@ def test_cached_decoding_equals_full_forward():
     ids = torch.randint(0, 300, (2, 20))
     with torch.no_grad():
         full = model(ids)
-        model.setup_kv_cache(2, 32, dtype=torch.float32)
-        prefix = model(ids[:, :12], input_pos=0)
-        chunk = model(ids[:, 12:15], input_pos=12)  # several tokens after a prefix (speculation, reuse)
-        steps = [model(ids[:, t:t + 1], input_pos=t) for t in range(15, 20)]
-        model.clear_kv_cache()
+        cache = KVCache.for_model(model, 2, 32, dtype=torch.float32)
+        prefix = model(ids[:, :12], cache=cache, input_pos=0)
+        chunk = model(ids[:, 12:15], cache=cache, input_pos=12)  # several tokens after a prefix (speculation, reuse)
+        steps = [model(ids[:, t:t + 1], cache=cache, input_pos=t) for t in range(15, 20)]
     stepped = torch.cat([prefix, chunk, *steps], dim=1)
     assert (stepped - full).abs().max().item() <= 1e-5
 
@@ -101,12 +101,11 @@ def test_per_row_positions_and_cache_rows():
     b = torch.randint(0, 300, (1, 5))
     with torch.no_grad():
         full_a, full_b = model(a), model(b)
-        model.setup_kv_cache(3, 16, dtype=torch.float32)
-        model(a[:, :8], input_pos=torch.arange(8)[None], cache_rows=torch.tensor([2]))
-        model(b[:, :4], input_pos=torch.arange(4)[None], cache_rows=torch.tensor([0]))
-        step = model(torch.cat([a[:, 8:], b[:, 4:]]), input_pos=torch.tensor([[8], [4]]),
+        cache = KVCache.for_model(model, 3, 16, dtype=torch.float32)
+        model(a[:, :8], cache=cache, input_pos=torch.arange(8)[None], cache_rows=torch.tensor([2]))
+        model(b[:, :4], cache=cache, input_pos=torch.arange(4)[None], cache_rows=torch.tensor([0]))
+        step = model(torch.cat([a[:, 8:], b[:, 4:]]), cache=cache, input_pos=torch.tensor([[8], [4]]),
                      cache_rows=torch.tensor([2, 0]))
-        model.clear_kv_cache()
     assert (step[0, 0] - full_a[0, 8]).abs().max().item() <= 1e-5
     assert (step[1, 0] - full_b[0, 4]).abs().max().item() <= 1e-5
 

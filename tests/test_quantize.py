@@ -12,6 +12,7 @@ from stablecode.checkpoint import save_quantized
 from stablecode.kernels import build, ops
 from stablecode.kernels import load as load_kernels
 from stablecode.errors import CheckpointError
+from stablecode.kv_cache import KVCache
 from stablecode.model import init_weights
 
 CONFIG = ModelConfig(name="quant-test", vocab_size=320, hidden_size=128, num_layers=2, num_heads=4,
@@ -111,9 +112,8 @@ def test_quantized_model_logits_close_to_float(ext, method, max_error, dtype):
         Q.quantize_model(model, method)
         prefill = model(ids).float()
         # Decode path (the kernels): the same tokens fed one at a time through the KV cache.
-        model.setup_kv_cache(1, 40)
-        steps = [model(ids[:, i:i + 1], input_pos=i).float() for i in range(ids.shape[1])]
-        model.clear_kv_cache()
+        cache = KVCache.for_model(model, 1, 40)
+        steps = [model(ids[:, i:i + 1], cache=cache, input_pos=i).float() for i in range(ids.shape[1])]
     decode = torch.cat(steps, dim=1)
     assert relative_error(prefill, exact) <= max_error
     assert relative_error(decode, exact) <= max_error
@@ -187,9 +187,8 @@ def test_large_bf16_cpu_model_uses_fast_layers(tmp_path, monkeypatch):
     ids = torch.randint(0, CONFIG.vocab_size, (1, 30))
     with torch.no_grad():
         fast = model(ids).float()
-        model.setup_kv_cache(1, 30)
-        decode = torch.cat([model(ids[:, i:i + 1], input_pos=i) for i in range(30)], 1).float()
-        model.clear_kv_cache()
+        cache = KVCache.for_model(model, 1, 30)
+        decode = torch.cat([model(ids[:, i:i + 1], cache=cache, input_pos=i) for i in range(30)], 1).float()
         layer.__class__ = torch.nn.Linear  # reference: plain nn.Linear everywhere
         for _, _, linear in Q._linear_layers(model):
             linear.__class__ = torch.nn.Linear

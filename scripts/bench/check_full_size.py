@@ -43,6 +43,7 @@ def worker(args) -> None:
     start = time.perf_counter()
     if args.engine == "ours":
         from stablecode.checkpoint import load_model
+        from stablecode.kv_cache import KVCache
 
         model = load_model(args.checkpoint, dtype=args.dtype)
     else:
@@ -61,10 +62,9 @@ def worker(args) -> None:
         # The KV-cache path: prefill all but the last tokens, then one token per step.
         prefix = args.tokens - CACHED_STEPS
         with torch.inference_mode():
-            model.setup_kv_cache(1, args.tokens)
-            model(ids[:, :prefix], input_pos=0)
-            steps = torch.cat([model(ids[:, t:t + 1], input_pos=t) for t in range(prefix, args.tokens)], dim=1)
-            model.clear_kv_cache()
+            cache = KVCache.for_model(model, 1, args.tokens)
+            model(ids[:, :prefix], cache=cache, input_pos=0)
+            steps = torch.cat([model(ids[:, t:t + 1], cache=cache, input_pos=t) for t in range(prefix, args.tokens)], dim=1)
         result["cached_vs_full_max_abs_diff"] = (steps.float() - logits[:, prefix:].float()).abs().max().item()
     torch.save(logits.float(), args.out)
     result["peak_rss_gib"] = peak_rss_gib()

@@ -29,15 +29,14 @@ def worker(model_dir: str, compiled: bool, context: int, tokens: int, threads: i
     import torch
 
     from stablecode.checkpoint import load_model
+    from stablecode.kv_cache import KVCache
 
     torch.set_num_threads(threads)
     model = load_model(model_dir)
-    model.setup_kv_cache(1, context + tokens + 8)
+    cache = KVCache.for_model(model, 1, context + tokens + 8)
     generator = torch.Generator().manual_seed(0)
-    for block in model.gpt_neox.layers:
-        cache = block.attention.kv_cache
-        cache.k[:, :, :context].copy_(torch.randn(cache.k[:, :, :context].shape, generator=generator))
-        cache.v[:, :, :context].copy_(torch.randn(cache.v[:, :, :context].shape, generator=generator))
+    cache.k[..., :context, :].copy_(torch.randn(cache.k[..., :context, :].shape, generator=generator))
+    cache.v[..., :context, :].copy_(torch.randn(cache.v[..., :context, :].shape, generator=generator))
     step = torch.compile(model) if compiled else model
     token = torch.tensor([[17]])
     times = []
@@ -45,11 +44,11 @@ def worker(model_dir: str, compiled: bool, context: int, tokens: int, threads: i
         start = time.perf_counter()
         # Two warm-up steps: the first compiles for a fixed position, the second for any position.
         for position in range(context, context + 2):
-            step(token, input_pos=position)
+            step(token, cache=cache, input_pos=position)
         warmup = time.perf_counter() - start
         for position in range(context + 2, context + 2 + tokens):
             start = time.perf_counter()
-            logits = step(token, input_pos=position)
+            logits = step(token, cache=cache, input_pos=position)
             times.append(time.perf_counter() - start)
             token = logits[:, -1:].argmax(-1)
     median = statistics.median(times)

@@ -5,7 +5,7 @@
 
 Each (engine, dtype) runs in its own subprocess, one after the other, so two 11 GB fp32 models are
 never in memory together and each engine's peak RSS is its own. Both engines generate greedily
-through their own generation API (ours: `stablecode.generate.generate`; theirs: `model.generate`
+through their own generation API (ours: `stablecode.inference.engine.Engine`; theirs: `model.generate`
 with a streamer), 1 + N new tokens for a P-token prompt, EOS ignored:
 
 - prefill: time from the generation call to the first new token (the P-token forward pass);
@@ -57,7 +57,8 @@ def run_ours(args) -> dict:
     import torch
 
     from stablecode.checkpoint import load_model
-    from stablecode.generate import Sequence, generate
+    from stablecode.inference.engine import Engine
+    from stablecode.inference.request import Request
     from stablecode.tokenizer import load_tokenizer
 
     start = time.perf_counter()
@@ -66,7 +67,9 @@ def run_ours(args) -> dict:
     tokenizer = load_tokenizer(args.checkpoint)
     context = model.config.max_position_embeddings
 
-    class TimedSequence(Sequence):
+    engine = Engine(model, max_batch=1, prefix_cache_mb=0, speculative=False)
+
+    class TimedSequence(Request):
         """Records when each new token is chosen (the end of the forward pass that produced it)."""
 
         def append(self, token_id: int) -> str:
@@ -76,7 +79,7 @@ def run_ours(args) -> dict:
     def run(ids: list[int], new_tokens: int) -> tuple[list[float], list[int]]:
         sequence = TimedSequence(ids, tokenizer, context, max_new_tokens=new_tokens, eos_ids=frozenset())
         sequence.times = [time.perf_counter()]
-        for _ in generate(model, [sequence]):
+        for _ in engine.run([sequence]):
             pass
         return sequence.times, sequence.generated_ids
 

@@ -87,6 +87,7 @@ def worker_ours(args) -> dict:
     import torch
 
     from stablecode import load_model
+    from stablecode.kv_cache import KVCache
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -95,20 +96,19 @@ def worker_ours(args) -> dict:
     ids = prompt_ids(args.prompt_tokens, model.config.vocab_size)
     decode = []
     with torch.inference_mode():
-        model.setup_kv_cache(1, args.prompt_tokens + args.new_tokens)
+        cache = KVCache.for_model(model, 1, args.prompt_tokens + args.new_tokens)
         start = time.perf_counter()
         last = torch.tensor([[len(ids) - 1]])
-        logits = model(torch.tensor([ids]), input_pos=0, logit_positions=last)[0, -1]
+        logits = model(torch.tensor([ids]), cache=cache, input_pos=0, logit_positions=last)[0, -1]
         prefill_s = time.perf_counter() - start
         first = int(logits.argmax())
         for _ in range(args.repeats):  # each repeat decodes again from the cached prompt
             token = first
             start = time.perf_counter()
             for step in range(args.new_tokens - 1):
-                logits = model(torch.tensor([[token]]), input_pos=args.prompt_tokens + step)[0, -1]
+                logits = model(torch.tensor([[token]]), cache=cache, input_pos=args.prompt_tokens + step)[0, -1]
                 token = int(logits.argmax())
             decode.append((args.new_tokens - 1) / (time.perf_counter() - start))
-        model.clear_kv_cache()
     return dict(load_s=load_s, prefill_s=prefill_s, decode_tok_s=statistics.median(decode),
                 peak_rss=peak_rss_bytes(), weight_bytes=weight_bytes(Path(args.model)))
 
@@ -169,28 +169,33 @@ def worker_prefix(args) -> dict:
     from stablecode import Completer
 
     torch.set_num_threads(args.threads)
-    completer = Completer(args.model, prefix_cache=True)
-    cache = completer.prefix_cache
+    from stablecode.inference.engine import Engine
+
+    completer = Completer(args.model)
     tokenizer = completer.tokenizer
     text = stdlib_code(40_000, skip=20)
     ids = tokenizer.encode(text)[:args.long_prompt_tokens]
     prompt = tokenizer.decode(ids)
     edits = [prompt + "abcdefghijklmnopqrstuvwxyz"[:i + 1] for i in range(args.edits)]
 
+    prefilled = 0
+
     def ttft(completer, text):
+        nonlocal prefilled
         start = time.perf_counter()
-        completer.complete(text, max_new_tokens=1)
+        result = completer.complete(text, max_new_tokens=1)
+        prefilled = result.prompt_tokens - result.cached_prompt_tokens
         return time.perf_counter() - start
 
     first = ttft(completer, prompt)
     with_reuse = [ttft(completer, e) for e in edits]
-    prefilled = cache.prefilled_tokens
-    completer.prefix_cache = None  # the same model without reuse
+    prefilled_last = prefilled
+    completer.engine = Engine(completer.model, prefix_cache_mb=0)  # the same model without reuse
     without = [ttft(completer, e) for e in edits[:args.edits_without_reuse]]
     # With no edits measured without reuse, the first request (a full prefill) stands for them.
     return dict(prompt_tokens=len(tokenizer.encode(prompt)), first_s=first, edits=len(with_reuse),
                 ttft_reuse_median_s=statistics.median(with_reuse), ttft_reuse_max_s=max(with_reuse),
-                prefilled_tokens_last_edit=prefilled, edits_without=len(without),
+                prefilled_tokens_last_edit=prefilled_last, edits_without=len(without),
                 ttft_plain_median_s=statistics.median(without) if without else first, peak_rss=peak_rss_bytes())
 
 

@@ -130,10 +130,9 @@ def generate_samples(model, tokenizer, problems: dict[str, dict], settings: Gene
 
     Returns how many were generated now. Batches mix problems; every sample has its own seed.
     """
-    import torch
-
-    from stablecode.generate import Sequence, generate
-    from stablecode.sampling import SamplingParams
+    from stablecode.inference.engine import Engine, Failed, Finished
+    from stablecode.inference.request import Request
+    from stablecode.inference.sampling import SamplingParams
 
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
@@ -150,33 +149,40 @@ def generate_samples(model, tokenizer, problems: dict[str, dict], settings: Gene
     if not pending:
         return 0
     context = min(settings.max_length, model.config.max_position_embeddings)
-    device = model.rotary_cos.device
     prompt_ids = {t: tokenizer.encode(problems[t]["prompt"].strip()) for t in {t for t, _ in pending}}
+    requests = []
+    for task_id, index in pending:
+        ids = prompt_ids[task_id]
+        sampling = SamplingParams(temperature=settings.temperature, top_p=settings.top_p,
+                                  top_k=settings.top_k, seed=sample_seed(settings.seed, task_id, index))
+        # A prompt of max_length tokens gets no room: an empty completion.
+        requests.append(Request(ids, tokenizer, context, max_new_tokens=max(0, context - len(ids)),
+                                sampling=sampling, stop_strings=settings.stop, device=model.device))
     from tqdm import tqdm
 
     bar = tqdm(total=len(pending), unit="sample", desc="generating", disable=not progress, dynamic_ncols=True)
     tokens = 0
     started = time.monotonic()
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a", encoding="utf-8") as f, torch.inference_mode():
-        for start in range(0, len(pending), batch_size):
-            batch = pending[start:start + batch_size]
-            sequences = []
-            for task_id, index in batch:
-                ids = prompt_ids[task_id]
-                sampling = SamplingParams(temperature=settings.temperature, top_p=settings.top_p,
-                                          top_k=settings.top_k, seed=sample_seed(settings.seed, task_id, index))
-                sequences.append(Sequence(ids, tokenizer, context, max_new_tokens=max(0, context - len(ids)),
-                                          sampling=sampling, stop_strings=settings.stop, device=device))
-            running = [s for s in sequences if not s.finished]  # a prompt of max_length tokens gets no room
-            for _ in generate(model, running):
-                pass
-            for (task_id, _), seq in zip(batch, sequences):
-                f.write(json.dumps({"task_id": task_id, "completion": seq.text}) + "\n")
-                tokens += len(seq.generated_ids)
+    # Samples of one problem share its prompt: the engine prefills it once and copies it.
+    engine = Engine(model, max_batch=batch_size, max_seq_len=context)
+    finished: dict[int, str] = {}
+    written = 0
+    with open(out, "a", encoding="utf-8") as f:
+        for index, event in engine.run(requests):
+            if isinstance(event, Failed):
+                raise EvalError(f"generating {pending[index][0]} failed: {event.message}")
+            if not isinstance(event, Finished):
+                continue
+            finished[index] = event.completion.text
+            tokens += event.completion.completion_tokens
+            # In order, so that a resumed run gives every sample the seed it would have had.
+            while written in finished:
+                f.write(json.dumps({"task_id": pending[written][0], "completion": finished.pop(written)}) + "\n")
+                written += 1
             f.flush()
             os.fsync(f.fileno())
-            bar.update(len(batch))
+            bar.update(1)
             bar.set_postfix(tok_s=f"{tokens / max(time.monotonic() - started, 1e-9):.1f}")
     bar.close()
     return len(pending)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stablecode.errors import StablecodeError
-from stablecode.generate import Sequence
+from stablecode.inference.request import Request
 
 DEFAULT_EXTENSIONS = (".py",)
 
@@ -151,7 +151,7 @@ def sample_lines(sources: list[tuple[str, str]], count: int, seed: int = 0) -> l
 
 # ---- completion ----------------------------------------------------------------------------------
 
-class NextLineSequence(Sequence):
+class NextLineRequest(Request):
     """Stops once the text holds a finished line with content after the prompt's own (last) line."""
 
     def append(self, token_id: int) -> str:
@@ -174,31 +174,24 @@ def predicted_line(generated: str, finished: bool = True) -> str | None:
 def complete_lines(model, tokenizer, examples: list[LineExample], max_new_tokens: int = 64,
                    batch_size: int = 8, progress: bool = False) -> list[str]:
     """Greedy next-line predictions for `examples`, batched."""
-    import torch
     from tqdm import tqdm
 
-    from stablecode.generate import generate
-    from stablecode.sampling import SamplingParams
+    from stablecode.inference.engine import Engine, Failed, Finished
 
     context = model.config.max_position_embeddings
-    device = model.rotary_cos.device
     # Only the end of a long file fits the context; cut by characters before tokenizing (a token holds
     # at least one character, so this keeps every token that can fit).
     keep_chars = context * 8
-    predictions = []
+    requests = [NextLineRequest(tokenizer.encode(e.prompt[-keep_chars:]), tokenizer, context,
+                                max_new_tokens=max_new_tokens, device=model.device) for e in examples]
     bar = tqdm(total=len(examples), unit="line", desc="completing lines", disable=not progress, dynamic_ncols=True)
-    with torch.inference_mode():
-        for start in range(0, len(examples), batch_size):
-            batch = examples[start:start + batch_size]
-            sequences = [NextLineSequence(tokenizer.encode(e.prompt[-keep_chars:]), tokenizer, context,
-                                          max_new_tokens=max_new_tokens, sampling=SamplingParams(), device=device)
-                         for e in batch]
-            for _ in generate(model, sequences):
-                pass
-            predictions.extend(predicted_line(s.text) or "" for s in sequences)
-            bar.update(len(batch))
+    for index, event in Engine(model, max_batch=batch_size).run(requests):
+        if isinstance(event, Failed):
+            raise LinesError(f"completing line {index} failed: {event.message}")
+        if isinstance(event, Finished):
+            bar.update(1)
     bar.close()
-    return predictions
+    return [predicted_line(r.text) or "" for r in requests]
 
 
 def evaluate_lines(model, tokenizer, sources: list[tuple[str, str]], num_lines: int = 1000, seed: int = 0,

@@ -168,7 +168,7 @@ def _validation_details(errors) -> tuple[str, str | None, list[dict]]:
 def create_app(model: str | os.PathLike | None = None, *, dtype: str | None = None, device: str | None = None,
                quantize: str | None = None, api_key: str | None = None, max_batch: int = 8, max_queue: int = 32,
                limits: Limits = Limits(), attributor=None, allowed_hosts: Iterable[str] = (),
-               body_timeout: float | None = 30.0) -> FastAPI:
+               body_timeout: float | None = 30.0, **engine_options) -> FastAPI:
     """The completion server for a checkpoint directory or embedded model name (None: the default).
 
     With an `attributor` (stablecode.attribution.Attributor), POST /overlap is added and the
@@ -179,11 +179,13 @@ def create_app(model: str | os.PathLike | None = None, *, dtype: str | None = No
     `allowed_hosts` ("*": any) get 403: a web page cannot reach the server through DNS rebinding.
     A body not received within `body_timeout` seconds gets 408.
 
+    engine_options: `prefix_cache_mb` and `speculative` of the inference engine.
+
     The config and tokenizer are read now (bad paths fail here); the weights load in the
     background once the app starts, while GET /health answers 503.
     """
     engine = Engine(model, dtype=dtype, device=device, quantize=quantize, max_batch=max_batch,
-                    max_queue=max_queue, limits=limits, attributor=attributor)
+                    max_queue=max_queue, limits=limits, attributor=attributor, **engine_options)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -22,6 +22,11 @@ def add_serve_command(subparsers) -> None:
                    help="require `Authorization: Bearer KEY` (default: $STABLECODE_API_KEY, else no key)")
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together, i.e. KV-cache rows (default 8)")
     p.add_argument("--max-queue", type=int, default=32, help="requests that may wait for a row; beyond that, 429 (default 32)")
+    p.add_argument("--prefix-cache-mb", type=float, default=None,
+                   help="memory for cached prompt prefixes beyond the KV-cache rows, reused by later requests "
+                        "(default 1024; 0 turns prefix reuse off)")
+    p.add_argument("--speculative", type=int, default=None,
+                   help="prompt-lookup tokens verified per step for greedy requests (default 8; 0 turns it off)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weights dtype (default: as stored)")
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
@@ -87,8 +92,23 @@ def _serve(args, sock, protocol_options: dict) -> None:
     allowed_hosts = [*args.allow_host] + ([] if args.host in WILDCARD_HOSTS else [args.host])
     app = create_app(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, api_key=args.api_key,
                      max_batch=args.max_batch, max_queue=args.max_queue, attributor=attributor,
-                     allowed_hosts=allowed_hosts, body_timeout=args.read_timeout)
+                     allowed_hosts=allowed_hosts, body_timeout=args.read_timeout, **engine_options(args))
     http.serve(app, sock, **protocol_options)
+
+
+def engine_options(args) -> dict:
+    from stablecode.errors import StablecodeError
+
+    options = {}
+    if args.prefix_cache_mb is not None:
+        if args.prefix_cache_mb < 0:
+            raise StablecodeError(f"--prefix-cache-mb must be >= 0, got {args.prefix_cache_mb}")
+        options["prefix_cache_mb"] = args.prefix_cache_mb
+    if args.speculative is not None:
+        if args.speculative < 0:
+            raise StablecodeError(f"--speculative must be >= 0, got {args.speculative}")
+        options["speculative"] = args.speculative
+    return options
 
 
 def serving_attributor(model, index, no_index: bool = False):

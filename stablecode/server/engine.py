@@ -21,9 +21,10 @@ from starlette.responses import StreamingResponse
 from stablecode.checkpoint import load_config, load_model
 from stablecode.registry import resolve_model_dir
 from stablecode.errors import StablecodeError
-from stablecode.generate import Sequence
-from stablecode.sampling import SamplingParams
-from stablecode.server.scheduler import Failed, Finished, Group, Overloaded, Scheduler, TokenEvent
+from stablecode.inference.engine import DEFAULT_PREFIX_CACHE_MB, Failed, Finished, Group, Overloaded, TokenEvent
+from stablecode.inference.engine import Engine as InferenceEngine
+from stablecode.inference.request import Request
+from stablecode.inference.sampling import SamplingParams
 from stablecode.server.validation import (MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY, MIN_TEMPERATURE, ApiError,
                                          GenerationRequest, Limits, ValidRequest, Validator)
 from stablecode.tokenizer import load_tokenizer
@@ -42,7 +43,7 @@ class Result:
     """One finished sequence of a request, with its per-token events (for TGI `details`) and when its
     first token and its end came (perf_counter_ns)."""
 
-    completion: object  # stablecode.generate.Completion
+    completion: object  # stablecode.inference.request.Completion
     tokens: list[TokenEvent]
     first_token_ns: int | None = None
     finished_ns: int | None = None
@@ -71,7 +72,7 @@ class Engine:
 
     def __init__(self, model: str | os.PathLike | None = None, *, dtype: str | None = None, device: str | None = None,
                  quantize: str | None = None, max_batch: int = 8, max_queue: int = 32, limits: Limits = Limits(),
-                 attributor=None):
+                 attributor=None, prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB, speculative: bool | int = True):
         self.model_dir = resolve_model_dir(model)
         self.config = load_config(self.model_dir)
         self.tokenizer = load_tokenizer(self.model_dir)
@@ -80,12 +81,13 @@ class Engine:
         self.limits = limits.resolved(self.context_length)
         self.dtype, self.device, self.quantize = dtype, device, quantize
         self.max_batch, self.max_queue = max_batch, max_queue
+        self.prefix_cache_mb, self.speculative = prefix_cache_mb, speculative
         self.attributor = attributor  # a stablecode.attribution.Attributor, or None: no attribution index
         self.validator = Validator(self.tokenizer, vocab_size=self.config.vocab_size,
                                    context_length=self.context_length, fim=self.config.fim, limits=limits,
                                    attribution=attributor is not None)
         self.model = None
-        self.scheduler: Scheduler | None = None
+        self.scheduler: InferenceEngine | None = None
         self.state = "loading"
         self.error: str | None = None
         self.load_seconds: float | None = None
@@ -105,12 +107,13 @@ class Engine:
         started = time.perf_counter()
         try:
             self.model = load_model(self.model_dir, dtype=self.dtype, device=self.device, quantize=self.quantize)
-            self.device = str(self.model.rotary_cos.device)
+            self.device = str(self.model.device)
             self.dtype = str(self.model.embed_out.weight.dtype).removeprefix("torch.")
             with self._lock:
                 if self._stopped:  # the server shut down while the weights were loading
                     return
-                self.scheduler = Scheduler(self.model, max_batch=self.max_batch, max_queue=self.max_queue)
+                self.scheduler = InferenceEngine(self.model, max_batch=self.max_batch, max_queue=self.max_queue,
+                                                 prefix_cache_mb=self.prefix_cache_mb, speculative=self.speculative)
                 self.scheduler.start()
         except Exception as e:
             log.exception("loading %s failed", self.model_dir)
@@ -180,14 +183,14 @@ class Engine:
             raise ApiError(503, f"the server is not accepting requests: {e}", "unavailable") from None
         return Submission(request, group)
 
-    def _sequences(self, r: ValidRequest) -> list[Sequence]:
+    def _sequences(self, r: ValidRequest) -> list[Request]:
         sequences = []
         for prompt in r.prompts:
             for j in range(r.n):
                 sampling = SamplingParams(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
                                           repetition_penalty=r.repetition_penalty,
                                           seed=None if r.seed is None else r.seed + j)
-                sequences.append(Sequence(prompt.ids, self.tokenizer, r.context_length,
+                sequences.append(Request(prompt.ids, self.tokenizer, r.context_length,
                                           max_new_tokens=r.max_new_tokens, sampling=sampling,
                                           stop_strings=r.stop, device=self.device or "cpu"))
         return sequences

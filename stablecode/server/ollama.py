@@ -20,8 +20,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from stablecode.inference.engine import Failed, Finished, TokenEvent
 from stablecode.server.engine import ApiError, Engine, GenerationStream
-from stablecode.server.scheduler import Failed, Finished, TokenEvent
 from stablecode.server.validation import GenerationRequest
 
 router = APIRouter(prefix="/api", tags=["Ollama"])

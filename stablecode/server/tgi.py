@@ -17,8 +17,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 
+from stablecode.inference.engine import Failed, Finished, TokenEvent
 from stablecode.server.engine import ApiError, Engine, GenerationStream, Result
-from stablecode.server.scheduler import Failed, Finished, TokenEvent
 from stablecode.server.validation import GenerationRequest
 from stablecode.tokenizer import IncrementalDecoder, Tokenizer
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from stablecode import GPTNeoX, ModelConfig, kernels
 from stablecode import quantize as Q
 from stablecode.kernels import ops
+from stablecode.kv_cache import KVCache
 
 CONFIG = ModelConfig(name="kernel-test", vocab_size=320, hidden_size=128, num_layers=2, num_heads=4,
                      intermediate_size=512, max_position_embeddings=128)
@@ -136,11 +137,10 @@ def test_decode_attention_is_what_bf16_decoding_uses(ext, monkeypatch):
     prompt = torch.randint(0, CONFIG.vocab_size, (1, 9))
     with torch.inference_mode():
         full = model(torch.cat((prompt, prompt[:, :1]), dim=1))[:, -1]
-        model.setup_kv_cache(1, 16)
-        model(prompt, input_pos=0)
+        cache = KVCache.for_model(model, 1, 16)
+        model(prompt, cache=cache, input_pos=0)
         assert not calls  # the prompt goes through the fused causal kernel
-        step = model(prompt[:, :1], input_pos=9)[:, -1]
-        model.clear_kv_cache()
+        step = model(prompt[:, :1], cache=cache, input_pos=9)[:, -1]
     assert len(calls) == CONFIG.num_layers
     assert (step.float() - full.float()).abs().max() < 0.1 * full.float().abs().max()
     assert step.argmax() == full.argmax()

@@ -1,18 +1,17 @@
-"""Generation: prefill, decode loop, stop strings, context truncation, batching and streaming.
+"""One request being completed: its prompt fitted to the context, sampler, streamed text and stop.
 
-Data flows one way: ids → model (+ KV cache) → logits → sampler → ids → incremental detokenizer
-→ text pieces → stop-string check → caller.
+Data flows one way: ids → engine (model + KV cache) → logits → `Request.choose` → ids →
+`Request.append` → incremental detokenizer → stop-string check → visible text pieces.
+The engine (`stablecode.inference.engine`) decides when a request runs; this module decides
+what it produces.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
-
 import torch
 
-from stablecode.model import GPTNeoX
-from stablecode.sampling import SamplingParams, sample_token
+from stablecode.inference.sampling import SamplingParams, sample_token
 from stablecode.tokenizer import IncrementalDecoder, Tokenizer
 
 
@@ -26,6 +25,7 @@ class Completion:
     finish_reason: str  # "stop": EOS or a stop string; "length": max_new_tokens or the context filled up
     truncated_prompt_tokens: int = 0  # tokens cut from the start of the prompt to fit the context
     token_ids: list[int] = field(default_factory=list)
+    cached_prompt_tokens: int = 0  # prompt tokens whose keys came from the prefix cache, not the model
 
 
 def fit_to_context(prompt_ids: list[int], max_new_tokens: int, context_length: int) -> tuple[list[int], int, int]:
@@ -84,12 +84,16 @@ class StopStringMatcher:
         return piece
 
 
-class Sequence:
-    """One prompt being completed: its tokens, sampler state, streamed text and stop condition."""
+class Request:
+    """One prompt being completed: its tokens, sampler state, streamed text and stop condition.
+
+    speculative: prompt-lookup draft tokens to verify per step (greedy requests only; None: the
+    engine's default, 0: never).
+    """
 
     def __init__(self, prompt_ids: list[int], tokenizer: Tokenizer, context_length: int, max_new_tokens: int = 64,
                  sampling: SamplingParams = SamplingParams(), stop_strings: list[str] | tuple[str, ...] = (),
-                 eos_ids: frozenset[int] | None = None, device="cpu"):
+                 eos_ids: frozenset[int] | None = None, device="cpu", speculative: int | None = None):
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         prompt_ids, self.truncated_prompt_tokens, self.max_new_tokens = fit_to_context(
@@ -100,10 +104,14 @@ class Sequence:
             self.max_new_tokens = context_length - len(self.prompt_ids)
         self.tokenizer = tokenizer
         self.sampling = sampling
+        if speculative is not None and speculative < 0:
+            raise ValueError(f"speculative must be >= 0 draft tokens, got {speculative}")
+        self.speculative = speculative
         self.generator = sampling.make_generator(device) if not sampling.greedy else None
         self.eos_ids = eos_ids if eos_ids is not None else frozenset({tokenizer.eos_id})
         self.special_ids = tokenizer.special_ids
         self.generated_ids: list[int] = []
+        self.cached_tokens = 0  # set by the engine: prompt tokens reused from the prefix cache
         self.detokenizer = IncrementalDecoder(tokenizer)
         self.stops = StopStringMatcher(stop_strings)
         self.text = ""
@@ -152,49 +160,5 @@ class Sequence:
     def result(self) -> Completion:
         return Completion(text=self.text, prompt_tokens=len(self.prompt_ids),
                           completion_tokens=len(self.generated_ids), finish_reason=self.finish_reason or "length",
-                          truncated_prompt_tokens=self.truncated_prompt_tokens, token_ids=list(self.generated_ids))
-
-
-@torch.inference_mode()
-def generate(model: GPTNeoX, sequences: list[Sequence]) -> Iterator[tuple[int, str]]:
-    """Complete a batch of sequences together, yielding (index, text piece) as text becomes visible.
-
-    Prompts of different lengths are prefilled right-padded in one pass; each row then decodes at
-    its own position, and a row that finishes leaves the batch.
-    """
-    if not sequences:
-        return
-    device = model.rotary_cos.device
-    lengths = [len(s.prompt_ids) for s in sequences]
-    model.setup_kv_cache(len(sequences), max(n + s.max_new_tokens for n, s in zip(lengths, sequences)))
-    try:
-        padded = torch.full((len(sequences), max(lengths)), sequences[0].tokenizer.eos_id, dtype=torch.long)
-        for row, seq in enumerate(sequences):
-            padded[row, :lengths[row]] = torch.tensor(seq.prompt_ids)
-        last = torch.tensor(lengths).sub(1)[:, None]
-        logits = model(padded.to(device), input_pos=0, logit_positions=last.to(device))[:, -1]
-        active = [i for i, s in enumerate(sequences) if not s.finished]
-        while active:
-            still_active = []
-            next_tokens = []
-            for row, index in enumerate(active):
-                seq = sequences[index]
-                token = seq.choose(logits[row])
-                piece = seq.append(token)
-                if piece:
-                    yield index, piece
-                if not seq.finished:
-                    still_active.append(index)
-                    next_tokens.append(token)
-            active = still_active
-            if not active:
-                break
-            tokens = torch.tensor(next_tokens, device=device)[:, None]
-            positions = [sequences[i].position for i in active]
-            if active == list(range(len(active))) and len(set(positions)) == 1:
-                logits = model(tokens, input_pos=positions[0])[:, -1]
-            else:
-                logits = model(tokens, input_pos=torch.tensor(positions, device=device)[:, None],
-                               cache_rows=torch.tensor(active, device=device))[:, -1]
-    finally:
-        model.clear_kv_cache()
+                          truncated_prompt_tokens=self.truncated_prompt_tokens, token_ids=list(self.generated_ids),
+                          cached_prompt_tokens=self.cached_tokens)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from stablecode.sampling import (NUCLEUS_CANDIDATES, SamplingParams, apply_repetition_penalty, filter_top_k,
+from stablecode.inference.sampling import (NUCLEUS_CANDIDATES, SamplingParams, apply_repetition_penalty, filter_top_k,
                                  nucleus, sample_token)
 
 

@@ -1,12 +1,12 @@
-"""Generation: greedy parity with transformers, batching, seeds, stop strings, streaming, EOS and
-special tokens, context truncation, max_new_tokens."""
+"""The engine through Completer: greedy parity with transformers, batching, seeds, stop strings,
+streaming, EOS and special tokens, context truncation, max_new_tokens."""
 
 import pytest
 import torch
 
 from stablecode import Completer, load_tokenizer
-from stablecode.generate import Sequence, StopStringMatcher, fit_to_context, generate
-from stablecode.sampling import SamplingParams
+from stablecode.inference.request import Request
+from stablecode.inference.sampling import SamplingParams
 
 transformers = pytest.importorskip("transformers")
 
@@ -49,8 +49,8 @@ def test_batch_of_different_lengths_equals_each_alone(completer):
 
 def test_rows_that_finish_early_leave_the_batch(completer):
     """Different max_new_tokens per row: rows drop out and the others go on unchanged."""
-    sequences = [completer.sequence(p, max_new_tokens=n) for p, n in zip(PROMPTS, (3, 17, 9, 25))]
-    for _ in generate(completer.model, sequences):
+    sequences = [completer.request(p, max_new_tokens=n) for p, n in zip(PROMPTS, (3, 17, 9, 25))]
+    for _ in completer.generate(sequences):
         pass
     for sequence, prompt, n in zip(sequences, PROMPTS, (3, 17, 9, 25)):
         assert sequence.result().token_ids == completer.complete(prompt, max_new_tokens=n).token_ids
@@ -113,8 +113,8 @@ def test_long_prompt_keeps_its_end_and_reports_the_cut(completer):
     assert result.truncated_prompt_tokens == len(ids) - (context - 16)
     assert result.prompt_tokens == context - 16 and result.completion_tokens == 16
     # Exactly what completing the kept (most recent) tokens alone gives.
-    kept = Sequence(ids[result.truncated_prompt_tokens:], completer.tokenizer, context, max_new_tokens=16)
-    for _ in generate(completer.model, [kept]):
+    kept = Request(ids[result.truncated_prompt_tokens:], completer.tokenizer, context, max_new_tokens=16)
+    for _ in completer.generate([kept]):
         pass
     assert kept.result().token_ids == result.token_ids
     # More new tokens than the whole context: still no failure, the output fills the context.
@@ -153,77 +153,6 @@ def test_special_tokens_never_appear_in_text(tiny_checkpoint, tokenizer):
     assert list(completer.stream("def f():", max_new_tokens=6)) == []
 
 
-# ---- the per-sequence logic, fed scripted tokens -------------------------------------------------
-
-def feed(sequence: Sequence, ids: list[int]) -> list[str]:
-    pieces = []
-    for token in ids:
-        if sequence.finished:
-            break
-        pieces.append(sequence.append(token))
-    return pieces
-
-
-def scripted(tokenizer, stop=(), max_new_tokens=100) -> Sequence:
-    return Sequence(tokenizer.encode("# start\n"), tokenizer, context_length=256, max_new_tokens=max_new_tokens,
-                    stop_strings=stop)
-
-
-def test_scripted_stop_string_over_many_tokens(tokenizer):
-    ids = tokenizer.encode("x = 1\nreturn x\ndef g():\n    pass\n")
-    sequence = scripted(tokenizer, stop=["\ndef", "\nclass"])
-    pieces = feed(sequence, ids)
-    assert sequence.text == "x = 1\nreturn x" and sequence.finish_reason == "stop"
-    assert "".join(pieces) == sequence.text
-
-
-def test_scripted_partial_stop_is_released_at_the_end(tokenizer):
-    ids = tokenizer.encode("a = 1\nde")
-    sequence = scripted(tokenizer, stop=["\ndef"], max_new_tokens=len(ids))
-    pieces = feed(sequence, ids)
-    assert "".join(pieces[:-1]) == "a = 1"  # "\nde" held back while it could become the stop string
-    assert sequence.text == "a = 1\nde" and sequence.finish_reason == "length"
-
-
-def test_scripted_multibyte_and_stop_string(tokenizer):
-    from test_tokenizer import byte_ids
-
-    ids = byte_ids(tokenizer, "print('日本') # 語 tail")
-    sequence = scripted(tokenizer, stop=["語"])
-    pieces = feed(sequence, ids)
-    assert sequence.text == "print('日本') # " and "".join(pieces) == sequence.text
-    assert not any("\ufffd" in p for p in pieces)
-
-
-def test_scripted_eos_and_specials(tokenizer):
-    fim = tokenizer.backend.token_to_id("<fim_middle>")
-    sequence = scripted(tokenizer, stop=["zzz"])
-    feed(sequence, tokenizer.encode("ab") + [fim] + tokenizer.encode("c") + [tokenizer.eos_id] + tokenizer.encode("d"))
-    result = sequence.result()
-    assert result.text == "abc" and result.finish_reason == "stop"
-    assert result.completion_tokens == len(tokenizer.encode("ab")) + 3
-
-
-def test_stop_string_matcher_cases():
-    def run(pieces, stops):
-        matcher = StopStringMatcher(stops)
-        shown = [matcher.push(p) for p in pieces]
-        return shown, matcher.flush(), matcher.stopped
-
-    assert run(["aa", "a", "b", "c"], ["aab"]) == (["", "a", "", ""], "", True)
-    assert run(["x", "y"], []) == (["x", "y"], "", False)
-    assert run(["ab", "x"], ["abc", "b"]) == (["a", ""], "", True)  # the earliest stop string wins
-    assert run(["end\n", "\n"], ["\n\n\n"]) == (["end", ""], "\n\n", False)
-
-
-def test_fit_to_context(tokenizer):
-    assert fit_to_context(list(range(10)), 5, 100) == (list(range(10)), 0, 5)
-    assert fit_to_context(list(range(10)), 5, 12) == ([3, 4, 5, 6, 7, 8, 9], 3, 5)
-    assert fit_to_context(list(range(10)), 50, 12) == ([9], 9, 11)
-    with pytest.raises(ValueError):
-        Sequence([1], tokenizer, 10, max_new_tokens=-1)
-
-
 def test_sampling_params_reach_the_sampler(completer):
     """top_k=1 is greedy whatever the temperature; repetition penalty changes greedy output."""
     greedy = completer.complete(PROMPTS[2], max_new_tokens=20)
@@ -234,3 +163,37 @@ def test_sampling_params_reach_the_sampler(completer):
     with pytest.raises(ValueError):
         completer.complete(PROMPTS[2], temperature=-1)
     assert SamplingParams(temperature=0).greedy
+
+
+def test_seeds_are_reproducible_whatever_the_batch_companions(completer):
+    options = dict(max_new_tokens=25, temperature=0.9, top_k=40, seed=11)
+    alone = completer.complete(PROMPTS[2], **options).token_ids
+    for companions in ([PROMPTS[0]], PROMPTS[:2] + [PROMPTS[3]]):
+        requests = [completer.request(p, max_new_tokens=30, temperature=0.7, seed=99) for p in companions]
+        mine = completer.request(PROMPTS[2], **options)
+        list(completer.generate(requests[:1] + [mine] + requests[1:]))
+        assert mine.result().token_ids == alone
+
+
+def test_closing_a_stream_cancels_it_and_frees_its_row(completer):
+    engine = completer.engine
+    before = engine.stats()
+    stream = completer.stream(PROMPTS[0], max_new_tokens=200)
+    next(stream)
+    stream.close()
+    after = engine.stats()
+    assert after["active"] == 0 and after["waiting"] == 0
+    assert after["cancelled_requests"] == before["cancelled_requests"] + 1
+    assert after["generated_tokens"] - before["generated_tokens"] < 50
+    # The row is free for the next request, which also reuses what the cancelled one left.
+    again = completer.complete(PROMPTS[0] + "x", max_new_tokens=4)
+    assert again.completion_tokens == 4 and again.cached_prompt_tokens > 0
+
+
+def test_a_request_longer_than_the_engine_fails_clearly(completer):
+    from stablecode.inference.engine import Engine, Failed
+
+    short = Engine(completer.model, max_seq_len=16)
+    events = list(short.run([completer.request(PROMPTS[2], max_new_tokens=20)]))
+    assert isinstance(events[-1][1], Failed) and "16 slots" in events[-1][1].message
+    assert short.stats()["active"] == 0
