@@ -37,9 +37,9 @@ import torch
 from stablecode.inference.prefix_cache import PrefixCache, common_prefix_length
 from stablecode.inference.request import Completion, Request
 from stablecode.inference.speculation import draft_tokens_option, propose_draft
+from stablecode.kernels import DECODE_MAX_ROWS
 from stablecode.kv_cache import KVCache
 from stablecode.model import GPTNeoX
-from stablecode.quantize import DECODE_MAX_ROWS
 
 log = logging.getLogger("stablecode.inference")
 
