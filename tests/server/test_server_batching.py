@@ -56,8 +56,9 @@ def test_one_request_with_several_prompts_is_one_batch(server, reference):
 
 @pytest.fixture
 def small_server(tiny_checkpoint):
-    """One row and one waiting place, with a model slowed to 20 ms a step (a long generation lasts seconds)."""
-    with running(create_app(tiny_checkpoint, max_batch=1, max_queue=1)) as s, slowed(s.engine, 0.02):
+    """One row and one waiting place, with a model slowed to 20 ms a step (a long generation lasts seconds:
+    without speculation, which on the looping random model would accept several tokens a step)."""
+    with running(create_app(tiny_checkpoint, max_batch=1, max_queue=1, speculative=0)) as s, slowed(s.engine, 0.02):
         yield s
 
 
