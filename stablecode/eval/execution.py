@@ -4,8 +4,10 @@ Every program runs in a fresh `python -I` process (see `sandbox_child.py`) with:
 - a wall-clock limit (`timeout` for the program, counted from the moment it starts, plus a grace
   second before the parent's hard kill) and RLIMIT_CPU, RLIMIT_AS (memory per process),
   RLIMIT_FSIZE, RLIMIT_NOFILE, RLIMIT_MSGQUEUE, no core dumps;
-- a memory limit for the program as a whole: the resident memory of all its processes, summed
-  every WATCH_INTERVAL seconds by the parent, which stops the program when the sum is over;
+- a memory limit for the program as a whole: a cgroup v2 group of its own where the controllers
+  are delegated to us (memory.max, no swap, killed as a group), else the resident memory of all
+  its processes, summed every WATCH_INTERVAL seconds by the parent, which stops the program when
+  the sum is over;
 - its own new, empty temporary directory as working directory, HOME and TMPDIR, and an environment
   of only PATH/HOME/TMPDIR/LANG (nothing inherited: no tokens, no keys);
 - a launcher that is a child subreaper: whatever the program starts, daemons included, stays in
@@ -13,9 +15,9 @@ Every program runs in a fresh `python -I` process (see `sandbox_child.py`) with:
   SIGKILLed, repeated until none is left; the launcher stays alive (and so keeps its pid, group and
   session ids) until then. Nothing is killed for its uid alone: a host process may use it too;
 - as root: an unprivileged uid/gid of its own per worker (one no process uses; RLIMIT_NPROC then
-  bounds fork bombs, and no file outside its directory is writable by ordinary permissions),
-  no_new_privs;
-- where the kernel allows: a new mount namespace whose root holds only the system directories and
+  bounds fork bombs, and no file outside its directory is writable by ordinary permissions);
+  always: no capabilities, no_new_privs;
+- where the kernel allows (without root: inside a user namespace): a new mount namespace whose root holds only the system directories and
   the Python installation (read-only), a few device nodes, a private /dev/shm and the working
   directory (so no host Unix socket, /tmp, /run or home is reachable), a new pid namespace (when
   its first process ends the kernel kills all the rest), a new network namespace (no network, and
@@ -316,13 +318,10 @@ class Sandbox:
         if lock_dir.stat().st_uid != os.geteuid():
             raise SandboxError(f"{lock_dir} belongs to another user; remove it")
         busy = {puid for *_, puid in _processes()}
-        taken = sorted(busy & set(range(base, base + UID_CANDIDATES)))
-        uids = []
+        uids, foreign = [], []
         for uid in range(base, base + UID_CANDIDATES):
             if len(uids) == count:
                 break
-            if uid in busy:
-                continue
             try:
                 pwd.getpwuid(uid)
                 continue  # a real account
@@ -331,15 +330,20 @@ class Sandbox:
             fd = os.open(lock_dir / f"{uid}.lock", os.O_RDWR | os.O_CREAT, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            except BlockingIOError:  # another evaluation's
                 os.close(fd)
+                continue
+            if uid in busy:  # not locked, yet in use: not a uid of a running evaluation
+                os.close(fd)
+                foreign.append(uid)
                 continue
             self._locks.append(fd)
             uids.append(uid)
         if len(uids) < count:
             raise SandboxError(f"no {count} free sandbox uids in [{base}, {base + UID_CANDIDATES})")
-        if taken:
-            self.notes.append(f"uids {taken[:8]} of the sandbox range have processes running: not used")
+        if foreign:
+            self.notes.append(f"uids {foreign[:8]} of the sandbox range have processes no evaluation started: "
+                              "not used, not touched")
         return uids
 
     def _probe(self, uid: int | None) -> set[str]:

@@ -1,18 +1,20 @@
 """The child side of the sandbox: run as `python -I sandbox_child.py`, configuration on stdin.
 
-Standard library only (it starts once per program, so it must start fast). As root it
+Standard library only (it starts once per program, so it must start fast). It
 1. becomes a child subreaper (whatever the program starts stays in this process's tree, so the
    evaluator finds and stops exactly the program's processes), enters new namespaces (mount, pid,
-   network, IPC) where asked and caps System V IPC in its IPC namespace,
-2. builds a new root in its mount namespace holding only the system directories and the Python
-   installation (read-only), a few device nodes, a private /dev/shm and the program's working
-   directory (writable), and pivots into it: host sockets, /tmp, /run and homes do not exist there,
-3. forks the process that runs the program (pid 1 of the new pid namespace: when it ends, the
-   kernel kills everything it started), which sets resource limits, drops to an unprivileged uid/gid
-   of its own, forbids gaining privileges, and runs the program,
-4. reports on stderr one JSON line when the program starts and one when it ended (or why the setup
-   failed), then waits for the evaluator to close its stdin: until then the program's processes
-   cannot leave its tree.
+   network, IPC; without root inside a user namespace) where asked, caps System V IPC in its IPC
+   namespace, and forks the program's process (pid 1 of the new pid namespace: when it ends, the
+   kernel kills everything it started);
+2. that process builds a new root in the mount namespace holding only the system directories and
+   the Python installation (read-only), a few device nodes, a private /dev/shm, a proc of its own
+   and the program's working directory (writable), and pivots into it: host sockets, /tmp, /run and
+   homes do not exist there; it joins the program's cgroup where there is one, sets resource limits,
+   drops (as root) to an unprivileged uid/gid of its own, drops every capability, forbids gaining
+   privileges, and runs the program;
+3. the launcher reports on stderr one JSON line when the program starts and one when it ended (or
+   why the setup failed), then waits for the evaluator to close its stdin: until then the program's
+   processes cannot leave its tree.
 
 The program's verdict goes to a separate pipe (`result_fd`): the per-run nonce, written only after
 the program (whose last statement is `check(...)`) returned, or "failed: <exception>". stdout and
