@@ -85,21 +85,28 @@ def resolve_index_dir(index: str | os.PathLike | None) -> Path:
     raise AttributionIndexError(f"{index}: no such attribution index directory (nor an embedded model with one)")
 
 
+def _common_run(a: np.ndarray, b: np.ndarray) -> int:
+    """Length of the common prefix of a and b, compared in doubling chunks: the cost follows the
+    run's length, not the arrays' (a document and a long source file could be megabytes)."""
+    n, done, step = min(len(a), len(b)), 0, 64
+    while done < n:
+        end = min(n, done + step)
+        same = a[done:end] == b[done:end]
+        if not same.all():
+            return done + int(np.argmin(same))
+        done, step = end, step * 2
+    return n
+
+
 def _extend(query: np.ndarray, source: np.ndarray, q: int, s: int, window: int) -> tuple[int, int, int] | None:
     """The longest common run of query and source through query[q:q+window] == source[s:s+window],
     as (query_start, query_end, source_start); None when those windows differ (a hash collision)."""
-    length = min(len(query) - q, len(source) - s)
-    if length < window:
+    if min(len(query) - q, len(source) - s) < window or s < 0:
         return None
-    same = query[q:q + length] == source[s:s + length]
-    if not same[:window].all():
+    right = _common_run(query[q:], source[s:])
+    if right < window:
         return None
-    right = length if same.all() else int(np.argmin(same))
-    back = min(q, s)
-    left = 0
-    if back:
-        same_left = query[q - back:q][::-1] == source[s - back:s][::-1]
-        left = back if same_left.all() else int(np.argmin(same_left))
+    left = _common_run(query[:q][::-1], source[:s][::-1])
     return q - left, q + right, s - left
 
 
@@ -197,22 +204,34 @@ class Attributor:
         group_first = positions[group_starts].tolist()
         group_last = (positions[group_ends - 1] + window).tolist()
         coverage = np.zeros(len(codes), dtype=np.int32)
-        saturated = [0] * (len(codes) + 1)  # prefix counts of characters covered by max_sources matches
+        saturated = np.zeros(len(codes), dtype=bool)  # covered by max_sources matches already
+        # Source characters read around a group's hits; a match reaching past them is redone over the
+        # group's whole alignment. Bounding the region keeps the cost linear in the document.
+        margin = 4 * window + self.stride
         matches = []  # (query_start, query_end, file, source_start, source_end): normalised, then original
         for g in np.lexsort((files[group_starts], group_starts - group_ends)).tolist():
             first, last = group_first[g], group_last[g]
-            if saturated[last] - saturated[first] == last - first:
+            if saturated[first:last].all():
                 continue  # enough sources already cover everything this group could add
             file, diagonal = int(files[group_starts[g]]), int(diagonals[group_starts[g]])
             group_positions = positions[group_starts[g]:group_ends[g]]
+            source_text = self._read_source(file)
             # Query character q faces source character q + diagonal: no match reaches beyond these.
-            source_codes, source_starts, region_start = self._source_region(
-                file, self._read_source(file), diagonal, diagonal + len(codes))
+            region = self._source_region(file, source_text, diagonal + first - margin, diagonal + last + margin)
+            whole_alignment = False
             reached = -1
             for q in group_positions.tolist():
                 if q < reached:
                     continue
+                source_codes, source_starts, region_start = region
                 extended = _extend(codes, source_codes, q, q + diagonal - region_start, window)
+                if extended is not None and not whole_alignment and (
+                        (extended[2] == 0 and region_start > 0 and extended[0] > 0)
+                        or (extended[2] + extended[1] - extended[0] == len(source_codes) and extended[1] < len(codes))):
+                    whole_alignment = True
+                    region = self._source_region(file, source_text, diagonal, diagonal + len(codes))
+                    source_codes, source_starts, region_start = region
+                    extended = _extend(codes, source_codes, q, q + diagonal - region_start, window)
                 if extended is None:
                     continue
                 query_start, query_end, source_start = extended
@@ -225,7 +244,7 @@ class Attributor:
                     matches.append((query_start, query_end, file, int(source_starts[source_start]),
                                     int(source_starts[source_last]) + 1))
                     coverage[query_start:query_end] += 1
-                    saturated = [0, *np.cumsum(coverage >= max_sources).tolist()]
+                    saturated[query_start:query_end] = coverage[query_start:query_end] >= max_sources
         return self._spans(text, starts, matches, max_sources)
 
     def _spans(self, text: str, starts: np.ndarray, matches: list, max_sources: int) -> list[Span]:

@@ -89,3 +89,52 @@ def test_overlap_errors(c, overlap_server):
 
 def test_no_overlap_route_without_an_index(client):
     assert client.post("/overlap", json={"document": "x = 1\n"}).status_code == 404
+
+
+@pytest.fixture(scope="module")
+def big_files_index(tmp_path_factory):
+    """Training files of about 9,000 characters, to see whether a lookup's cost follows them."""
+    from stablecode.attribution import build_index
+
+    root = tmp_path_factory.mktemp("big-files")
+    (root / "corpus" / "python").mkdir(parents=True)
+    files = ["\n".join(training_file(1000 + 7 * i + j) for j in range(5)) for i in range(30)]
+    pq.write_table(pa.Table.from_pylist([{"content": text, "max_stars_repo_name": f"o/r{i}",
+                                          "max_stars_repo_path": f"m{i}.py", "max_stars_count": 1, "id": str(i)}
+                                         for i, text in enumerate(files)]),
+                   root / "corpus" / "python" / "train-00000-of-00001.parquet")
+    build_index(root / "corpus", root / "index", workers=1)
+    return root / "index"
+
+
+def test_lookup_work_is_linear_in_the_document_not_in_the_matched_files(big_files_index, monkeypatch):
+    """A document of many short excerpts (200 characters of 9,000-character files, 100 new ones
+    between them): every source character the lookup normalises is counted. Reading each matched
+    file whole made that 30x the document; reading around the matches keeps it a small multiple
+    (a 1M-character document took 601 s before; scripts/bench/overlap.py times it)."""
+    from stablecode.attribution import Attributor, lookup
+
+    attributor = Attributor(big_files_index)
+    files = [attributor.source_text(i) for i in range(attributor.num_sources)]
+    rng = random.Random(0)
+    pieces, excerpts = [], []
+    while sum(map(len, pieces)) < 100_000:
+        text = rng.choice(files)
+        start = rng.randrange(len(text) - 300)
+        excerpts.append(text[start:start + 200])
+        pieces.append(excerpts[-1] + "".join(rng.choice("xyz ") for _ in range(100)))
+    document = "".join(pieces)
+    normalised = [0]
+    normalise = lookup.normalise
+
+    def counting(text):
+        normalised[0] += len(text)
+        return normalise(text)
+
+    monkeypatch.setattr(lookup, "normalise", counting)
+    spans = attributor.find(document)
+    assert normalised[0] - len(document) <= 8 * len(document)
+    # Still exact: one span per excerpt, covering it (give or take its whitespace at either end).
+    found = [document[s.start:s.end] for s in spans]
+    assert len(found) == len(excerpts)
+    assert all(excerpt.strip()[1:-1] in span for excerpt, span in zip(excerpts, found))
