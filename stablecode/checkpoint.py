@@ -193,7 +193,10 @@ def load_model(path: str | os.PathLike | None = None, dtype: str | torch.dtype |
         if stored_dtype is None and tensor.is_floating_point():
             stored_dtype = tensor.dtype
         target = dtype or (tensor.dtype if tensor.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32)
-        loaded[name] = tensor.to(device=device, dtype=target if name in parameter_names else None)
+        converted = tensor.to(device=device, dtype=target if name in parameter_names else None)
+        # Never let the file's mapped pages back the model: a file rewritten in place while a server
+        # runs would kill it with SIGBUS.
+        loaded[name] = converted.clone() if converted.data_ptr() == tensor.data_ptr() else converted
     if unexpected or mismatched or len(loaded) != len(expected):
         problems = []
         missing = sorted(set(expected) - set(loaded) - {m.split(":")[0] for m in mismatched})

@@ -113,10 +113,12 @@ def _extend(query: np.ndarray, source: np.ndarray, q: int, s: int, window: int) 
 class Attributor:
     """Look texts up in an attribution index (default: the embedded model's own training corpus)."""
 
-    def __init__(self, index: str | os.PathLike | None = None, *, verify: bool = True, cached_sources: int = 64):
-        """`verify` checks every index file's SHA-256 on opening (sizes are always checked)."""
+    def __init__(self, index: str | os.PathLike | None = None, *, verify: bool = True, cached_sources: int = 64,
+                 in_memory: bool = False):
+        """`verify` checks every index file's SHA-256 on opening (sizes are always checked); `in_memory`
+        reads the files instead of mapping them (the server: files rewritten in place cannot crash it)."""
         self.directory = resolve_index_dir(index)
-        self.index = open_index(self.directory, verify=verify)
+        self.index = open_index(self.directory, verify=verify, in_memory=in_memory)
         self.window = self.index.window
         self.stride = self.index.stride
         self._bloom_bits = self.index.manifest["bloom"]["bits"]

@@ -109,8 +109,11 @@ def read_manifest(directory: Path) -> dict:
     return manifest
 
 
-def open_index(directory: str | os.PathLike, verify: bool = True) -> IndexData:
-    """Open an index, checking every file's size and (with `verify`) its SHA-256 against the manifest."""
+def open_index(directory: str | os.PathLike, verify: bool = True, in_memory: bool = False) -> IndexData:
+    """Open an index, checking every file's size and (with `verify`) its SHA-256 against the manifest.
+
+    Files are memory-mapped, or with `in_memory` read whole: a long-running server must not touch
+    mapped pages of a file someone rewrites in place (SIGBUS)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -130,7 +133,7 @@ def open_index(directory: str | os.PathLike, verify: bool = True) -> IndexData:
 
     def array(name: str, dtype, length: int) -> np.ndarray:
         try:
-            values = np.load(directory / name, mmap_mode="r", allow_pickle=False)
+            values = np.load(directory / name, mmap_mode=None if in_memory else "r", allow_pickle=False)
         except (ValueError, OSError) as e:
             raise AttributionIndexError(f"{directory / name}: not a readable array ({e}); rebuild the index") from None
         if values.dtype != dtype or values.shape != (length,):
@@ -153,6 +156,8 @@ def open_index(directory: str | os.PathLike, verify: bool = True) -> IndexData:
     texts_path = directory / "texts.bin"
     if texts_path.stat().st_size == 0:
         texts = b""
+    elif in_memory:
+        texts = texts_path.read_bytes()
     else:
         with open(texts_path, "rb") as f:
             texts = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)

@@ -37,6 +37,9 @@ def add_serve_command(subparsers) -> None:
                        help="attribution index: adds POST /overlap (llm-vscode's code attribution) and the completion "
                             "routes' `attribution` option (default: the embedded model's own index when serving it)")
     index.add_argument("--no-index", action="store_true", help="serve without an attribution index")
+    p.add_argument("--index-mmap", action="store_true",
+                   help="map the attribution index's files instead of reading them into memory (for an index larger "
+                        "than RAM; then never rewrite its files in place while serving)")
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                    help="also answer requests whose Host header is NAME (repeatable; '*' for any). By default only "
                         "IP addresses, localhost and the --host name are: a guard against DNS rebinding")
@@ -86,7 +89,7 @@ def _serve(args, sock, protocol_options: dict) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    attributor = serving_attributor(args.model, args.index, args.no_index)
+    attributor = serving_attributor(args.model, args.index, args.no_index, args.index_mmap)
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     allowed_hosts = [*args.allow_host] + ([] if args.host in WILDCARD_HOSTS else [args.host])
@@ -111,9 +114,10 @@ def engine_options(args) -> dict:
     return options
 
 
-def serving_attributor(model, index, no_index: bool = False):
+def serving_attributor(model, index, no_index: bool = False, mmap: bool = False):
     """The attribution index to serve: `index` if given; else, when serving the embedded default model,
-    its own index if installed (if not, one line on stderr says so); else None."""
+    its own index if installed (if not, one line on stderr says so); else None. Read into memory
+    unless `mmap`."""
     from stablecode import registry
     from stablecode.attribution import Attributor, AttributionIndexError
     from stablecode.attribution.lookup import resolve_index_dir
@@ -121,7 +125,7 @@ def serving_attributor(model, index, no_index: bool = False):
     if no_index:
         return None
     if index is not None:
-        return Attributor(index)
+        return Attributor(index, in_memory=not mmap)
     embedded = registry.EMBEDDED_MODELS_DIR / registry.DEFAULT_MODEL
     if registry.resolve_model_dir(model).resolve() != embedded.resolve():
         return None
@@ -130,4 +134,4 @@ def serving_attributor(model, index, no_index: bool = False):
     except AttributionIndexError as e:  # not installed; a damaged one is an error (raised by Attributor)
         print(f"stablecode serve: serving without attribution (no POST /overlap): {e}", file=sys.stderr)
         return None
-    return Attributor(directory)
+    return Attributor(directory, in_memory=not mmap)
