@@ -6,8 +6,11 @@
 
 Decoding multiplies a few activation rows by each weight matrix, so it is bound by how fast the
 weights stream from memory: for that case the layers call the compiled kernels (`stablecode.kernels`),
-or PyTorch's own weight-only ops where those are not loaded. Prompts (many rows) dequantize the
-weights and run one big GEMM; on CPUs without native bf16 matrix units that GEMM runs in fp32.
+or PyTorch's own weight-only ops where those are not loaded. Prompts (many rows) are bound by
+arithmetic: where the CPU has AMX-INT8 they quantize the activations to int8 per token and run
+int8 x int8 GEMMs (`prompt_precision = "int8"`, the default); elsewhere, or with
+`prompt_precision = "float"` (`set_prompt_precision`), they dequantize the weights and run one
+float GEMM, in fp32 on CPUs without native bf16 matrix units.
 
 Embeddings and norms stay in floating point; the output head is quantized unless tied to the embedding.
 How a quantized model is stored on disk is `stablecode.checkpoint`'s business.
@@ -20,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from stablecode import kernels
-from stablecode.kernels import bf16_linear, gemm_dtype, int4_linear, int8_linear, ops, use_linear_kernels
+from stablecode.kernels import (bf16_linear, gemm_dtype, int4_linear, int8_linear, ops, prompt_int4_linear,
+                                prompt_int8_linear, use_linear_kernels, use_prompt_kernels)
 
 QUANTIZATIONS = ("int8", "int4")
 DEFAULT_GROUP_SIZE = 64
@@ -108,6 +112,8 @@ def _dequantized_linear(layer: nn.Module, rows: torch.Tensor, out_dtype: torch.d
 class Int8Linear(nn.Module):
     """Linear layer with int8 weights (per-output-channel scales); state: weight, scale, bias."""
 
+    prompt_precision = "int8"  # "float": prompts dequantize and run a float GEMM (for comparisons)
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
                  dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -133,6 +139,8 @@ class Int8Linear(nn.Module):
         rows = _rows(x)
         if use_linear_kernels(rows):
             y = int8_linear(rows, self.weight, self.scale, self.bias)
+        elif self.prompt_precision == "int8" and use_prompt_kernels(rows, self.out_features):
+            y = prompt_int8_linear(rows, self.weight, self.scale, self.bias)
         elif rows.shape[0] <= ops.DECODE_MAX_ROWS and rows.device.type == "cpu":
             # PyTorch's own weight-only int8 kernel (no compiler, or STABLECODE_KERNELS=torch).
             y = torch._weight_int8pack_mm(rows, self.weight, self.scale.to(rows.dtype))
@@ -147,6 +155,8 @@ class Int8Linear(nn.Module):
 
 class Int4Linear(nn.Module):
     """Linear layer with 4-bit weights in groups (fp16 scale and minimum); state: weight, scale, min, bias."""
+
+    prompt_precision = "int8"  # as Int8Linear
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = DEFAULT_GROUP_SIZE,
                  device=None, dtype: torch.dtype = torch.float32):
@@ -189,6 +199,8 @@ class Int4Linear(nn.Module):
         rows = _rows(x)
         if use_linear_kernels(rows):
             y = int4_linear(rows, self.weight, self.scale, self.min, self.group_size, self.bias)
+        elif self.prompt_precision == "int8" and use_prompt_kernels(rows, self.out_features):
+            y = prompt_int4_linear(rows, self.weight, self.scale, self.min, self.group_size, self.bias)
         elif rows.shape[0] <= ops.DECODE_MAX_ROWS and rows.device.type == "cpu":
             y = self._torch_int4_mm(rows)
             y = y if self.bias is None else y + self.bias
@@ -248,6 +260,20 @@ def quantize_model(model: nn.Module, method: str, group_size: int = DEFAULT_GROU
     model.quantization = {"method": method, **({"group_size": group_size} if method == "int4" else {})}
     if model.embed_out.weight.device.type == "cpu":
         kernels.load()  # build now (first use on this machine), not during the first request
+    return model
+
+
+PROMPT_PRECISIONS = ("int8", "float")
+
+
+def set_prompt_precision(model: nn.Module, precision: str) -> nn.Module:
+    """How the quantized layers of `model` multiply prompts: "int8" (activations quantized per token,
+    int8 x int8 GEMMs where the CPU has AMX-INT8) or "float" (dequantized weights, float GEMM)."""
+    if precision not in PROMPT_PRECISIONS:
+        raise ValueError(f"unknown prompt precision {precision!r}; choose one of: {', '.join(PROMPT_PRECISIONS)}")
+    for _, _, layer in _linear_layers(model):
+        if isinstance(layer, (Int8Linear, Int4Linear)):
+            layer.prompt_precision = precision
     return model
 
 

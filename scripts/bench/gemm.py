@@ -129,7 +129,11 @@ def candidates(K: int, N: int, M: int, only: set[str] | None):
     except Exception as e:
         print(f"  skip torchao: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
 
+    from stablecode import kernels
     from stablecode import quantize as Q
+    from stablecode.kernels import ops
+
+    kernels.load()
 
     lin = torch.nn.Linear(K, N)
     with torch.no_grad():
@@ -137,9 +141,16 @@ def candidates(K: int, N: int, M: int, only: set[str] | None):
         lin.bias.copy_(b)
     i8 = Q.Int8Linear.from_linear(lin)
     i4 = Q.Int4Linear.from_linear(lin)
-    add("ours Int8Linear, fp32 input", "int8", lambda: i8(x))
-    add("ours Int8Linear, bf16 input", "int8", lambda: i8(xb))
-    add("ours Int4Linear, bf16 input", "int4", lambda: i4(xb))
+    i8f, i4f = Q.Int8Linear.from_linear(lin), Q.Int4Linear.from_linear(lin)
+    i8f.prompt_precision = i4f.prompt_precision = "float"
+    path = "AMX int8" if M > ops.DECODE_MAX_ROWS and ops.use_prompt_kernels(x, N) else \
+        "decode kernel" if M <= ops.DECODE_MAX_ROWS else "dequantize + float GEMM"
+    add(f"ours Int8Linear ({path}), fp32 input", "int8", lambda: i8(x))
+    add(f"ours Int8Linear ({path}), bf16 input", "int8", lambda: i8(xb))
+    add(f"ours Int4Linear ({path}), bf16 input", "int4", lambda: i4(xb))
+    if M > ops.DECODE_MAX_ROWS:
+        add("ours Int8Linear prompt_precision=float (dequantize + bf16 GEMM)", "int8", lambda: i8f(xb))
+        add("ours Int4Linear prompt_precision=float (dequantize + bf16 GEMM)", "int4", lambda: i4f(xb))
     bl = torch.nn.Linear(K, N).to(torch.bfloat16)
     with torch.no_grad():
         bl.weight.copy_(wb)

@@ -3,16 +3,17 @@ one `attention()` the model calls.
 
 The kernels speed up decoding, which streams every weight once per token: int8/int4/bf16
 matrix-vector products with int8-quantized activations (AVX2 where the CPU has it) and attention
-for one new token per row over a bf16 KV cache. They are built on first use (`load()`) by the code
-that needs them: loading a quantized or large bf16 model. Nothing else builds them, and every path
+for one new token per row over a bf16 KV cache. Prompts (many rows) run int8 x int8 GEMMs on
+AMX tiles where the CPU has AMX-INT8 (checked at run time), else PyTorch's float GEMM. They are
+built on first use (`load()`) by the code that needs them: loading a quantized or large bf16 model. Nothing else builds them, and every path
 works without them through PyTorch's own ops.
 """
 
 from stablecode.kernels.build import load, loaded, simd_level
 from stablecode.kernels.ops import (DECODE_MAX_ROWS, attention, bf16_linear, decode_attention, gemm_dtype,
-                                    int4_linear, int8_linear, native_bf16, use_decode_attention,
-                                    use_linear_kernels)
+                                    int4_linear, int8_linear, native_bf16, prompt_int4_linear, prompt_int8_linear,
+                                    use_decode_attention, use_linear_kernels, use_prompt_kernels)
 
 __all__ = ["DECODE_MAX_ROWS", "attention", "bf16_linear", "decode_attention", "gemm_dtype", "int4_linear",
-           "int8_linear", "load", "loaded", "native_bf16", "simd_level", "use_decode_attention",
-           "use_linear_kernels"]
+           "int8_linear", "load", "loaded", "native_bf16", "prompt_int4_linear", "prompt_int8_linear", "simd_level",
+           "use_decode_attention", "use_linear_kernels", "use_prompt_kernels"]

@@ -10,6 +10,7 @@
 //   int8: weight int8 [N, K], scale fp32 [N]                  w[n, k] = scale[n] * q[n, k]
 //   int4: weight uint8 [N, K/2], scale, min fp16 [N, K/G]     w[n, k] = scale[n, g] * q[n, k] + min[n, g]
 //         each 32 values of a row take 16 bytes: byte i holds value i (low nibble) and i + 16 (high).
+// Prompts (many rows) take the AMX-INT8 GEMMs at the end of this file where the CPU has them.
 // The same formats are dequantized by stablecode/quantize.py, which is also the reference the
 // tests compare these kernels against.
 
@@ -29,6 +30,18 @@
 #define SC_AVX2 1
 #else
 #define SC_AVX2 0
+#endif
+
+// The AMX prompt kernels are compiled for their instruction sets function by function (see below).
+#if defined(__x86_64__) && defined(__GNUC__)
+#define SC_AMX_BUILD 1
+#include <immintrin.h>
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define SC_AMX __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
+#else
+#define SC_AMX_BUILD 0
 #endif
 
 namespace {
@@ -524,6 +537,330 @@ int64_t read_bytes(const torch::Tensor& data) {
   return total;
 }
 
+// ---- prompt GEMMs on AMX: int8 x int8 -> int32 tiles ------------------------------------------
+// Prompts multiply many activation rows by each weight, so they are bound by arithmetic, not by
+// memory. On CPUs with AMX-INT8 one tile instruction multiplies a 16x64 int8 block by a 64x16 one;
+// these loops feed it. Activations are quantized per row (token): x[m, k] ~ sx[m] * qx[m, k].
+//
+// The weight is the tile's left operand, read in place from its row-major [N, K] layout (16 rows
+// of 64 bytes), so the decode kernels and the prompt GEMM share one copy of the weights. The right
+// operand must be in the "VNNI" layout (row r holds, for 16 columns, 4 consecutive k), which the
+// activation quantizer writes directly: [M/16][K/64][16 (k/4)][16 (m)][4 (k)]. The product is
+// therefore yᵀ in tiles; the epilogue rescales and transposes each 16x16 tile as it stores it.
+// int4 weights are converted, 32 rows at a time, to int8 with one scale per row (a 16-entry table
+// lookup per group), kept in a small buffer reused for every activation row.
+//
+// Compiled with per-function target attributes and entered only after a run-time check of the
+// CPU (cpuid) and the kernel's permission to use tile state (arch_prctl), so one build serves
+// every machine.
+
+
+bool amx_available() {
+#if SC_AMX_BUILD
+  static const bool ready = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    const bool amx = (d & (1u << 24)) && (d & (1u << 25));        // AMX-TILE, AMX-INT8
+    const bool avx512 = (b & (1u << 16)) && (b & (1u << 30)) && (b & (1u << 17)) && (b & (1u << 31));  // F BW DQ VL
+    unsigned a1, b1, c1, d1;
+    const bool bf16 = __get_cpuid_count(7, 1, &a1, &b1, &c1, &d1) && (a1 & (1u << 5));  // AVX512_BF16
+    // Linux hands out the 8 KiB of tile state per process on request (ARCH_REQ_XCOMP_PERM, XTILEDATA).
+    return amx && avx512 && bf16 && syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  }();
+  return ready;
+#else
+  return false;
+#endif
+}
+
+#if SC_AMX_BUILD
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// 16 vectors of 16 lanes: r[i][j] -> r[j][i].
+SC_AMX inline void transpose16(__m512 r[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    u[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    u[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    u[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int j = 0; j < 4; ++j) {  // 128-bit lanes: [a0 a2 b0 b2] etc., then whole columns
+    const __m512 ab_lo = _mm512_shuffle_f32x4(u[j], u[4 + j], 0x88), ab_hi = _mm512_shuffle_f32x4(u[j], u[4 + j], 0xDD);
+    const __m512 cd_lo = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0x88), cd_hi = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0xDD);
+    r[j] = _mm512_shuffle_f32x4(ab_lo, cd_lo, 0x88);
+    r[8 + j] = _mm512_shuffle_f32x4(ab_lo, cd_lo, 0xDD);
+    r[4 + j] = _mm512_shuffle_f32x4(ab_hi, cd_hi, 0x88);
+    r[12 + j] = _mm512_shuffle_f32x4(ab_hi, cd_hi, 0xDD);
+  }
+}
+
+SC_AMX inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+SC_AMX inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+SC_AMX inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+SC_AMX inline void store16(c10::BFloat16* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+template <typename T>
+SC_AMX inline __m128i quantize16(const T* p, __m512 inv) {  // round half to even, as nearbyint
+  return _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(load16(p), inv)));
+}
+
+// 16 activation rows (those from `rows` on are zero) -> K/64 tiles in the VNNI layout; scale per row.
+template <typename T>
+SC_AMX void pack_rows(const T* x, int64_t K, int64_t rows, int8_t* out, float* sx) {
+  float inv[16];
+  for (int64_t i = 0; i < 16; ++i) {
+    float amax = 0.f;
+    if (i < rows) {
+      __m512 m = _mm512_setzero_ps();
+      for (int64_t k = 0; k < K; k += 16) m = _mm512_max_ps(m, _mm512_abs_ps(load16(x + i * K + k)));
+      amax = _mm512_reduce_max_ps(m);
+    }
+    inv[i] = amax > 0.f ? 127.f / amax : 0.f;
+    sx[i] = amax / 127.f;
+  }
+  for (int64_t kc = 0; kc < K / 64; ++kc) {
+    __m512 r[16];
+    for (int64_t i = 0; i < 16; ++i) {
+      if (i >= rows) {
+        r[i] = _mm512_setzero_ps();
+        continue;
+      }
+      const T* p = x + i * K + kc * 64;
+      const __m512 s = _mm512_set1_ps(inv[i]);
+      __m512i v = _mm512_castsi128_si512(quantize16(p, s));
+      v = _mm512_inserti32x4(v, quantize16(p + 16, s), 1);
+      v = _mm512_inserti32x4(v, quantize16(p + 32, s), 2);
+      v = _mm512_inserti32x4(v, quantize16(p + 48, s), 3);
+      r[i] = _mm512_castsi512_ps(v);
+    }
+    transpose16(r);  // as 32-bit groups: [m][k/4] -> [k/4][m]
+    for (int j = 0; j < 16; ++j) _mm512_storeu_si512(out + kc * 1024 + j * 64, _mm512_castps_si512(r[j]));
+  }
+}
+
+// A tile of yᵀ (int32 [16 n][16 m]) -> y[m, n] = acc * sx[m] * sw[n] + b[n] for the first `rows` m.
+template <typename T>
+SC_AMX void store_tile(const int32_t* acc, const float* sx, const float* sw, const float* b, T* y, int64_t N,
+                       int64_t rows) {
+  __m512 r[16];
+  const __m512 xs = _mm512_loadu_ps(sx);
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(acc + 16 * i)), xs);
+  transpose16(r);
+  const __m512 ws = _mm512_loadu_ps(sw), bias = b ? _mm512_loadu_ps(b) : _mm512_setzero_ps();
+  for (int64_t m = 0; m < rows; ++m) store16(y + m * N, _mm512_fmadd_ps(r[m], ws, bias));
+}
+
+SC_AMX inline void load_tile_config() {
+  TileConfig config;
+  for (int i = 0; i < 8; ++i) {
+    config.colsb[i] = 64;
+    config.rows[i] = 16;
+  }
+  _tile_loadconfig(&config);
+}
+
+// 32 weight rows (row stride ldw) against every packed activation row -> y[:, n0:n0+32].
+// Tiles 0-3 accumulate 2x2 blocks of 16x16; 4-5 hold weight rows, 6-7 activation columns.
+template <typename T>
+SC_AMX void amx_weight_block(const int8_t* w, int64_t ldw, const float* sw, const float* b, int64_t n0,
+                             const int8_t* xp, const float* sx, int64_t M, int64_t N, int64_t K, T* y) {
+  const int64_t chunks = K / 64, pairs = (M + 31) / 32;
+  alignas(64) int32_t acc[4][256];
+  const int8_t* w1 = w + 16 * ldw;
+  for (int64_t pair = 0; pair < pairs; ++pair) {
+    const int8_t* x0 = xp + 2 * pair * chunks * 1024;
+    const int8_t* x1 = x0 + chunks * 1024;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t kc = 0; kc < chunks; ++kc) {
+      _tile_loadd(4, w + kc * 64, ldw);
+      _tile_loadd(6, x0 + kc * 1024, 64);
+      _tile_dpbssd(0, 4, 6);
+      _tile_loadd(7, x1 + kc * 1024, 64);
+      _tile_dpbssd(1, 4, 7);
+      _tile_loadd(5, w1 + kc * 64, ldw);
+      _tile_dpbssd(2, 5, 6);
+      _tile_dpbssd(3, 5, 7);
+    }
+    _tile_stored(0, acc[0], 64);
+    _tile_stored(1, acc[1], 64);
+    _tile_stored(2, acc[2], 64);
+    _tile_stored(3, acc[3], 64);
+    for (int t = 0; t < 4; ++t) {
+      const int64_t n = (t / 2) * 16, m0 = pair * 32 + (t % 2) * 16;
+      if (m0 < M) store_tile(acc[t], sx + m0, sw + n, b ? b + n0 + n : nullptr, y + m0 * N + n0 + n, N,
+                             std::min<int64_t>(16, M - m0));
+    }
+  }
+}
+
+template <typename T>
+SC_AMX void amx_int8_blocks(int64_t begin, int64_t end, const int8_t* xp, const float* sx, int64_t M,
+                            const int8_t* w, const float* sw, const float* b, int64_t N, int64_t K, T* y) {
+  load_tile_config();
+  for (int64_t nb = begin; nb < end; ++nb) amx_weight_block(w + nb * 32 * K, K, sw + nb * 32, b, nb * 32, xp, sx, M, N, K, y);
+  _tile_release();
+}
+
+// 32 rows of 4-bit weights -> int8 rows with one scale each (c): the 16 values a group can take,
+// rescaled to the row's int8 grid, become a table that one byte shuffle looks 32 weights up in.
+SC_AMX void int4_rows_to_int8(const uint8_t* w, const c10::Half* scale, const c10::Half* minimum, int64_t K,
+                              int64_t group_size, int8_t* out, float* c) {
+  const int64_t groups = K / group_size;
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m256i low_nibbles = _mm256_set1_epi8(0x0F);
+  for (int64_t r = 0; r < 32; ++r) {
+    const uint16_t* s = reinterpret_cast<const uint16_t*>(scale + r * groups);
+    const uint16_t* mn = reinterpret_cast<const uint16_t*>(minimum + r * groups);
+    float bound = 0.f;  // the largest |w| the row can hold
+    for (int64_t g = 0; g < groups; ++g) {
+      const float lo = _cvtsh_ss(mn[g]), hi = lo + 15.f * _cvtsh_ss(s[g]);
+      bound = std::max(bound, std::max(std::fabs(lo), std::fabs(hi)));
+    }
+    const float inv = bound > 0.f ? 127.f / bound : 0.f;
+    c[r] = bound / 127.f;
+    const uint8_t* row = w + r * (K / 2);
+    int8_t* o = out + r * K;
+    for (int64_t g = 0; g < groups; ++g) {
+      const __m512 values = _mm512_fmadd_ps(iota, _mm512_set1_ps(_cvtsh_ss(s[g]) * inv), _mm512_set1_ps(_cvtsh_ss(mn[g]) * inv));
+      const __m256i table = _mm256_broadcastsi128_si256(_mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(values)));
+      for (int64_t k = g * group_size; k < (g + 1) * group_size; k += 32) {
+        const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2));
+        const __m256i index = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low_nibbles);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + k), _mm256_shuffle_epi8(table, index));
+      }
+    }
+  }
+}
+
+template <typename T>
+SC_AMX void amx_int4_blocks(int64_t begin, int64_t end, const int8_t* xp, const float* sx, int64_t M,
+                            const uint8_t* w, const c10::Half* scale, const c10::Half* minimum, int64_t group_size,
+                            const float* b, int64_t N, int64_t K, T* y) {
+  std::vector<int8_t> rows(32 * K);
+  alignas(64) float c[32];
+  const int64_t groups = K / group_size;
+  load_tile_config();
+  for (int64_t nb = begin; nb < end; ++nb) {
+    int4_rows_to_int8(w + nb * 32 * (K / 2), scale + nb * 32 * groups, minimum + nb * 32 * groups, K, group_size,
+                      rows.data(), c);
+    amx_weight_block(rows.data(), K, c, b, nb * 32, xp, sx, M, N, K, y);
+  }
+  _tile_release();
+}
+#endif  // SC_AMX_BUILD
+
+// Activations quantized per row into the tiles' layout: (packed int8 [ceil(M/32)*32 * K], scale [.]).
+std::pair<torch::Tensor, torch::Tensor> pack_activations(const torch::Tensor& x) {
+  const int64_t M = x.size(0), K = x.size(1), padded = (M + 31) / 32 * 32;
+  torch::Tensor packed = torch::empty({padded * K}, x.options().dtype(torch::kInt8));
+  torch::Tensor scale = torch::empty({padded}, x.options().dtype(torch::kFloat32));
+#if SC_AMX_BUILD
+  int8_t* xp = packed.data_ptr<int8_t>();
+  float* sx = scale.data_ptr<float>();
+  at::parallel_for(0, padded / 16, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t rows = std::clamp<int64_t>(M - blk * 16, 0, 16), offset = blk * 16 * K;
+      if (x.scalar_type() == torch::kBFloat16)
+        pack_rows(x.data_ptr<c10::BFloat16>() + (rows ? offset : 0), K, rows, xp + offset, sx + blk * 16);
+      else
+        pack_rows(x.data_ptr<float>() + (rows ? offset : 0), K, rows, xp + offset, sx + blk * 16);
+    }
+  });
+#endif
+  return {packed, scale};
+}
+
+void check_prompt(const torch::Tensor& x, int64_t N, const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(amx_available(), "the prompt GEMM kernels need AMX-INT8 (see amx_available())");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu() &&
+              (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16),
+              "x must be a contiguous 2-D float32 or bfloat16 CPU tensor");
+  TORCH_CHECK(x.size(1) % 64 == 0 && N % 32 == 0, "the prompt GEMM needs K % 64 == 0 and N % 32 == 0");
+  TORCH_CHECK(!bias.has_value() || bias->numel() == N, "bias has the wrong shape");
+}
+
+torch::Tensor float_bias(const c10::optional<torch::Tensor>& bias) {
+  return bias.has_value() ? bias->to(torch::kFloat32).contiguous() : torch::Tensor();
+}
+
+torch::Tensor prompt_int8_linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scale,
+                                 const c10::optional<torch::Tensor>& bias) {
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  check_prompt(x, N, bias);
+  TORCH_CHECK(weight.scalar_type() == torch::kInt8 && weight.is_contiguous() && weight.size(1) == K,
+              "weight must be contiguous int8 [N, K]");
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == N,
+              "scale must be fp32 [N]");
+  torch::Tensor y = torch::empty({M, N}, x.options());
+#if SC_AMX_BUILD
+  const auto [packed_x, scale_x] = pack_activations(x);
+  const torch::Tensor packed = packed_x, sx = scale_x;  // lambdas cannot capture structured bindings in C++17
+  const torch::Tensor b = float_bias(bias);
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  at::parallel_for(0, N / 32, 1, [&](int64_t begin, int64_t end) {
+    if (x.scalar_type() == torch::kBFloat16)
+      amx_int8_blocks(begin, end, packed.data_ptr<int8_t>(), sx.data_ptr<float>(), M, weight.data_ptr<int8_t>(),
+                      scale.data_ptr<float>(), bp, N, K, y.data_ptr<c10::BFloat16>());
+    else
+      amx_int8_blocks(begin, end, packed.data_ptr<int8_t>(), sx.data_ptr<float>(), M, weight.data_ptr<int8_t>(),
+                      scale.data_ptr<float>(), bp, N, K, y.data_ptr<float>());
+  });
+#endif
+  return y;
+}
+
+torch::Tensor prompt_int4_linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scale,
+                                 const torch::Tensor& minimum, int64_t group_size,
+                                 const c10::optional<torch::Tensor>& bias) {
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  check_prompt(x, N, bias);
+  TORCH_CHECK(group_size % 32 == 0 && group_size > 0 && K % group_size == 0, "group size must be a multiple of 32 dividing K");
+  TORCH_CHECK(weight.scalar_type() == torch::kUInt8 && weight.is_contiguous() && weight.size(1) * 2 == K,
+              "weight must be contiguous uint8 [N, K/2]");
+  TORCH_CHECK(scale.scalar_type() == torch::kHalf && minimum.scalar_type() == torch::kHalf && scale.is_contiguous() &&
+              minimum.is_contiguous() && scale.numel() == N * (K / group_size) && minimum.numel() == scale.numel(),
+              "scale and min must be fp16 [N, K / group_size]");
+  torch::Tensor y = torch::empty({M, N}, x.options());
+#if SC_AMX_BUILD
+  const auto [packed_x, scale_x] = pack_activations(x);
+  const torch::Tensor packed = packed_x, sx = scale_x;  // lambdas cannot capture structured bindings in C++17
+  const torch::Tensor b = float_bias(bias);
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  at::parallel_for(0, N / 32, 1, [&](int64_t begin, int64_t end) {
+    if (x.scalar_type() == torch::kBFloat16)
+      amx_int4_blocks(begin, end, packed.data_ptr<int8_t>(), sx.data_ptr<float>(), M, weight.data_ptr<uint8_t>(),
+                      scale.data_ptr<c10::Half>(), minimum.data_ptr<c10::Half>(), group_size, bp, N, K,
+                      y.data_ptr<c10::BFloat16>());
+    else
+      amx_int4_blocks(begin, end, packed.data_ptr<int8_t>(), sx.data_ptr<float>(), M, weight.data_ptr<uint8_t>(),
+                      scale.data_ptr<c10::Half>(), minimum.data_ptr<c10::Half>(), group_size, bp, N, K,
+                      y.data_ptr<float>());
+  });
+#endif
+  return y;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -535,4 +872,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_activations", &quantize_activations_py, "int8 per-32 block quantization: (q, scale, scale*sum)");
   m.def("read_bytes", &read_bytes, "sum of all bytes (a memory-bandwidth probe)");
   m.def("simd", []() { return SC_AVX2 ? "avx2" : "generic"; });
+  m.def("amx_available", &amx_available, "whether this CPU and kernel let the AMX-INT8 prompt GEMMs run");
+  m.def("prompt_int8_linear", &prompt_int8_linear, "x @ dequant(int8 W).T + b, activations int8 per row, AMX tiles");
+  m.def("prompt_int4_linear", &prompt_int4_linear, "x @ dequant(int4 W).T + b, activations int8 per row, AMX tiles");
 }

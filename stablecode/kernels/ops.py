@@ -59,6 +59,30 @@ def _int4_linear_shape(x, weight, scale, minimum, group_size, bias):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
+@torch.library.custom_op("stablecode::prompt_int8_linear", mutates_args=())
+def prompt_int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                       bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x [M, K] @ (scale[n] * weight[n, k]).T + bias for many rows: x quantized to int8 per row, AMX tiles."""
+    return _library().prompt_int8_linear(x, weight, scale, bias)
+
+
+@torch.library.custom_op("stablecode::prompt_int4_linear", mutates_args=())
+def prompt_int4_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
+                       group_size: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """As prompt_int8_linear for a 4-bit weight (converted to int8 per 32 output channels on the fly)."""
+    return _library().prompt_int4_linear(x, weight, scale, minimum, group_size, bias)
+
+
+@prompt_int8_linear.register_fake
+def _prompt_linear_shape(x, weight, *_):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@prompt_int4_linear.register_fake
+def _prompt_int4_linear_shape(x, weight, scale, minimum, group_size, bias):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
 @torch.library.custom_op("stablecode::decode_attention", mutates_args=())
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: Optional[torch.Tensor] = None,
                      lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -104,6 +128,18 @@ def use_linear_kernels(rows: torch.Tensor) -> bool:
     return (rows.device.type == "cpu" and rows.shape[0] <= DECODE_MAX_ROWS
             and rows.dtype in (torch.float32, torch.bfloat16) and rows.shape[1] % 32 == 0
             and build.loaded() is not None)
+
+
+def use_prompt_kernels(rows: torch.Tensor, out_features: int) -> bool:
+    """Whether the int8 x int8 prompt GEMMs apply to these activation rows [M, K]: more rows than the
+    matrix-vector kernels take, no gradients, and a CPU with AMX-INT8 (checked at run time).
+
+    Elsewhere prompts dequantize the weights and run PyTorch's float GEMM."""
+    if (rows.device.type != "cpu" or rows.shape[0] <= DECODE_MAX_ROWS or rows.requires_grad
+            or rows.dtype not in (torch.float32, torch.bfloat16) or rows.shape[1] % 64 or out_features % 32):
+        return False
+    library = build.loaded()
+    return library is not None and library.amx_available()
 
 
 def gemm_dtype(x: torch.Tensor) -> torch.dtype:

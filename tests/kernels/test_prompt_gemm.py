@@ -1,0 +1,118 @@
+"""The prompt GEMMs (int8 x int8 on AMX tiles, activations quantized per token) against reference
+math, and the layers' choice between them and the dequantize-then-float path."""
+
+import pytest
+import torch
+
+from stablecode import kernels
+from stablecode import quantize as Q
+from stablecode.kernels import ops
+
+
+@pytest.fixture(scope="module")
+def ext():
+    library = kernels.load()
+    if library is None:
+        pytest.fail("the CPU kernels did not build on this machine (see the warning above)")
+    return library
+
+
+@pytest.fixture(scope="module")
+def amx(ext):
+    if not ext.amx_available():
+        pytest.skip("this CPU has no AMX-INT8: prompts take the dequantize-then-float path (tested below)")
+    return ext
+
+
+def per_token(x: torch.Tensor) -> torch.Tensor:
+    """x after the prompt kernels' quantization: int8 per row, scale max|x|/127, round half to even."""
+    x = x.double()
+    amax = x.abs().amax(-1, keepdim=True).float()
+    inv = torch.where(amax > 0, torch.div(torch.full_like(amax, 127.0), amax), torch.zeros_like(amax))
+    return torch.round(x.float() * inv).double() * (amax.double() / 127.0)
+
+
+def relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((y.double() - reference).abs().max() / reference.abs().max())
+
+
+@pytest.mark.parametrize("rows", [17, 32, 45, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_prompt_gemm_is_per_token_int8_math(amx, rows, dtype):
+    torch.manual_seed(rows)
+    w, b, x = torch.randn(96, 320) * 0.05, torch.randn(96), torch.randn(rows, 320).to(dtype)
+    q, scale = Q.quantize_int8(w)
+    reference = per_token(x) @ Q.dequantize_int8(q, scale).double().t() + b.double()
+    y = ops.prompt_int8_linear(x, q, scale, b.to(dtype))
+    assert y.dtype == dtype and y.shape == (rows, 96)
+    # fp32: only the float rescale rounds; bf16: the output's own rounding (8 bits).
+    assert relative_error(y, reference) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_int4_prompt_gemm_stays_close_to_the_int4_weights(amx, group_size):
+    torch.manual_seed(group_size)
+    w, x = torch.randn(64, 512) * 0.05, torch.randn(40, 512)
+    packed, scale, minimum = Q.quantize_int4(w, group_size)
+    dequantized = Q.dequantize_int4(packed, scale, minimum, group_size).double()
+    exact = per_token(x) @ dequantized.t()
+    y = ops.prompt_int4_linear(x, packed, scale, minimum, group_size, None)
+    # The 4-bit weights are re-gridded to int8 per output channel: an error far below int4's own.
+    int4_error = relative_error(x.double() @ w.double().t(), exact)
+    assert relative_error(y, exact) < 0.25 * int4_error
+
+
+def test_prompt_gemm_rejects_shapes_it_cannot_tile(amx):
+    q, scale = Q.quantize_int8(torch.randn(48, 128))
+    with pytest.raises(RuntimeError, match="N % 32"):
+        ops.prompt_int8_linear(torch.randn(20, 128), q, scale, None)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_layers_run_prompts_in_int8_and_float_on_request(amx, method):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 128)
+    layer = Q.Int8Linear.from_linear(linear) if method == "int8" else Q.Int4Linear.from_linear(linear)
+    x = torch.randn(2, 50, 256)
+    with torch.inference_mode():
+        quantized = layer(x)
+        layer.prompt_precision = "float"
+        floating = layer(x)
+    exact = x.double() @ layer.dequantized().double().t() + linear.bias.detach().double()
+    assert relative_error(floating, exact) < 1e-5  # the dequantized weights in fp32
+    assert 1e-5 < relative_error(quantized, exact) < 0.02  # activations rounded to int8 per token
+
+
+def test_set_prompt_precision_reaches_every_quantized_layer():
+    from stablecode import GPTNeoX, ModelConfig
+
+    model = GPTNeoX(ModelConfig(name="t", vocab_size=96, hidden_size=64, num_layers=2, num_heads=2,
+                                intermediate_size=128, max_position_embeddings=32))
+    Q.quantize_model(model, "int8")
+    Q.set_prompt_precision(model, "float")
+    layers = [m for m in model.modules() if isinstance(m, Q.Int8Linear)]
+    assert layers and all(m.prompt_precision == "float" for m in layers)
+    with pytest.raises(ValueError, match="prompt precision"):
+        Q.set_prompt_precision(model, "fp8")
+
+
+def test_prompt_kernels_apply_only_to_prompts(ext):
+    amx = ext.amx_available()
+    assert ops.use_prompt_kernels(torch.randn(17, 256), 128) == amx
+    assert not ops.use_prompt_kernels(torch.randn(16, 256), 128)  # the decode kernels' rows
+    assert not ops.use_prompt_kernels(torch.randn(64, 96), 128)  # K not a multiple of 64
+    assert not ops.use_prompt_kernels(torch.randn(64, 256), 100)  # N not a multiple of 32
+    assert not ops.use_prompt_kernels(torch.randn(64, 256, requires_grad=True), 128)
+
+
+def test_without_amx_prompts_take_the_dequantized_gemm(ext, monkeypatch):
+    """What an AVX2-only CPU does: the same layer, the float path, no call into the AMX kernels."""
+    monkeypatch.setattr(ops, "use_prompt_kernels", lambda rows, n: False)
+    monkeypatch.setattr(Q, "use_prompt_kernels", lambda rows, n: False)
+    torch.manual_seed(1)
+    linear = torch.nn.Linear(256, 128)
+    layer = Q.Int8Linear.from_linear(linear)
+    x = torch.randn(64, 256)
+    with torch.inference_mode():
+        y = layer(x)
+    assert relative_error(y, x.double() @ layer.dequantized().double().t() + linear.bias.detach().double()) < 1e-5
