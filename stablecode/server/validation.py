@@ -268,28 +268,32 @@ class Validator:
                 ids = self.tokenizer.encode(prompt)
         else:
             ids, text = list(prompt), self.tokenizer.decode(prompt)
-        if r.truncate is not None:
-            ids = ids[-r.truncate:]
-        return ValidPrompt(text=text, ids=self._fit(ids, context, max_new_tokens))
+        room = context - max(0, min(max_new_tokens, context - 1))
+        if r.truncate is not None and r.truncate < room:
+            room = r.truncate
+            if not self._is_psm(ids):
+                ids = ids[-r.truncate:]
+        return ValidPrompt(text=text, ids=self._fit_psm(ids, room) if self._is_psm(ids) else ids)
 
     def _psm(self, prefix: list[int], suffix: list[int]) -> list[int]:
         ids = self.fim_ids
         return [ids[FIM_PREFIX], *prefix, ids[FIM_SUFFIX], *suffix, ids[FIM_MIDDLE]]
 
-    def _fit(self, ids: list[int], context: int, max_new_tokens: int) -> list[int]:
-        """Fit a FIM (PSM) prompt to the context by cutting the prefix's start and the suffix's end,
-        keeping the sentinels; other prompts are cut from the left later, with the rest."""
-        room = context - max(0, min(max_new_tokens, context - 1))
-        if len(ids) <= room or not self.fim_ids:
+    def _is_psm(self, ids: list[int]) -> bool:
+        """A fill-in-the-middle prompt in prefix-suffix-middle order."""
+        f = self.fim_ids
+        return (len(f) >= 3 and len(ids) >= 3 and ids[0] == f.get(FIM_PREFIX) and ids[-1] == f.get(FIM_MIDDLE)
+                and f.get(FIM_SUFFIX) in ids)
+
+    def _fit_psm(self, ids: list[int], room: int) -> list[int]:
+        """Fit a PSM prompt into `room` tokens by cutting the prefix's start and the suffix's end, keeping
+        the sentinels (other prompts are cut from the left by the engine: the code nearest the cursor stays)."""
+        if len(ids) <= room or room < 4:
             return ids
-        prefix_id, suffix_id, middle_id = (self.fim_ids.get(t) for t in (FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE))
-        if not (ids[0] == prefix_id and ids[-1] == middle_id and suffix_id in ids):
-            return ids
+        prefix_id, suffix_id, middle_id = (self.fim_ids[t] for t in (FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE))
         split = ids.index(suffix_id)
         prefix, suffix = ids[1:split], ids[split + 1:-1]
         room -= 3
-        if room < 1:
-            return ids
         # The code just before the cursor matters most: the prefix keeps at least three quarters.
         keep_prefix = min(len(prefix), max(room - len(suffix), room - room // 4))
         keep_suffix = min(len(suffix), room - keep_prefix)

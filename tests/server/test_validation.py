@@ -193,3 +193,13 @@ def test_a_fim_model_answers_suffix_as_the_psm_prompt_on_every_api(fim_server):
         # The explicit template through OpenAI (what Continue sends) gives the same.
         assert c.post("/v1/completions", json={"prompt": psm, "max_tokens": 8, "temperature": 0}).json()[
             "choices"][0]["text"] == explicit["generated_text"]
+
+
+def test_tgi_truncate_on_a_fim_prompt_keeps_the_sentinels(tokenizer):
+    ids_of = tokenizer.backend.token_to_id
+    prompt = f"{FIM_PREFIX}{'a = 1' * 40}{FIM_SUFFIX}{'b = 2' * 40}{FIM_MIDDLE}"
+    valid = validator(tokenizer, fim=True).validate(GenerationRequest(prompts=[prompt], max_new_tokens=4, truncate=20))
+    ids = valid.prompts[0].ids
+    assert len(ids) == 20 and ids[0] == ids_of(FIM_PREFIX) and ids[-1] == ids_of(FIM_MIDDLE)
+    plain = validator(tokenizer).validate(GenerationRequest(prompts=["a = 1" * 40], max_new_tokens=4, truncate=20))
+    assert plain.prompts[0].ids == tokenizer.encode("a = 1" * 40)[-20:]
