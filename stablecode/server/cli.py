@@ -58,7 +58,6 @@ def add_serve_command(subparsers) -> None:
 def run_serve(args) -> None:
     from stablecode.errors import StablecodeError
     from stablecode.server import http
-    from stablecode.server.app import create_app
 
     if not 1 <= args.port <= 65535:
         raise StablecodeError(f"--port must be in 1..65535, got {args.port}")
