@@ -1,26 +1,25 @@
 """`stablecode` command line: thin calls into the Python API.
 
-Each subcommand is one `add_<name>_command(subparsers)` function that registers its parser and
-sets `func`; errors the user can fix (StablecodeError, bad values) print one line and exit 2.
+Commands are registered lazily: the table below names each command's module, and only the command
+being run is imported, so `stablecode --help` and `stablecode --version` never import torch. Each
+subsystem declares its own commands in its own `cli.py`; options that several commands share (the
+model options, --stop) are declared once in `stablecode.options`. Errors the user can fix
+(StablecodeError, bad values) print one line and exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from dataclasses import dataclass
+from importlib import import_module
 from pathlib import Path
 
+from stablecode import __version__
 from stablecode.errors import StablecodeError
-
-
-def _model_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None,
-                        help="checkpoint directory in Hugging Face layout, or an embedded model name "
-                             "(default: the embedded stablecode-nano)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="weights dtype (default: as stored)")
-    parser.add_argument("--device", default=None, help="cpu (default) or cuda")
-    parser.add_argument("--quantize", default=None, choices=["int8", "int4"], help="weight-only quantization")
+from stablecode.extras import missing_extra_message
+from stablecode.options import DTYPE_CHOICES, QUANTIZE_CHOICES, add_model_options, add_stop_option, apply_threads
 
 
 # ---- init ------------------------------------------------------------------------------------
@@ -31,7 +30,7 @@ def add_init_command(subparsers) -> None:
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer.json to place next to the weights")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="bfloat16", choices=DTYPE_CHOICES)
     p.add_argument("--max-shard-size", type=int, default=None, help="shard the safetensors above this many bytes")
     p.set_defaults(func=run_init)
 
@@ -58,7 +57,10 @@ def run_init(args) -> None:
             torch.set_default_dtype(previous)
     model.reset_rotary_tables()
     init_weights(model, generator)
-    save_checkpoint(model, args.out, max_shard_size=args.max_shard_size, tokenizer_file=args.tokenizer)
+    try:
+        save_checkpoint(model, args.out, max_shard_size=args.max_shard_size, tokenizer_file=args.tokenizer)
+    except OSError as e:
+        raise StablecodeError(f"{args.out}: cannot write the checkpoint ({e.strerror or e})") from None
     print(f"wrote {config.name} ({config.num_parameters:,} parameters, {args.dtype}, seed {args.seed}) to {args.out}",
           file=sys.stderr)
 
@@ -68,7 +70,7 @@ def run_init(args) -> None:
 def add_info_command(subparsers) -> None:
     p = subparsers.add_parser("info", help="architecture, parameter count and memory of a model or preset")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--model", default=None, help="checkpoint directory or embedded model name")
+    group.add_argument("--model", default=None, help="checkpoint directory, cached Hub id or embedded model name")
     group.add_argument("--preset", default=None, help="named preset")
     p.set_defaults(func=run_info)
 
@@ -113,13 +115,13 @@ def add_complete_command(subparsers) -> None:
     p = subparsers.add_parser("complete", help="complete code from a prompt (argument, --file or stdin)")
     p.add_argument("prompt", nargs="?", default=None, help="the code to complete (default: read --file or stdin)")
     p.add_argument("--file", type=Path, default=None, help="read the prompt from this file")
-    _model_option(p)
+    add_model_options(p)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    add_stop_option(p)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-stream", action="store_true", help="print the completion only at the end")
     p.add_argument("--show-prompt", action="store_true", help="print the prompt before the completion")
@@ -129,6 +131,9 @@ def add_complete_command(subparsers) -> None:
 def run_complete(args) -> None:
     from stablecode.api import Completer
 
+    if args.prompt is not None and args.file is not None:
+        raise StablecodeError("give the prompt as an argument or with --file, not both")
+    apply_threads(args)
     if args.prompt is not None:
         prompt = args.prompt
     elif args.file is not None:
@@ -160,9 +165,9 @@ def run_complete(args) -> None:
 
 def add_quantize_command(subparsers) -> None:
     p = subparsers.add_parser("quantize", help="write an int8 or int4 quantized copy of a checkpoint")
-    p.add_argument("--model", default=None, help="checkpoint directory or embedded model name")
+    add_model_options(p, quantize=False)
     p.add_argument("--out", required=True, type=Path, help="output directory")
-    p.add_argument("--method", required=True, choices=["int8", "int4"])
+    p.add_argument("--method", required=True, choices=QUANTIZE_CHOICES)
     p.add_argument("--group-size", type=int, default=64, help="int4 group size (multiple of 32)")
     p.set_defaults(func=run_quantize)
 
@@ -172,8 +177,9 @@ def run_quantize(args) -> None:
     from stablecode.quantize import quantize_model
     from stablecode.registry import resolve_model_dir
 
+    apply_threads(args)
     source = resolve_model_dir(args.model)
-    model = load_model(source)
+    model = load_model(source, dtype=args.dtype, device=args.device)
     quantize_model(model, args.method, args.group_size)
     tokenizer = source / "tokenizer.json"
     save_quantized(model, args.out, tokenizer_file=tokenizer if tokenizer.exists() else None)
@@ -182,44 +188,70 @@ def run_quantize(args) -> None:
 
 # ---- entry point -----------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stablecode", description=__doc__.splitlines()[0])
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    for add in COMMANDS:
-        add(subparsers)
+@dataclass(frozen=True)
+class Command:
+    name: str
+    module: str  # imported only when this command runs (or prints its own --help)
+    register: str  # function(subparsers) in `module` that adds the command's parser
+    help: str
+    extra: str | None = None  # the pip extra (stablecode[...]) its optional dependencies come from
+
+
+COMMANDS = [
+    Command("init", "stablecode.cli", "add_init_command",
+            "write a randomly initialised checkpoint (tests, benchmarks, smoke runs)"),
+    Command("info", "stablecode.cli", "add_info_command", "architecture, parameter count and memory of a model or preset"),
+    Command("complete", "stablecode.cli", "add_complete_command",
+            "complete code from a prompt (argument, --file or stdin)"),
+    Command("serve", "stablecode.server.cli", "add_serve_command",
+            "HTTP completion server for editors (TGI, OpenAI and Ollama APIs)"),
+    Command("quantize", "stablecode.cli", "add_quantize_command", "write an int8 or int4 quantized copy of a checkpoint"),
+    Command("eval", "stablecode.eval.cli", "add_eval_command", "HumanEval pass@k (sandboxed) and line completion",
+            "eval"),
+    Command("train", "stablecode.train", "add_train_command",
+            "pre-train a model on packed token data (works under torchrun)", "train"),
+    Command("data", "stablecode.data.cli", "add_data_command",
+            "build, read and pack training data (starcoderdata layout)", "train"),
+    Command("tokenizer", "stablecode.data.cli", "add_tokenizer_command", "train a tokenizer", "train"),
+    Command("index", "stablecode.attribution.cli", "add_index_command",
+            "build or describe an attribution index of a training corpus", "attribution"),
+    Command("attribute", "stablecode.attribution.cli", "add_attribute_command",
+            "find which parts of code come from the training data, and from where", "attribution"),
+]
+
+
+def _command_name(argv: list[str]) -> str | None:
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser, with the full options of the command named in `argv` (None: of every command)."""
+    parser = argparse.ArgumentParser(
+        prog="stablecode", description="Run, serve, train and evaluate StableCode code-completion models.")
+    parser.add_argument("--version", action="version", version=f"stablecode {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chosen = _command_name(argv) if argv is not None else None
+    for command in COMMANDS:
+        if argv is None or command.name == chosen:
+            getattr(import_module(command.module), command.register)(subparsers)
+        else:  # listed in --help, its module not imported
+            subparsers.add_parser(command.name, help=command.help, add_help=False)
     return parser
 
 
-def add_train_command(subparsers) -> None:
-    from stablecode.train import add_train_command as add
-
-    add(subparsers)
-
-
-COMMANDS = [add_init_command, add_info_command, add_complete_command, add_quantize_command, add_train_command]
-# Subcommands of other modules register here (serve, train, data, tokenizer, eval, index, attribute).
-
-from stablecode.attribution.commands import add_attribute_command, add_index_command  # noqa: E402
-
-COMMANDS += [add_index_command, add_attribute_command]
-
-from stablecode.data.cli import add_data_command, add_tokenizer_command  # noqa: E402
-
-COMMANDS += [add_data_command, add_tokenizer_command]
-
-from stablecode.eval.cli import add_eval_command  # noqa: E402
-
-COMMANDS += [add_eval_command]
-
-from stablecode.server.cli import add_serve_command  # noqa: E402
-
-COMMANDS += [add_serve_command]
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        args = build_parser(argv).parse_args(argv)
         args.func(args)
+    except ImportError as e:
+        command = next((c for c in COMMANDS if c.name == _command_name(argv)), None)
+        message = missing_extra_message(e, command.extra if command else None,
+                                        f"stablecode {command.name}" if command else "this command")
+        if message is None:
+            raise
+        print(f"stablecode: error: {message}", file=sys.stderr)
+        return 2
     except StablecodeError as e:
         print(f"stablecode: error: {e}", file=sys.stderr)
         return 2
@@ -228,6 +260,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`stablecode complete ... | head`): stop quietly, as `yes | head` does.
+        # Python would otherwise report the failed flush of stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return 0
 
 

@@ -105,3 +105,85 @@ def test_more_errors_in_process(initialised, tmp_path, capsys, args, fragment):
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("stablecode: error:") and fragment in err[0]
+
+
+# ---- the command table, shared options, first-contact fixes ----------------------------------
+
+def test_version():
+    from stablecode import __version__
+
+    result = run("--version", command=("stablecode",))
+    assert result.returncode == 0 and result.stdout.decode().strip() == f"stablecode {__version__}"
+
+
+def test_every_command_registers_under_its_listed_name_and_help():
+    from stablecode.cli import COMMANDS, build_parser
+
+    for command in COMMANDS:
+        parser = build_parser([command.name])
+        action = next(a for a in parser._actions if a.dest == "command")
+        listed = {choice.dest: choice.help for choice in action._choices_actions}
+        assert listed[command.name] == command.help, command.name
+
+
+@pytest.mark.parametrize("argv", [["complete", "x"], ["serve"], ["eval", "lines", "--data", "d"], ["quantize", "--out", "o",
+                                                                                                  "--method", "int8"]])
+def test_model_options_are_the_same_everywhere(argv):
+    from stablecode.cli import build_parser
+
+    args = build_parser(argv).parse_args(argv + ["--model", "m", "--dtype", "bfloat16", "--device", "cpu",
+                                                 "--threads", "3"])
+    assert (args.model, args.dtype, args.device, args.threads) == ("m", "bfloat16", "cpu", 3)
+
+
+def test_stop_escapes_mean_the_same_in_complete_and_eval():
+    from stablecode.cli import build_parser
+
+    argv = ["--stop", "\\n", "--stop", "\\t#", "--stop", "a\\\\nb", "--stop", "\\d"]
+    complete = build_parser(["complete"]).parse_args(["complete", "x", *argv])
+    humaneval = build_parser(["eval"]).parse_args(["eval", "humaneval", "--out", "o", *argv])
+    assert complete.stop == humaneval.stop == ["\n", "\t#", "a\\nb", "\\d"]
+
+
+def test_complete_stops_at_an_escaped_newline(initialised):
+    prompt = "def add(a, b):\n"
+    expected = Completer(initialised).complete(prompt, max_new_tokens=40, stop=["\n"]).text
+    result = run("complete", "--model", initialised, "--max-new-tokens", 40, "--stop", "\\n", prompt)
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout.decode() == expected + "\n" and "\n" not in expected
+
+
+def test_prompt_argument_and_file_together_are_refused(initialised, tmp_path):
+    prompt_file = tmp_path / "p.py"
+    prompt_file.write_text("def f():")
+    assert_one_line_error(run("complete", "--model", initialised, "--file", prompt_file, "x"), "not both")
+
+
+def test_complete_threads(initialised, capsys):
+    assert main(["complete", "--model", str(initialised), "--max-new-tokens", "3", "--threads", "1", "x"]) == 0
+    import torch
+
+    assert torch.get_num_threads() == 1
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    result = run("complete", "--model", initialised, "--threads", "0", "x")
+    assert result.returncode == 2 and "--threads: must be at least 1" in result.stderr.decode()
+
+
+def test_complete_into_a_closed_pipe_exits_quietly(initialised):
+    # `stablecode complete ... | head -c0`: the reader is gone before the first write.
+    read_end, write_end = os.pipe()
+    process = subprocess.Popen([sys.executable, "-m", "stablecode.cli", "complete", "--model", str(initialised),
+                                "--max-new-tokens", "20", "def f():"], stdout=write_end, stderr=subprocess.PIPE,
+                               env=ENV)
+    os.close(write_end)
+    os.close(read_end)
+    stderr = process.communicate(timeout=120)[1].decode()
+    assert process.returncode == 141, stderr
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr and "Exception ignored" not in stderr
+
+
+def test_init_into_an_unwritable_place_is_a_one_line_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert_one_line_error(run("init", "--preset", "tiny", "--out", blocker / "out"), "cannot write the checkpoint")
+    assert blocker.read_text() == "not a directory"

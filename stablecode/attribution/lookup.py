@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from stablecode.attribution.fingerprint import SPACE, bloom_positions, normalise, window_hashes
-from stablecode.attribution.storage import INDEX_DIR_NAME, MANIFEST, AttributionIndexError, open_index
+from stablecode.attribution.storage import (INDEX_DIR_NAME, MANIFEST, AttributionIndexError, open_index,
+                                            require_pyarrow)
 
 # A window found in more places than this is followed to the first ones only (in corpus order):
 # boilerplate such as a licence header would otherwise cost one source decompression per copy.
@@ -73,6 +74,7 @@ def resolve_index_dir(index: str | os.PathLike | None) -> Path:
             raise AttributionIndexError(
                 f"the embedded model's attribution index is not installed at {directory}; build it with "
                 "scripts/nano/build_index.sh, or pass an index built with `stablecode index build`")
+        require_pyarrow()  # installed but unreadable without the extra: the same as not installed to a caller
         return directory
     path = Path(index)
     for candidate in (path, path / INDEX_DIR_NAME, EMBEDDED_MODELS_DIR / str(index) / INDEX_DIR_NAME):

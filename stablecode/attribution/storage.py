@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from stablecode.errors import StablecodeError
+from stablecode.extras import missing_extra_message
 
 FORMAT = "stablecode-attribution-index"
 VERSION = 1
@@ -109,13 +110,23 @@ def read_manifest(directory: Path) -> dict:
     return manifest
 
 
+def require_pyarrow():
+    """(pyarrow, pyarrow.parquet); an AttributionIndexError naming the extra where pyarrow is absent."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise AttributionIndexError(missing_extra_message(e, "attribution", "reading an attribution index")
+                                    or str(e)) from None
+    return pa, pq
+
+
 def open_index(directory: str | os.PathLike, verify: bool = True, in_memory: bool = False) -> IndexData:
     """Open an index, checking every file's size and (with `verify`) its SHA-256 against the manifest.
 
     Files are memory-mapped, or with `in_memory` read whole: a long-running server must not touch
     mapped pages of a file someone rewrites in place (SIGBUS)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    pa, pq = require_pyarrow()
 
     directory = Path(directory)
     manifest = read_manifest(directory)

@@ -7,14 +7,7 @@ import time
 from pathlib import Path
 
 from stablecode.errors import StablecodeError
-
-
-def _model_options(p) -> None:
-    p.add_argument("--model", default=None, help="checkpoint directory or embedded model name "
-                                                 "(default: the embedded stablecode-nano)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default=None, help="cpu (default) or cuda")
-    p.add_argument("--quantize", default=None, choices=["int8", "int4"])
+from stablecode.options import add_model_options, add_stop_option, apply_threads
 
 
 def add_eval_command(subparsers) -> None:
@@ -28,7 +21,7 @@ def add_eval_command(subparsers) -> None:
                     "Under torchrun each rank generates a shard of the problems.")
     h.add_argument("--samples", type=Path, default=None, help="score this samples file (task_id, completion)")
     h.add_argument("--out", type=Path, default=None, help="output directory (generation: required)")
-    _model_options(h)
+    add_model_options(h)
     h.add_argument("--n", "--num-samples", dest="n", type=int, default=1,
                    help="samples per problem (default 1); under torchrun write --num-samples, since torchrun "
                         "takes --n for an abbreviation of its own options")
@@ -37,9 +30,7 @@ def add_eval_command(subparsers) -> None:
     h.add_argument("--top-k", type=int, default=0)
     h.add_argument("--max-length", type=int, default=512, help="tokens, prompt included (default 512)")
     h.add_argument("--seed", type=int, default=0)
-    h.add_argument("--stop", action="append", default=[],
-                   help='an extra stop sequence besides BigCode\'s six (repeatable), e.g. "\\n```" '
-                        '(\\n and \\t are read as newline and tab)')
+    add_stop_option(h, help="an extra stop sequence besides BigCode's six (repeatable), e.g. '\\n```'")
     h.add_argument("--batch-size", type=int, default=16)
     h.add_argument("--limit", type=int, default=None, help="only the first N problems")
     h.add_argument("--tasks", default=None, help="only these task ids, comma-separated (HumanEval/0,...)")
@@ -53,7 +44,7 @@ def add_eval_command(subparsers) -> None:
                                               "(CodeXGLUE line-level), beside a repeat-the-previous-line baseline")
     lines.add_argument("--data", nargs="+", required=True,
                        help="a pack directory (its validation split), a directory of source files, or files")
-    _model_options(lines)
+    add_model_options(lines)
     lines.add_argument("--num-lines", type=int, default=1000)
     lines.add_argument("--seed", type=int, default=0)
     lines.add_argument("--languages", default="python", help="languages taken from a pack directory (default python)")
@@ -71,6 +62,7 @@ def run_humaneval(args) -> None:
     from stablecode.eval.humaneval import (GenerationSettings, format_report, generate_humaneval, load_problems,
                                            score_samples, select_problems)
 
+    apply_threads(args)
     limits = Limits(timeout=args.timeout, memory_bytes=args.memory_mb << 20)
     if args.workers < 1:
         raise StablecodeError(f"--workers must be >= 1, got {args.workers}")
@@ -84,7 +76,7 @@ def run_humaneval(args) -> None:
     if args.out is None:
         raise StablecodeError("give --samples FILE to score, or --out DIR to generate samples there")
     subset = select_problems(problems, args.tasks.split(",") if args.tasks else None, args.limit)
-    stop = tuple(s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop)
+    stop = tuple(args.stop)
     from stablecode.registry import DEFAULT_MODEL
     from stablecode.eval.humaneval import STOP_SEQUENCES
 
@@ -114,6 +106,7 @@ def run_lines(args) -> None:
     languages = tuple(s.strip() for s in args.languages.split(",") if s.strip())
     extensions = tuple(e if e.startswith(".") else f".{e}" for e in (s.strip() for s in args.extensions.split(","))
                        if e)
+    apply_threads(args)
     sources = collect_sources(args.data, languages, extensions)
     completer = Completer(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     report = evaluate_lines(completer.model, completer.tokenizer, sources, num_lines=args.num_lines, seed=args.seed,

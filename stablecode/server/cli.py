@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from stablecode.options import add_model_options, apply_threads
+
 DEFAULT_MAX_CONNECTIONS = 512
 DEFAULT_READ_TIMEOUT = 10.0
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
@@ -14,8 +16,7 @@ WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
 def add_serve_command(subparsers) -> None:
     p = subparsers.add_parser("serve", help="HTTP completion server for editors (TGI, OpenAI and Ollama APIs)")
-    p.add_argument("--model", default=None,
-                   help="checkpoint directory or embedded model name (default: the embedded stablecode-nano)")
+    add_model_options(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=int, default=8080, help="default 8080")
     p.add_argument("--api-key", default=os.environ.get("STABLECODE_API_KEY"),
@@ -27,11 +28,6 @@ def add_serve_command(subparsers) -> None:
                         "(default 1024; 0 turns prefix reuse off)")
     p.add_argument("--speculative", type=int, default=None,
                    help="prompt-lookup tokens verified per step for greedy requests (default 8; 0 turns it off)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="weights dtype (default: as stored)")
-    p.add_argument("--device", default=None, help="cpu (default) or cuda")
-    p.add_argument("--quantize", default=None, choices=["int8", "int4"], help="weight-only quantization")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     index = p.add_mutually_exclusive_group()
     index.add_argument("--index", type=Path, default=None,
                        help="attribution index: adds POST /overlap (llm-vscode's code attribution) and the completion "
@@ -78,16 +74,10 @@ def run_serve(args) -> None:
 
 
 def _serve(args, sock, protocol_options: dict) -> None:
-    from stablecode.errors import StablecodeError
     from stablecode.server import http
     from stablecode.server.app import create_app
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise StablecodeError(f"--threads must be >= 1, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     attributor = serving_attributor(args.model, args.index, args.no_index, args.index_mmap)
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
