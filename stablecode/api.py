@@ -32,7 +32,7 @@ class Completer:
                  max_batch: int = 8, prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB, speculative: bool | int = True):
         self.model_dir = resolve_model_dir(model)
         self.model = load_model(self.model_dir, dtype=dtype, device=device, quantize=quantize, progress=progress)
-        self.tokenizer = load_tokenizer(self.model_dir)
+        self.tokenizer = load_tokenizer(self.model_dir, vocab_size=self.model.config.vocab_size)
         self.config = self.model.config
         self.device = self.model.device
         self.engine = Engine(self.model, max_batch=max_batch, prefix_cache_mb=prefix_cache_mb,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -18,11 +19,11 @@ from safetensors.torch import save_file
 
 from stablecode.atomic import staged_directory
 from stablecode.config import ModelConfig
-from stablecode.errors import CheckpointError, ConfigError
+from stablecode.errors import CheckpointError, CheckpointWarning, ConfigError
 from stablecode.model import GPTNeoX
 from stablecode.quantize import (DEFAULT_GROUP_SIZE, check_method, prepare_quantized, quantize_model,
                                  use_bf16_kernels)
-from stablecode.registry import resolve_model_dir
+from stablecode.registry import require_regular_file, resolve_model_dir
 
 # Buffers that old GPT-NeoX checkpoints carry and we recompute (or never need).
 IGNORED_SUFFIXES = ("attention.bias", "attention.masked_bias", "attention.rotary_emb.inv_freq")
@@ -65,25 +66,47 @@ def check_device_dtype(device: torch.device, dtype: torch.dtype | None) -> None:
 
 # ---- reading tensors -------------------------------------------------------------------------
 
+def _shard_name(index: Path, name) -> str:
+    """A shard file name from an index's weight_map, refused unless it names a file inside the directory."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise CheckpointError(f"{index}: weight_map holds {name!r}, which is not a file name")
+    parts = Path(name).parts
+    if Path(name).is_absolute() or ".." in parts:
+        raise CheckpointError(f"{index}: weight_map names {name!r}, outside the checkpoint directory")
+    return name
+
+
 def _weight_files(directory: Path) -> tuple[str, list[Path]]:
     for index_name, kind in (("model.safetensors.index.json", "safetensors"), ("pytorch_model.bin.index.json", "bin")):
         index = directory / index_name
         if index.exists():
+            require_regular_file(index)
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index}: not a valid shard index ({e})") from None
-            files = sorted({directory / name for name in weight_map.values()})
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index}: weight_map should be a non-empty object of tensor name -> file")
+            files = sorted({directory / _shard_name(index, name) for name in weight_map.values()})
             missing = [str(f) for f in files if not f.exists()]
             if missing:
                 raise CheckpointError(f"{index} names shard files that do not exist: {', '.join(missing)}")
-            return kind, files
-    if (directory / "model.safetensors").exists():
-        return "safetensors", [directory / "model.safetensors"]
-    if (directory / "pytorch_model.bin").exists():
-        return "bin", [directory / "pytorch_model.bin"]
+            return kind, [require_regular_file(f) for f in files]
+    for name, kind in (("model.safetensors", "safetensors"), ("pytorch_model.bin", "bin")):
+        if (directory / name).exists():
+            return kind, [require_regular_file(directory / name)]
     raise CheckpointError(f"{directory}: no weights found (expected model.safetensors, "
                           "model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json)")
+
+
+def _check_size(directory: Path, config: ModelConfig, files: list[Path], quantization: dict | None) -> None:
+    """Refuse a config.json that describes far more parameters than the weight files can hold, before
+    building anything: a crafted `num_hidden_layers: 1000000000` would otherwise hang or exhaust memory."""
+    min_bytes = {"int4": 0.5, "int8": 1.0}.get((quantization or {}).get("method"), 2.0)
+    stored = sum(f.stat().st_size for f in files)
+    if config.num_parameters * min_bytes > 1.05 * stored + (1 << 20):
+        raise CheckpointError(f"{directory}: config.json describes {config.num_parameters:,} parameters, but the "
+                              f"weight files hold only {stored:,} bytes; config.json does not belong to these weights")
 
 
 def _load_weights_only(file: Path):
@@ -131,6 +154,7 @@ def load_config(directory: str | os.PathLike) -> ModelConfig:
     directory = Path(directory)
     if not (directory / "config.json").exists():
         raise CheckpointError(f"{directory}: config.json not found")
+    require_regular_file(directory / "config.json")
     try:
         return ModelConfig.from_json_file(directory / "config.json")
     except ConfigError as e:
@@ -150,9 +174,10 @@ def load_model(path: str | os.PathLike | None = None, dtype: str | torch.dtype |
     dtype = parse_dtype(dtype)
     check_device_dtype(device, dtype)  # refuse before reading gigabytes
 
+    stored_quantization = read_quantization(directory)
+    _check_size(directory, config, _weight_files(directory)[1], stored_quantization)
     with torch.device("meta"):
         model = GPTNeoX(config)
-    stored_quantization = read_quantization(directory)
     if stored_quantization is not None:  # saved quantized: load as it is, never re-quantize
         if quantize and quantize != stored_quantization["method"]:
             raise CheckpointError(f"{directory} holds {stored_quantization['method']} weights; "
@@ -173,6 +198,7 @@ def load_model(path: str | os.PathLike | None = None, dtype: str | torch.dtype |
     unexpected: list[str] = []
     mismatched: list[str] = []
     stored_dtype = None
+    not_finite: list[str] = []
     tensors = iter_checkpoint_tensors(directory)
     if progress:
         from tqdm import tqdm
@@ -190,8 +216,14 @@ def load_model(path: str | os.PathLike | None = None, dtype: str | torch.dtype |
         if tuple(tensor.shape) != tuple(expected[name].shape):
             mismatched.append(f"{name}: expected {tuple(expected[name].shape)}, found {tuple(tensor.shape)}")
             continue
-        if stored_dtype is None and tensor.is_floating_point():
-            stored_dtype = tensor.dtype
+        if name in parameter_names:
+            if not tensor.is_floating_point():
+                raise CheckpointError(f"{directory}: tensor {name} is {tensor.dtype}, where a float weight belongs "
+                                      "(integer weights load only from a quantized checkpoint)")
+            if stored_dtype is None:
+                stored_dtype = tensor.dtype
+            if not torch.isfinite(tensor).all():
+                not_finite.append(name)
         target = dtype or (tensor.dtype if tensor.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32)
         converted = tensor.to(device=device, dtype=target if name in parameter_names else None)
         # Never let the file's mapped pages back the model: a file rewritten in place while a server
@@ -209,6 +241,10 @@ def load_model(path: str | os.PathLike | None = None, dtype: str | torch.dtype |
         if mismatched:
             problems.append("shape mismatches: " + "; ".join(mismatched[:20]))
         raise CheckpointError(f"{directory}: checkpoint does not match config.json: " + " | ".join(problems))
+    if not_finite:
+        warnings.warn(f"{directory}: {len(not_finite)} weight tensors hold NaN or Inf values "
+                      f"({', '.join(not_finite[:3])}{' ...' if len(not_finite) > 3 else ''}); "
+                      "the model's output will be meaningless", CheckpointWarning, stacklevel=2)
     final_dtype = loaded["gpt_neox.embed_in.weight"].dtype
     check_device_dtype(device, final_dtype)
 
@@ -246,11 +282,16 @@ def save_checkpoint(model: GPTNeoX, directory: str | os.PathLike, max_shard_size
     directory = Path(directory)
     with staged_directory(directory) as staging:
         state = hf_state_dict(model)
-        if dtype is not None:
-            state = {k: v.to(dtype) for k, v in state.items()}
+        if dtype is not None:  # floats only: quantized weights and their scales keep their formats
+            buffers = {name for name, _ in model.named_buffers()}
+            state = {k: v.to(dtype) if v.is_floating_point() and k not in buffers else v for k, v in state.items()}
         state = {k: v.cpu() for k, v in state.items()}
         config = model.config.to_hf_dict()
-        config["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+        config["torch_dtype"] = str(model.gpt_neox.embed_in.weight.dtype if dtype is None else dtype
+                                    ).removeprefix("torch.")
+        quantization = getattr(model, "quantization", None)
+        if quantization is not None:
+            config["quantization_config"] = quantization_config(quantization)
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         metadata = {"format": "pt"}
         if max_shard_size is None:
@@ -281,25 +322,51 @@ def save_checkpoint(model: GPTNeoX, directory: str | os.PathLike, max_shard_size
 
 
 # ---- quantized checkpoints -------------------------------------------------------------------
+#
+# A quantized checkpoint is the usual directory; config.json's `quantization_config` says how its
+# projections are stored. It deliberately has no `quant_method`: transformers then refuses to load
+# the directory instead of reading the int8 values as float weights (checked by the tests).
+
+def quantization_config(spec: dict) -> dict:
+    return {"stablecode_method": spec["method"], **({"group_size": spec["group_size"]} if "group_size" in spec else {}),
+            "format": "weight-only quantization of stablecode (stablecode.load_model reads it; transformers cannot)"}
+
+
+def _quantization_spec(source: Path, method, group_size) -> dict:
+    try:
+        check_method(method)
+        group_size = int(group_size if group_size is not None else DEFAULT_GROUP_SIZE)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: not a valid quantization description ({e})") from None
+    return {"method": method, **({"group_size": group_size} if method == "int4" else {})}
+
 
 def read_quantization(directory: str | os.PathLike) -> dict | None:
     """The quantization a checkpoint directory was saved with, or None for a float checkpoint."""
-    path = Path(directory) / QUANTIZATION_FILE
+    directory = Path(directory)
+    try:
+        hf = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        hf = {}
+    block = hf.get("quantization_config") if isinstance(hf, dict) else None
+    if block is not None:
+        if not isinstance(block, dict) or "stablecode_method" not in block:
+            method = block.get("quant_method") if isinstance(block, dict) else block
+            raise CheckpointError(f"{directory}: quantized by another tool (quant_method {method!r}); stablecode "
+                                  "loads float checkpoints and its own int8/int4 ones")
+        return _quantization_spec(directory / "config.json", block["stablecode_method"], block.get("group_size"))
+    path = directory / QUANTIZATION_FILE  # written by earlier versions, beside an unmarked config.json
     if not path.exists():
         return None
     try:
-        spec = json.loads(path.read_text())
-        check_method(spec["method"])
-        group_size = int(spec.get("group_size", DEFAULT_GROUP_SIZE))
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        spec = json.loads(require_regular_file(path).read_text())
+        return _quantization_spec(path, spec["method"], spec.get("group_size"))
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: not a valid quantization description ({e})") from None
-    return {"method": spec["method"], **({"group_size": group_size} if spec["method"] == "int4" else {})}
 
 
 def save_quantized(model: GPTNeoX, directory: str | os.PathLike, tokenizer_file=None, max_shard_size=None) -> Path:
     """Write a quantized model as a checkpoint directory that loads without re-quantizing."""
-    spec = getattr(model, "quantization", None)
-    if spec is None:
+    if getattr(model, "quantization", None) is None:
         raise ValueError("the model is not quantized: call quantize_model() first")
-    return save_checkpoint(model, directory, max_shard_size=max_shard_size, tokenizer_file=tokenizer_file,
-                           extra_files={QUANTIZATION_FILE: (json.dumps(spec, indent=2) + "\n").encode()})
+    return save_checkpoint(model, directory, max_shard_size=max_shard_size, tokenizer_file=tokenizer_file)

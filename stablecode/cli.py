@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
 
 from stablecode import __version__
-from stablecode.errors import StablecodeError
+from stablecode.errors import StablecodeError, StablecodeWarning
 from stablecode.extras import missing_extra_message
 from stablecode.options import DTYPE_CHOICES, QUANTIZE_CHOICES, add_model_options, add_stop_option, apply_threads
 
@@ -239,8 +240,21 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warnings() -> None:
+    """Our own warnings as `stablecode: warning: ...`, without the source line Python adds."""
+    default = warnings.formatwarning
+
+    def format(message, category, filename, lineno, line=None):
+        if issubclass(category, StablecodeWarning):
+            return f"stablecode: warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    warnings.formatwarning = format
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    _one_line_warnings()
     try:
         args = build_parser(argv).parse_args(argv)
         args.func(args)

@@ -11,6 +11,11 @@ from stablecode.atomic import atomic_write_text
 from stablecode.errors import ConfigError
 
 
+# Upper bounds, far above any real model of this family (the 3B: 49,152 / 2,560 / 32 / 32 / 10,240 /
+# 4,096), checked before anything is allocated: a crafted config.json must fail with a message,
+# not by allocating gigabytes (rotary tables grow with the positions) or building 10^9 layers.
+LIMITS = {"vocab_size": 1 << 21, "hidden_size": 1 << 16, "num_layers": 1 << 10, "num_heads": 1 << 12,
+          "intermediate_size": 1 << 18, "max_position_embeddings": 1 << 20}
 # config.json keys whose values must be > 0.
 POSITIVE_KEYS = frozenset({"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                            "intermediate_size", "max_position_embeddings", "layer_norm_eps"})
@@ -46,6 +51,9 @@ class ModelConfig:
                      "max_position_embeddings"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+            if getattr(self, name) > LIMITS[name]:
+                raise ConfigError(f"{name} {getattr(self, name):,} is beyond any model of this family "
+                                  f"(stablecode accepts at most {LIMITS[name]:,})")
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")

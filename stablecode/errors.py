@@ -15,3 +15,11 @@ class CheckpointError(StablecodeError):
 
 class TokenizerError(StablecodeError):
     """A missing or unreadable tokenizer."""
+
+
+class StablecodeWarning(UserWarning):
+    """Something the user should know that does not stop the work (the CLI prints it as one line)."""
+
+
+class CheckpointWarning(StablecodeWarning):
+    """A checkpoint that loads but holds something suspicious (NaN or Inf weights)."""

@@ -8,7 +8,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 
 from stablecode.errors import TokenizerError
-from stablecode.registry import resolve_model_dir
+from stablecode.registry import require_regular_file, resolve_model_dir
 
 EOS_TOKEN = "<|endoftext|>"
 
@@ -32,6 +32,7 @@ class Tokenizer:
             path = path / "tokenizer.json"
         if not path.exists():
             raise TokenizerError(f"{path}: tokenizer.json not found (it must sit next to the weights)")
+        require_regular_file(path, TokenizerError)
         try:
             return cls(HFTokenizer.from_file(str(path)), source=str(path))
         except Exception as e:  # the Rust library raises a plain Exception for bad JSON
@@ -53,11 +54,18 @@ class Tokenizer:
         return self.vocab_size
 
 
-def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
-    """The tokenizer of a checkpoint directory, a tokenizer.json file, or an embedded model name."""
+def load_tokenizer(path: str | os.PathLike | None = None, vocab_size: int | None = None) -> Tokenizer:
+    """The tokenizer of a checkpoint directory, a tokenizer.json file, a cached Hub id or an embedded
+    model name. With `vocab_size` (the model's), a tokenizer that can produce ids the model has no
+    embedding for is refused here, not by an IndexError in the middle of a request."""
     if path is not None and Path(path).is_file():
-        return Tokenizer.from_file(path)
-    return Tokenizer.from_file(resolve_model_dir(path))
+        tokenizer = Tokenizer.from_file(path)
+    else:
+        tokenizer = Tokenizer.from_file(resolve_model_dir(path))
+    if vocab_size is not None and tokenizer.vocab_size > vocab_size:
+        raise TokenizerError(f"{tokenizer.source}: the tokenizer has {tokenizer.vocab_size:,} tokens but the model's "
+                             f"vocabulary is {vocab_size:,}; they do not belong together")
+    return tokenizer
 
 
 class IncrementalDecoder:

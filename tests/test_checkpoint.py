@@ -286,3 +286,161 @@ def test_embedded_default_model_missing_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(registry, "EMBEDDED_MODELS_DIR", tmp_path)
     monkeypatch.chdir(tmp_path)
     assert "--model DIR" in error_of(None)
+
+
+# ---- hostile checkpoints: refused before anything is allocated, never a hang ------------------
+
+def edit_config(directory: Path, **changes) -> None:
+    config = json.loads((directory / "config.json").read_text())
+    config.update(changes)
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("key", ["max_position_embeddings", "num_hidden_layers", "vocab_size", "hidden_size",
+                                 "intermediate_size"])
+def test_absurd_sizes_are_refused_before_allocating(tmp_path, saved, key):
+    target = copy_of(saved, tmp_path)
+    edit_config(target, **{key: 1_000_000_000})
+    assert "1,000,000,000 is beyond any model of this family" in error_of(target)
+
+
+@pytest.mark.timeout(60)
+def test_a_config_far_larger_than_its_weights_is_refused(tmp_path, saved):
+    target = copy_of(saved, tmp_path)
+    edit_config(target, num_hidden_layers=1000, hidden_size=4096, num_attention_heads=32)  # within the limits
+    message = error_of(target)
+    assert "describes" in message and "parameters" in message and "does not belong to these weights" in message
+
+
+def test_nan_and_inf_weights_warn(tmp_path):
+    model = random_model()
+    with torch.no_grad():
+        model.gpt_neox.layers[1].mlp.dense_h_to_4h.weight[3, 5] = float("nan")
+        model.embed_out.weight[0, 0] = float("inf")
+    save_checkpoint(model, tmp_path / "m")
+    with pytest.warns(UserWarning, match=r"2 weight tensors hold NaN or Inf values \(.*dense_h_to_4h"):
+        load_model(tmp_path / "m")
+
+
+def test_nan_warning_is_one_line_on_the_command_line(tmp_path, byte_tokenizer_file):
+    import subprocess
+    import sys
+
+    model = random_model(ModelConfig.from_preset("tiny"))
+    with torch.no_grad():
+        model.embed_out.weight[0, 0] = float("nan")
+    save_checkpoint(model, tmp_path / "m", tokenizer_file=byte_tokenizer_file)
+    result = subprocess.run([sys.executable, "-m", "stablecode.cli", "complete", "--model", str(tmp_path / "m"),
+                             "--max-new-tokens", "2", "x"], capture_output=True, text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("stablecode: warning:") and "NaN or Inf" in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int8, torch.bool])
+def test_integer_or_bool_weights_are_refused_in_a_float_checkpoint(tmp_path, saved, dtype):
+    target = copy_of(saved, tmp_path)
+    state = load_file(target / "model.safetensors")
+    name = "gpt_neox.layers.0.attention.dense.weight"
+    state[name] = (state[name] * 100).to(dtype)
+    save_file(state, str(target / "model.safetensors"))
+    message = error_of(target)
+    assert name in message and str(dtype).removeprefix("torch.") in message and "quantized" in message
+
+
+@pytest.mark.parametrize("weight_map, fragment", [
+    ({"embed_out.weight": "../outside.safetensors"}, "outside the checkpoint directory"),
+    ({"embed_out.weight": "/etc/passwd"}, "outside the checkpoint directory"),
+    ({"embed_out.weight": 7}, "not a file name"),
+    ([], "weight_map should be a non-empty object"),
+    ({"embed_out.weight": "absent.safetensors"}, "names shard files that do not exist"),
+])
+def test_crafted_shard_indexes_are_clear_errors(tmp_path, saved, weight_map, fragment):
+    target = copy_of(saved, tmp_path)
+    (tmp_path / "outside.safetensors").write_bytes((target / "model.safetensors").read_bytes())
+    (target / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert fragment in error_of(target)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors", "tokenizer.json", "model.safetensors.index.json"])
+def test_a_fifo_in_the_model_directory_is_an_error_not_a_hang(tmp_path, saved, byte_tokenizer_file, name):
+    import os
+
+    from stablecode import load_tokenizer
+    from stablecode.errors import TokenizerError
+
+    target = copy_of(saved, tmp_path)
+    shutil.copyfile(byte_tokenizer_file, target / "tokenizer.json")
+    (target / name).unlink(missing_ok=True)
+    os.mkfifo(target / name)
+    if name == "tokenizer.json":
+        with pytest.raises(TokenizerError, match="FIFO"):
+            load_tokenizer(target)
+    else:
+        assert "FIFO" in error_of(target)
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused_at_load(tmp_path, saved, byte_tokenizer_file):
+    from stablecode import Completer
+    from stablecode.errors import TokenizerError
+
+    from stablecode import load_tokenizer
+
+    target = copy_of(saved, tmp_path)  # vocabulary 320; the byte tokenizer has more tokens
+    shutil.copyfile(byte_tokenizer_file, target / "tokenizer.json")
+    size = load_tokenizer(target).vocab_size
+    assert size > 320
+    with pytest.raises(TokenizerError, match=f"{size} tokens but the model's vocabulary is 320"):
+        Completer(target)
+
+
+# ---- the released weights, from the local Hugging Face cache ----------------------------------
+
+def fake_hub_cache(root: Path, repo_id: str, checkpoint: Path, revision: str = "0123456789abcdef") -> Path:
+    """The layout `hf download` leaves: blobs by hash, snapshots/<commit>/ of symlinks to them, refs/main."""
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    for i, file in enumerate(sorted(checkpoint.iterdir())):
+        blob = repo / "blobs" / f"blob{i:04d}"
+        shutil.copyfile(file, blob)
+        (snapshot / file.name).symlink_to(Path("../../blobs") / blob.name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    return snapshot
+
+
+def test_a_hub_id_in_the_local_cache_loads_offline(tmp_path, monkeypatch, tiny_checkpoint):
+    from stablecode import Completer, load_tokenizer
+    from stablecode.registry import RELEASED_MODEL, resolve_model_dir
+
+    hub = pytest.importorskip("huggingface_hub")
+    cache = tmp_path / "hub"
+    snapshot = fake_hub_cache(cache, RELEASED_MODEL, tiny_checkpoint)
+    # The real client sees a valid cache entry there, as after `hf download`.
+    assert hub.try_to_load_from_cache(RELEASED_MODEL, "config.json", cache_dir=cache) == str(snapshot / "config.json")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve_model_dir(RELEASED_MODEL) == snapshot
+    model = load_model(RELEASED_MODEL)
+    reference = load_model(tiny_checkpoint)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.equal(model(ids), reference(ids))
+    assert load_tokenizer(RELEASED_MODEL).vocab_size == load_tokenizer(tiny_checkpoint).vocab_size
+    assert Completer(RELEASED_MODEL).complete("def f():", max_new_tokens=4).text == \
+        Completer(tiny_checkpoint).complete("def f():", max_new_tokens=4).text
+    # HF_HOME/hub is the default cache location when HF_HUB_CACHE is not set.
+    monkeypatch.delenv("HF_HUB_CACHE")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    shutil.copytree(cache, tmp_path / "home" / "hub", symlinks=True)
+    assert resolve_model_dir(RELEASED_MODEL) == tmp_path / "home" / "hub" / snapshot.relative_to(cache)
+
+
+def test_a_hub_id_not_in_the_cache_says_how_to_download_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    message = error_of("stabilityai/stablecode-completion-alpha-3b-4k")
+    assert "not in the Hugging Face cache" in message
+    assert "hf download stabilityai/stablecode-completion-alpha-3b-4k" in message

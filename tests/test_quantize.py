@@ -136,7 +136,7 @@ def test_tied_head_stays_float():
 def test_quantized_checkpoint_loads_without_requantizing(tmp_path, byte_tokenizer_file, method):
     model = Q.quantize_model(random_model(), method, group_size=32)
     save_quantized(model, tmp_path / "q", tokenizer_file=byte_tokenizer_file)
-    assert json.loads((tmp_path / "q" / "quantization.json").read_text())["method"] == method
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["stablecode_method"] == method
 
     loaded = load_model(tmp_path / "q")
     assert loaded.quantization == model.quantization
@@ -162,11 +162,56 @@ def test_quantized_checkpoint_with_bf16_floats(tmp_path):
     assert torch.equal(loaded.embed_out.weight, model.embed_out.weight)
 
 
-def test_corrupt_quantization_file_is_a_clear_error(tmp_path):
+def edit_config(directory, change) -> None:
+    config = json.loads((directory / "config.json").read_text())
+    change(config)
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+def test_corrupt_quantization_description_is_a_clear_error(tmp_path):
     save_quantized(Q.quantize_model(random_model(), "int8"), tmp_path / "q")
+    edit_config(tmp_path / "q", lambda c: c["quantization_config"].update(stablecode_method="int3"))
+    with pytest.raises(CheckpointError, match="quantization"):
+        load_model(tmp_path / "q")
+
+
+def test_another_tools_quantization_is_refused(tmp_path):
+    save_quantized(Q.quantize_model(random_model(), "int8"), tmp_path / "q")
+    edit_config(tmp_path / "q", lambda c: c.update(quantization_config={"quant_method": "gptq", "bits": 4}))
+    with pytest.raises(CheckpointError, match="another tool.*gptq"):
+        load_model(tmp_path / "q")
+
+
+def test_checkpoints_of_earlier_versions_with_quantization_json_still_load(tmp_path):
+    model = Q.quantize_model(random_model(), "int4", group_size=32)
+    save_quantized(model, tmp_path / "q")
+    edit_config(tmp_path / "q", lambda c: c.pop("quantization_config"))
+    (tmp_path / "q" / "quantization.json").write_text('{"method": "int4", "group_size": 32}')
+    assert load_model(tmp_path / "q").quantization == {"method": "int4", "group_size": 32}
     (tmp_path / "q" / "quantization.json").write_text('{"method": "int3"}')
     with pytest.raises(CheckpointError, match="quantization"):
         load_model(tmp_path / "q")
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_transformers_refuses_a_quantized_checkpoint(tmp_path, method):
+    """Read as a float checkpoint, int8 values would be weights of magnitude ~100: nonsense, silently."""
+    transformers = pytest.importorskip("transformers")
+    save_quantized(Q.quantize_model(random_model(), method, group_size=32), tmp_path / "q")
+    for loader in (transformers.GPTNeoXForCausalLM, transformers.AutoModelForCausalLM):
+        with pytest.raises(ValueError, match="quant"):
+            loader.from_pretrained(tmp_path / "q")
+
+
+def test_save_checkpoint_of_a_quantized_model_keeps_its_format(tmp_path):
+    from stablecode import save_checkpoint
+
+    model = Q.quantize_model(random_model(), "int8")
+    save_checkpoint(model, tmp_path / "q", dtype=torch.bfloat16)  # floats to bf16; int8 weights and scales kept
+    loaded = load_model(tmp_path / "q")
+    assert loaded.quantization == {"method": "int8"}
+    assert torch.equal(loaded.embed_out.weight, model.embed_out.weight) and loaded.embed_out.scale.dtype == torch.float32
+    assert loaded.gpt_neox.embed_in.weight.dtype == torch.bfloat16
 
 
 def test_load_model_quantize_option(tiny_checkpoint):

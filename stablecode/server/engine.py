@@ -75,7 +75,7 @@ class Engine:
                  attributor=None, prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB, speculative: bool | int = True):
         self.model_dir = resolve_model_dir(model)
         self.config = load_config(self.model_dir)
-        self.tokenizer = load_tokenizer(self.model_dir)
+        self.tokenizer = load_tokenizer(self.model_dir, vocab_size=self.config.vocab_size)
         self.model_id = self.model_dir.name
         self.context_length = self.config.max_position_embeddings
         self.limits = limits.resolved(self.context_length)
