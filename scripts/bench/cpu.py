@@ -1,9 +1,14 @@
 #!/usr/bin/env python
-"""CPU inference benchmark: our bf16 / int8 / int4 engines next to transformers and CTranslate2.
+"""CPU inference benchmark: our bf16 / int8 / int4 engines next to transformers, CTranslate2 and llama.cpp.
 
 One run, one machine, the same prompt and thread count for every engine. Each engine runs in its
-own subprocess (one model in memory at a time; peak RSS read from ru_maxrss), in this order:
-cold load time (weights in the page cache), prefill of the prompt, then greedy decode tok/s.
+own subprocess (one model in memory at a time; peak RSS from VmHWM), in this order: cold load
+time (weights in the page cache), prefill of each --prefill-tokens length (ours in the engine's
+chunks of PREFILL_CHUNK tokens), then greedy decode tok/s after --prompt-tokens of context.
+Before the engines: the machine's measured peaks (fp32/bf16 GEMM, our int8 prompt GEMM, plain
+streaming read), against which prompt GOP/s and decode GB/s are reported.
+llama.cpp (--llamacpp DIR with build/bin/llama-bench and model-{q8_0,q4_0,bf16}.gguf, made by
+scripts/bench/llamacpp.sh) runs through llama-bench with the same lengths and threads.
 Also: prefix-reuse time to first token (TTFT) for a long prompt and one-keystroke edits, and
 prompt-lookup speculative decoding on real code (CPython stdlib files).
 
@@ -29,8 +34,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-TOKENIZER = ROOT.parent / "shared" / "tokenizers" / "starcoder-49k" / "tokenizer.json"
-ENGINES = ["ours-bf16", "ours-int8", "ours-int4", "torch-int8", "torch-int4", "transformers-bf16", "ct2-int8"]
+# ../shared beside the checkout (a worktree under /work/wt/<name> finds it one level further up).
+TOKENIZER = next((p / "shared" / "tokenizers" / "starcoder-49k" / "tokenizer.json" for p in (ROOT.parent, ROOT.parent.parent)
+                  if (p / "shared" / "tokenizers" / "starcoder-49k" / "tokenizer.json").exists()),
+                 ROOT.parent / "shared" / "tokenizers" / "starcoder-49k" / "tokenizer.json")
+ENGINES = ["ours-bf16", "ours-int8", "ours-int4", "ours-int8-float", "torch-int8", "torch-int4", "transformers-bf16",
+           "ct2-int8", "llamacpp-q8_0", "llamacpp-q4_0", "llamacpp-bf16"]
 
 
 # ---- helpers used by the workers ---------------------------------------------------------------
@@ -73,8 +82,8 @@ def stdlib_code(chars: int, skip: int = 0) -> str:
     return text[:chars]
 
 
-def warm_page_cache(directory: Path) -> None:
-    for file in directory.iterdir():
+def warm_page_cache(path: Path) -> None:
+    for file in (path.iterdir() if path.is_dir() else [path]):
         if file.is_file():
             with open(file, "rb") as f:
                 while f.read(64 << 20):
@@ -83,24 +92,38 @@ def warm_page_cache(directory: Path) -> None:
 
 # ---- workers (one engine each, in its own process) ---------------------------------------------
 
+def prefill_lengths(args) -> list[int]:
+    """The prefill lengths, longest first, ending with --prompt-tokens (decode continues after it)."""
+    lengths = sorted({int(t) for t in args.prefill_tokens.split(",")} - {args.prompt_tokens}, reverse=True)
+    return lengths + [args.prompt_tokens]
+
+
 def worker_ours(args) -> dict:
     import torch
 
     from stablecode import load_model
+    from stablecode import quantize as Q
+    from stablecode.inference.engine import PREFILL_CHUNK
     from stablecode.kv_cache import KVCache
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     model = load_model(args.model)
     load_s = time.perf_counter() - start
-    ids = prompt_ids(args.prompt_tokens, model.config.vocab_size)
-    decode = []
+    if args.prompt_precision:
+        Q.set_prompt_precision(model, args.prompt_precision)
+    lengths = prefill_lengths(args)
+    ids = prompt_ids(max(lengths), model.config.vocab_size)
+    prefill, decode = {}, []
     with torch.inference_mode():
-        cache = KVCache.for_model(model, 1, args.prompt_tokens + args.new_tokens)
-        start = time.perf_counter()
-        last = torch.tensor([[len(ids) - 1]])
-        logits = model(torch.tensor([ids]), cache=cache, input_pos=0, logit_positions=last)[0, -1]
-        prefill_s = time.perf_counter() - start
+        cache = KVCache.for_model(model, 1, max(lengths) + args.new_tokens)
+        for length in lengths:  # in the engine's chunks, as a long prompt runs there
+            start = time.perf_counter()
+            for begin in range(0, length, PREFILL_CHUNK):
+                chunk = ids[begin:min(begin + PREFILL_CHUNK, length)]
+                last = torch.tensor([[len(chunk) - 1]])
+                logits = model(torch.tensor([chunk]), cache=cache, input_pos=begin, logit_positions=last)[0, -1]
+            prefill[length] = time.perf_counter() - start
         first = int(logits.argmax())
         for _ in range(args.repeats):  # each repeat decodes again from the cached prompt
             token = first
@@ -109,8 +132,9 @@ def worker_ours(args) -> dict:
                 logits = model(torch.tensor([[token]]), cache=cache, input_pos=args.prompt_tokens + step)[0, -1]
                 token = int(logits.argmax())
             decode.append((args.new_tokens - 1) / (time.perf_counter() - start))
-    return dict(load_s=load_s, prefill_s=prefill_s, decode_tok_s=statistics.median(decode),
-                peak_rss=peak_rss_bytes(), weight_bytes=weight_bytes(Path(args.model)))
+    return dict(load_s=load_s, prefill_s=prefill, decode_tok_s=statistics.median(decode),
+                peak_rss=peak_rss_bytes(), weight_bytes=weight_bytes(Path(args.model)),
+                kv_bytes=2 * cache.k.numel() * cache.k.element_size())
 
 
 def worker_transformers(args) -> dict:
@@ -121,12 +145,14 @@ def worker_transformers(args) -> dict:
     start = time.perf_counter()
     model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).eval()
     load_s = time.perf_counter() - start
-    ids = prompt_ids(args.prompt_tokens, model.config.vocab_size)
-    decode = []
+    lengths = prefill_lengths(args)
+    ids = prompt_ids(max(lengths), model.config.vocab_size)
+    prefill, decode = {}, []
     with torch.inference_mode():
-        start = time.perf_counter()
-        out = model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
-        prefill_s = time.perf_counter() - start
+        for length in lengths:
+            start = time.perf_counter()
+            out = model(torch.tensor([ids[:length]]), use_cache=True, logits_to_keep=1)
+            prefill[length] = time.perf_counter() - start
         prompt_cache, first = out.past_key_values, int(out.logits[0, -1].argmax())
         for _ in range(args.repeats):  # each repeat decodes again from a copy of the prompt's cache
             cache, token = copy.deepcopy(prompt_cache), first
@@ -135,7 +161,7 @@ def worker_transformers(args) -> dict:
                 out = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True)
                 cache, token = out.past_key_values, int(out.logits[0, -1].argmax())
             decode.append((args.new_tokens - 1) / (time.perf_counter() - start))
-    return dict(load_s=load_s, prefill_s=prefill_s, decode_tok_s=statistics.median(decode),
+    return dict(load_s=load_s, prefill_s=prefill, decode_tok_s=statistics.median(decode),
                 peak_rss=peak_rss_bytes(), weight_bytes=weight_bytes(Path(args.source)))
 
 
@@ -147,19 +173,42 @@ def worker_ct2(args) -> dict:
                                       inter_threads=1)
     load_s = time.perf_counter() - start
     vocabulary = json.loads((Path(args.model) / "vocabulary.json").read_text())
-    tokens = [vocabulary[i] for i in prompt_ids(args.prompt_tokens, len(vocabulary))]
-    prefill, decode = [], []
-    for _ in range(args.repeats):
+    lengths = prefill_lengths(args)
+    tokens = [vocabulary[i] for i in prompt_ids(max(lengths), len(vocabulary))]
+    prefill, decode = {}, []
+    for length in lengths:  # time to the first generated token
         start = time.perf_counter()
-        steps = generator.generate_tokens(tokens, max_length=args.new_tokens, min_length=args.new_tokens,
-                                          sampling_topk=1)
+        next(generator.generate_tokens(tokens[:length], max_length=1, sampling_topk=1))
+        prefill[length] = time.perf_counter() - start
+    for _ in range(args.repeats):
+        steps = generator.generate_tokens(tokens[:args.prompt_tokens], max_length=args.new_tokens,
+                                          min_length=args.new_tokens, sampling_topk=1)
         next(steps)
         first = time.perf_counter()
         count = sum(1 for _ in steps)
         decode.append(count / (time.perf_counter() - first))
-        prefill.append(first - start)
-    return dict(load_s=load_s, prefill_s=statistics.median(prefill), decode_tok_s=statistics.median(decode),
+    return dict(load_s=load_s, prefill_s=prefill, decode_tok_s=statistics.median(decode),
                 peak_rss=peak_rss_bytes(), weight_bytes=weight_bytes(Path(args.model)))
+
+
+def worker_llamacpp(args) -> dict:
+    """llama-bench on one gguf file: prompt processing at each length, then decode after --prompt-tokens."""
+    model = Path(args.model)
+    bench = Path(args.llamacpp) / "src" / "build" / "bin" / "llama-bench"
+    lengths = prefill_lengths(args)
+
+    def run_bench(*options) -> list[dict]:
+        command = [str(bench), "-m", str(model), "-t", str(args.threads), "-r", str(args.repeats), "-o", "json",
+                   *options]
+        print("$", " ".join(command), file=sys.stderr, flush=True)
+        return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+
+    prefill = {}
+    for row in run_bench("-p", ",".join(str(n) for n in lengths), "-n", "0"):
+        prefill[int(row["n_prompt"])] = row["n_prompt"] / row["avg_ts"]
+    decode = run_bench("-p", "0", "-n", str(args.new_tokens), "-d", str(args.prompt_tokens))[0]["avg_ts"]
+    return dict(load_s=float("nan"), prefill_s=prefill, decode_tok_s=decode, peak_rss=None,
+                weight_bytes=model.stat().st_size)
 
 
 def worker_prefix(args) -> dict:
@@ -242,6 +291,7 @@ def convert_ct2(args) -> None:
 
 
 WORKERS = {"ours": worker_ours, "torch": worker_ours, "transformers": worker_transformers, "ct2": worker_ct2,
+           "llamacpp": worker_llamacpp,
            "prefix": worker_prefix, "speculative": worker_speculative}
 
 
@@ -279,14 +329,16 @@ def prepare(work: Path, preset: str) -> dict[str, Path]:
     return dirs
 
 
-def run_worker(kind: str, model: Path, args, extra: list[str] = (), env_extra: dict | None = None) -> dict | None:
-    output = args.work / f"{kind}-{model.name}.json"
+def run_worker(kind: str, model: Path, args, extra: list[str] = (), env_extra: dict | None = None,
+               name: str | None = None) -> dict | None:
+    output = args.work / f"{name or kind + '-' + model.name}.json"
     if args.resume and output.exists():  # finished by an earlier, interrupted run
         return json.loads(output.read_text())
     output.unlink(missing_ok=True)
     command = [sys.executable, __file__, "--worker", kind, "--model", str(model), "--output", str(output),
                "--threads", str(args.threads), "--prompt-tokens", str(args.prompt_tokens),
-               "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), *extra]
+               "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
+               "--prefill-tokens", args.prefill_tokens, *extra]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), **(env_extra or {}))
     try:
         run(command, env=env)
@@ -302,7 +354,11 @@ def main() -> None:
     parser.add_argument("--preset", default="stablecode-completion-alpha-3b-4k")
     parser.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated subset of {ENGINES}")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--prompt-tokens", type=int, default=512, help="context before the decode measurement")
+    parser.add_argument("--prefill-tokens", default="512,2048", help="comma-separated prompt lengths to prefill")
+    parser.add_argument("--llamacpp", type=Path, default=None,
+                        help="llama.cpp directory made by scripts/bench/llamacpp.sh (adds its engines)")
+    parser.add_argument("--report-only", action="store_true", help="only print the table of --work/results.json")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="decode measurements per engine (median); one prefill")
     parser.add_argument("--long-prompt-tokens", type=int, default=2000)
@@ -318,6 +374,7 @@ def main() -> None:
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--source", help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--prompt-precision", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
@@ -327,28 +384,45 @@ def main() -> None:
         args.output.write_text(json.dumps(result))
         return
 
+    if args.report_only:
+        return print(report(json.loads((args.work / "results.json").read_text())))
     args.work.mkdir(parents=True, exist_ok=True)
     dirs = prepare(args.work, args.preset)
     engines = [e for e in args.engines.split(",") if e]
-    results: dict = {"machine": machine_facts(), "settings": {k: v for k, v in vars(args).items()
-                                                              if k not in ("worker", "output", "model", "source")}}
-    results["settings"]["work"] = str(args.work)
-    results["read_gb_s"] = read_bandwidth(args.threads)
+    previous = args.work / "results.json"
+    results: dict = json.loads(previous.read_text()) if args.resume and previous.exists() else {}
+    results.update({"machine": machine_facts(), "settings": {k: str(v) for k, v in vars(args).items()
+                                                             if k not in ("worker", "output", "model", "source")}})
+    results["linear_params"] = linear_params(dirs["bf16"])
+    if not (args.resume and "peaks" in results):
+        results["peaks"] = measure_peaks(args.threads)
+        results["read_gb_s"] = read_bandwidth(args.threads)
     where = {"ours-bf16": ("ours", dirs["bf16"]), "ours-int8": ("ours", dirs["int8"]),
-             "ours-int4": ("ours", dirs["int4"]), "torch-int8": ("torch", dirs["int8"]),
-             "torch-int4": ("torch", dirs["int4"]), "transformers-bf16": ("transformers", dirs["bf16"]),
-             "ct2-int8": ("ct2", dirs["ct2-int8"])}
+             "ours-int4": ("ours", dirs["int4"]), "ours-int8-float": ("ours", dirs["int8"]),
+             "torch-int8": ("torch", dirs["int8"]), "torch-int4": ("torch", dirs["int4"]),
+             "transformers-bf16": ("transformers", dirs["bf16"]), "ct2-int8": ("ct2", dirs["ct2-int8"])}
+    if args.llamacpp:
+        for q in ("q8_0", "q4_0", "bf16"):
+            where[f"llamacpp-{q}"] = ("llamacpp", args.llamacpp / f"model-{q}.gguf")
     for engine in engines:
+        if engine not in where:
+            print(f"{engine}: not available in this run (llama.cpp needs --llamacpp)", file=sys.stderr)
+            continue
         kind, model = where[engine]
         if not model.exists():
             continue
         warm_page_cache(model)
         extra = ["--source", str(dirs["bf16"])]
+        if args.llamacpp:
+            extra += ["--llamacpp", str(args.llamacpp)]
+        if engine == "ours-int8-float":  # prompts through dequantize + float GEMM, for comparison
+            extra += ["--prompt-precision", "float"]
         env = None
         if kind == "torch":  # our layers on PyTorch's weight-only kernels (the prefill path is the same)
             env = {"STABLECODE_KERNELS": "torch"}
-        results[engine] = run_worker(kind, model, args, extra, env)
+        results[engine] = run_worker(kind, model, args, extra, env, name=engine)
         print(engine, results[engine], file=sys.stderr, flush=True)
+        (args.work / "results.json").write_text(json.dumps(results, indent=2))
     skip = set(args.skip.split(","))
     if "prefix" not in skip:
         results["prefix-int8"] = run_worker("prefix", dirs["int8"], args, [
@@ -361,11 +435,14 @@ def main() -> None:
         from stablecode.registry import resolve_model_dir
 
         embedded = resolve_model_dir(args.embedded)
-        results["embedded"] = run_worker("ours", embedded, args)
+        results["embedded"] = run_worker("ours", embedded, args, name="embedded")
         results["embedded-speculative"] = run_worker("speculative", embedded, args, [
             "--code-prompts", str(args.code_prompts), "--code-prompt-tokens", str(args.code_prompt_tokens)])
     (args.work / "results.json").write_text(json.dumps(results, indent=2))
-    print(report(results))
+    print(report(json.loads(json.dumps(results))))  # as read back: prefill lengths are strings
+
+
+FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
 
 def machine_facts() -> dict:
@@ -373,9 +450,49 @@ def machine_facts() -> dict:
 
     flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "").split()
     model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
-    return {"cpu": model, "cores": os.cpu_count(), "simd": [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni")
-                                                              if f in flags],
+    return {"cpu": model, "cores": os.cpu_count(), "flags": [f for f in FLAGS if f in flags],
             "torch": torch.__version__, "load_average": os.getloadavg()}
+
+
+def linear_params(checkpoint: Path) -> int:
+    """Weights a prompt token multiplies in the blocks' projections (the head runs for one position)."""
+    config = json.loads((checkpoint / "config.json").read_text())
+    hidden, inner = config["hidden_size"], config["intermediate_size"]
+    return config["num_hidden_layers"] * (4 * hidden * hidden + 2 * hidden * inner)
+
+
+def measure_peaks(threads: int) -> dict:
+    """GOP/s of the fastest GEMM of each kind found here (scripts/bench/gemm.py compares them all),
+    at the 3B MLP shape with 512 rows: fp32 and bf16 F.linear, our int8 prompt GEMM."""
+    import torch
+    import torch.nn.functional as F
+
+    from stablecode import kernels
+    from stablecode import quantize as Q
+    from stablecode.kernels import ops
+
+    torch.set_num_threads(threads)
+    M, K, N = 512, 2560, 10240
+    x, w = torch.randn(M, K), torch.randn(N, K) * K ** -0.5
+    q, scale = Q.quantize_int8(w)
+    candidates = {"fp32": lambda: F.linear(x, w), "bf16": (lambda xb, wb: lambda: F.linear(xb, wb))(x.bfloat16(),
+                                                                                                  w.bfloat16())}
+    kernels.load()
+    if ops.use_prompt_kernels(x, N):
+        candidates["int8"] = (lambda xb: lambda: ops.prompt_int8_linear(xb, q, scale, None))(x.bfloat16())
+    peaks = {}
+    with torch.inference_mode():
+        for name, fn in candidates.items():
+            fn()
+            best = min(timed(fn) for _ in range(5))
+            peaks[name] = 2 * M * N * K / best / 1e9
+    return peaks
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def read_bandwidth(threads: int) -> float:
@@ -399,16 +516,35 @@ def read_bandwidth(threads: int) -> float:
 
 def report(results: dict) -> str:
     gb = 1e9
-    lines = [f"machine: {results['machine']}", f"plain read: {results['read_gb_s']:.1f} GB/s", "",
-             "| engine | weights | cold load | prefill | decode tok/s | weight GB/s | peak RSS (x weights) |",
-             "|---|---|---|---|---|---|---|"]
+    machine, peaks = results["machine"], results.get("peaks", {})
+    lengths = sorted({int(n) for engine in ENGINES if results.get(engine) for n in results[engine]["prefill_s"]})
+    context = int(results["settings"].get("prompt_tokens", 512))
+    int8_peak = peaks.get("int8")
+    lines = [f"CPU: {machine['cpu']}, {machine['cores']} cpus, flags: {' '.join(machine['flags'])}; "
+             f"torch {machine['torch']}; load average at start {machine['load_average']}",
+             "measured peaks: " + ", ".join(f"{k} GEMM {v:.0f} GOP/s" for k, v in peaks.items()) +
+             f"; plain read {results['read_gb_s']:.1f} GB/s", "",
+             "| engine | weights | " + " | ".join(f"prefill {n}" for n in lengths) +
+             f" | prompt GOP/s ({lengths[0] if lengths else ''}) | decode tok/s (after {context}) "
+             "| weight GB/s (of read) | peak RSS / (weights + KV) |",
+             "|---|---|" + "---|" * len(lengths) + "---|---|---|---|"]
     for engine in ENGINES:
         r = results.get(engine)
         if not r:
             continue
-        lines.append(f"| {engine} | {r['weight_bytes'] / gb:.2f} GB | {r['load_s']:.1f} s | {r['prefill_s']:.1f} s | "
-                     f"{r['decode_tok_s']:.2f} | {r['decode_tok_s'] * r['weight_bytes'] / gb:.1f} | "
-                     f"{r['peak_rss'] / gb:.2f} GB ({r['peak_rss'] / r['weight_bytes']:.2f}x) |")
+        prefill = {int(n): t for n, t in r["prefill_s"].items()}
+        cells = [f"{prefill[n]:.2f} s" if n in prefill else "" for n in lengths]
+        gops = 2 * lengths[0] * results["linear_params"] / prefill[lengths[0]] / 1e9 if lengths[0] in prefill else 0
+        of_peak = f" ({100 * gops / int8_peak:.0f}% of int8 peak)" if int8_peak and gops else ""
+        decode_gb_s = r["decode_tok_s"] * r["weight_bytes"] / gb
+        rss = (f"{r['peak_rss'] / gb:.2f} GB ({r['peak_rss'] / (r['weight_bytes'] + r.get('kv_bytes', 0)):.2f}x)"
+               if r.get("peak_rss") else "n/a")
+        lines.append(f"| {engine} | {r['weight_bytes'] / gb:.2f} GB | " + " | ".join(cells) +
+                     f" | {gops:.0f}{of_peak} | {r['decode_tok_s']:.2f} | {decode_gb_s:.1f} "
+                     f"({100 * decode_gb_s / results['read_gb_s']:.0f}%) | {rss} |")
+    lines += ["", "prompt GOP/s: 2 x tokens x the blocks' projection weights / prefill time (everything else in the "
+              "prefill counts against it)."]
+    lines += ratios(results, lengths, context)
     if results.get("prefix-int8"):
         p = results["prefix-int8"]
         lines += ["", f"prefix reuse (int8, {p['prompt_tokens']}-token prompt, one-keystroke edits): first request "
@@ -423,8 +559,25 @@ def report(results: dict) -> str:
                          f"tok/s plain, {s['tokens'] / s['speculative_s']:.2f} tok/s speculative ({s['speedup']:.2f}x)")
     if results.get("embedded"):
         e = results["embedded"]
-        lines.append(f"embedded model: prefill {e['prefill_s']:.2f} s, decode {e['decode_tok_s']:.1f} tok/s")
+        prefill = ", ".join(f"{n} tokens {t:.2f} s" for n, t in e["prefill_s"].items())
+        lines.append(f"embedded model: prefill {prefill}, decode {e['decode_tok_s']:.1f} tok/s")
     return "\n".join(lines)
+
+
+def ratios(results: dict, lengths: list[int], context: int) -> list[str]:
+    """The issue's target ratios, where both engines ran."""
+    pairs = [("ours-int8", "ct2-int8"), ("ours-int8", "llamacpp-q8_0"), ("ours-int4", "llamacpp-q4_0"),
+             ("ours-bf16", "llamacpp-bf16"), ("ours-bf16", "transformers-bf16"), ("ours-int8", "ours-int8-float")]
+    lines = []
+    for ours, peer in pairs:
+        a, b = results.get(ours), results.get(peer)
+        if not (a and b):
+            continue
+        cells = [f"prefill {n}: {b['prefill_s'][str(n)] / a['prefill_s'][str(n)]:.2f}x" for n in lengths
+                 if str(n) in a["prefill_s"] and str(n) in b["prefill_s"]]
+        cells.append(f"decode: {a['decode_tok_s'] / b['decode_tok_s']:.2f}x")
+        lines.append(f"{ours} vs {peer}: " + ", ".join(cells))
+    return ([""] + lines) if lines else []
 
 
 if __name__ == "__main__":
