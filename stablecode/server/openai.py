@@ -103,7 +103,7 @@ def _request(body: CompletionRequest) -> GenerationRequest:
         stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
         temperature=1.0 if body.temperature is None else body.temperature, top_p=body.top_p or 1.0,
         top_k=body.top_k or 0, repetition_penalty=body.repetition_penalty or 1.0, seed=body.seed, n=body.n,
-        attribution=body.attribution, names={"max_new_tokens": "max_tokens"})
+        attribution=body.attribution, echo=body.echo, names={"max_new_tokens": "max_tokens"})
 
 
 def _validate(engine: Engine, body: CompletionRequest):

@@ -114,7 +114,8 @@ def _request(body: GenerateRequest) -> GenerationRequest:
         max_new_tokens=p.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, stop=p.stop or [],
         temperature=(1.0 if p.temperature is None else p.temperature) if sample else 0.0,
         top_p=p.top_p or 1.0, top_k=p.top_k or 0, repetition_penalty=p.repetition_penalty or 1.0, seed=p.seed,
-        truncate=p.truncate, attribution=bool(p.attribution), names={"prompt": "inputs"})
+        truncate=p.truncate, attribution=bool(p.attribution), echo=bool(p.return_full_text),
+        names={"prompt": "inputs", "echo": "return_full_text"})
 
 
 def _validate(engine: Engine, body: GenerateRequest):

@@ -85,6 +85,7 @@ class GenerationRequest:
     truncate: int | None = None  # keep only the last N prompt tokens (TGI)
     context_length: int | None = None  # a smaller context than the model's (Ollama num_ctx)
     attribution: bool = False
+    echo: bool = False  # the answer repeats the prompt (OpenAI echo, TGI return_full_text)
     empty_prompt_allowed: bool = True
     names: dict[str, str] = field(default_factory=dict)
 
@@ -175,6 +176,14 @@ class Validator:
             raise ApiError(422, f"{r.name('attribution')}: this server has no attribution index; start it with "
                                 "`stablecode serve --index INDEX` (the embedded model's own index is used by default "
                                 "when it is installed)", param=r.name("attribution"))
+        if r.attribution and r.echo:
+            # Each choice's attribution would look the prompt up again: bound the request's lookup work.
+            echoed = r.n * sum(len(p) for p in prompts)
+            if echoed > limits.max_document_chars:
+                raise ApiError(413, f"{r.name('attribution')} with {r.name('echo')}: the answers would repeat "
+                                    f"{echoed:,} prompt characters to look up; the limit is "
+                                    f"{limits.max_document_chars:,} (ask for fewer choices, or attribute the prompt "
+                                    "once with POST /overlap)", param=r.name("attribution"))
         valid = [self._tokenise(prompt, r, context, max_new_tokens) for prompt in prompts]
         return ValidRequest(prompts=valid, n=r.n, max_new_tokens=max_new_tokens, stop=tuple(stop),
                             temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,

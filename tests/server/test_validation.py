@@ -203,3 +203,14 @@ def test_tgi_truncate_on_a_fim_prompt_keeps_the_sentinels(tokenizer):
     assert len(ids) == 20 and ids[0] == ids_of(FIM_PREFIX) and ids[-1] == ids_of(FIM_MIDDLE)
     plain = validator(tokenizer).validate(GenerationRequest(prompts=["a = 1" * 40], max_new_tokens=4, truncate=20))
     assert plain.prompts[0].ids == tokenizer.encode("a = 1" * 40)[-20:]
+
+
+def test_attribution_with_echo_is_bounded_before_generating(tokenizer):
+    v = Validator(tokenizer, vocab_size=512, context_length=256, fim=False, limits=Limits(), attribution=True)
+    prompt = "x" * 200_000
+    request = GenerationRequest(prompts=[prompt], max_new_tokens=4, n=16, attribution=True, echo=True)
+    with pytest.raises(ApiError, match="3,200,000 prompt characters") as e:
+        v.validate(request)
+    assert e.value.status == 413
+    assert v.validate(GenerationRequest(prompts=[prompt], max_new_tokens=4, n=4, attribution=True, echo=True))
+    assert v.validate(GenerationRequest(prompts=[prompt], max_new_tokens=4, n=16, attribution=True))
