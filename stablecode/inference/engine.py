@@ -37,6 +37,7 @@ import torch
 from stablecode.inference.prefix_cache import PrefixCache, common_prefix_length
 from stablecode.inference.request import Completion, Request
 from stablecode.inference.speculation import draft_tokens_option, propose_draft
+from stablecode import kernels
 from stablecode.kernels import DECODE_MAX_ROWS
 from stablecode.kv_cache import KVCache
 from stablecode.model import GPTNeoX
@@ -171,6 +172,8 @@ class Engine:
         self.step_tokens = max(1, step_tokens)
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb else None
         self.device = model.device
+        if self.device.type == "cpu":
+            kernels.load()  # the decode attention kernel serves every pass; built once per machine
         self.cache: KVCache | None = None
         self._condition = threading.Condition()
         self._sync = threading.RLock()  # a stream may call complete() before it is exhausted

@@ -97,11 +97,13 @@ def _decode_attention_shape(q, k, v, rows=None, lengths=None):
     return q.new_empty(q.shape)
 
 
-def use_decode_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
+def use_decode_attention(q: torch.Tensor, k: torch.Tensor, gathering: bool = False) -> bool:
     """Whether the decode attention kernel applies: one query per row, CPU, a bf16 cache, no gradients.
 
-    (With fp32 caches PyTorch's own attention is as fast; with bf16 it is 4-5x slower here.)"""
-    return (q.shape[2] == 1 and q.device.type == "cpu" and q.dtype == torch.bfloat16
+    (With fp32 caches PyTorch's own attention is as fast, unless it would first gather cache rows
+    (`gathering`): the engine's passes hold several queries of one sequence, each its own row.)"""
+    return (q.shape[2] == 1 and q.device.type == "cpu"
+            and (q.dtype == torch.bfloat16 or (gathering and q.dtype == torch.float32))
             and k.dtype == q.dtype and q.stride(-1) == 1 and k.stride(-1) == 1 and not q.requires_grad
             and build.loaded() is not None)
 
@@ -115,7 +117,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     lengths [B]: how many keys each row's last query sees; it says the same as `mask`, for the
     decode kernel, which reads only those keys instead of applying a mask. Elsewhere PyTorch's SDPA.
     """
-    if not is_causal and use_decode_attention(q, k):
+    if not is_causal and use_decode_attention(q, k, gathering=rows is not None):
         # One new token per row on the CPU: one pass over each row's cached keys and values.
         return decode_attention(q, k, v, rows, lengths)
     if rows is not None:
