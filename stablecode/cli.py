@@ -209,7 +209,7 @@ COMMANDS = [
     Command("quantize", "stablecode.cli", "add_quantize_command", "write an int8 or int4 quantized copy of a checkpoint"),
     Command("eval", "stablecode.eval.cli", "add_eval_command", "HumanEval pass@k (sandboxed) and line completion",
             "eval"),
-    Command("train", "stablecode.train", "add_train_command",
+    Command("train", "stablecode.train.cli", "add_train_command",
             "pre-train a model on packed token data (works under torchrun)", "train"),
     Command("data", "stablecode.data.cli", "add_data_command",
             "build, read and pack training data (starcoderdata layout)", "train"),

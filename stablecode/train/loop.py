@@ -1,4 +1,4 @@
-"""Pre-training as GPT-NeoX trains this family, on one process or many under `torchrun`.
+"""The training loop: pre-training as GPT-NeoX trains this family, on one process or many under `torchrun`.
 
 AdamW (β 0.9/0.95, eps 1e-8, weight decay 0.1 except norms and biases), linear warmup then cosine
 decay to 10% of the peak rate, gradient clipping at 1.0, gradient accumulation, bf16 autocast,
@@ -6,9 +6,9 @@ small_init/wang_init. Scale-out uses PyTorch's own engine: DistributedDataParall
 ZeroRedundancyOptimizer (ZeRO-1), FSDP2 `fully_shard`, or tensor parallelism with
 `torch.distributed.tensor.parallel` (whole heads per shard).
 
-Checkpoints are the core engine's HF layout plus the training state, written to a staging
-directory and renamed into place, then published by atomically rewriting `latest`: a run killed at
-any moment resumes from its last complete checkpoint with the same losses as an uninterrupted run.
+Checkpoints (stablecode.train.checkpoints) are written whole or not at all: a run killed at any
+moment resumes from its last complete checkpoint with the same losses as an uninterrupted run. A
+run with no checkpoint yet can start from the weights of an exported model (`init_from`).
 """
 
 from __future__ import annotations
@@ -28,55 +28,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from stablecode.atomic import atomic_path, atomic_write_text
+from stablecode.atomic import atomic_path
 from stablecode.checkpoint import save_checkpoint
 from stablecode.config import ModelConfig
 from stablecode.errors import StablecodeError
 from stablecode.model import GPTNeoX, init_weights
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run needs; saved with every checkpoint so a run can be reproduced."""
-
-    data: str = ""  # packed token directory (stablecode data pack)
-    out: str = "runs/train"
-    model: str = "stablecode-nano"  # preset name, or a config.json path
-    tokenizer: str | None = None  # tokenizer.json copied next to the weights (default: the pack's)
-    seq_len: int | None = None  # default: the packed data's
-    micro_batch_size: int = 8
-    grad_accum_steps: int = 1
-    max_steps: int = 1000
-    lr: float = 1.6e-4
-    min_lr_ratio: float = 0.1
-    warmup_fraction: float = 0.01
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    precision: str = "bf16"  # bf16 autocast (fp32 master weights) or fp32
-    seed: int = 1234
-    eval_every: int = 100
-    eval_batches: int = 20
-    save_every: int = 100
-    log_every: int = 1
-    tensor_parallel: int = 1
-    sharding: str = "zero1"  # with several data-parallel ranks: zero1 (DDP + ZeroRedundancyOptimizer) or fsdp
-    export_dtype: str = "bfloat16"
-    compile: bool = False
-    peak_tflops: float | None = None  # for MFU; measured with a short matmul when not given
-
-    @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "TrainConfig":
-        try:
-            values = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise StablecodeError(f"{path}: cannot read training config ({e})") from None
-        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise StablecodeError(f"{path}: unknown training config keys: {', '.join(sorted(unknown))}")
-        return cls(**values)
+from stablecode.train.checkpoints import (CheckpointDamaged, _zero_optimizer_class, latest_checkpoint, load_weights,
+                                          restore, save_training_checkpoint, sweep_staging, warn)
+from stablecode.train.config import TrainConfig
 
 
 # ---- distributed setup ---------------------------------------------------------------------------
@@ -227,119 +186,6 @@ def load_batch(dataset, indices, device) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens[:, :-1].to(device), tokens[:, 1:].to(device)
 
 
-# ---- checkpoints ---------------------------------------------------------------------------------
-
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Plain tensors on CPU, gathering tensor-parallel or FSDP shards."""
-    from torch.distributed.tensor import DTensor
-
-    state = {}
-    for name, tensor in model.state_dict().items():
-        if isinstance(tensor, DTensor):
-            tensor = tensor.full_tensor()
-        state[name.removeprefix("module.")] = tensor.detach().cpu()
-    return state
-
-
-def save_training_checkpoint(directory: Path, model, unwrapped: GPTNeoX, optimizer, step: int,
-                             config: TrainConfig, ctx: Distributed, history: dict, tokenizer_file) -> Path | None:
-    """Write checkpoints/step-N atomically, then point `latest` at it. Returns the path on rank 0."""
-    state = full_state_dict(model)
-    sharded = _has_dtensor_parameters(model)  # tensor parallel or FSDP: each rank keeps its own shard
-    if isinstance(optimizer, _zero_optimizer_class()):
-        optimizer.consolidate_state_dict(to=0)
-    optimizer_state = optimizer.state_dict() if ctx.is_main or sharded else None
-    if sharded:
-        optimizer_state = _local_optimizer_state(optimizer_state)
-    target = directory / f"step-{step:07d}"
-    if ctx.is_main:
-        with torch.device("meta"):
-            export = GPTNeoX(unwrapped.config)
-        export.load_state_dict(state, assign=True)
-        extra = {"train_config.json": json.dumps(dataclasses.asdict(config), indent=2).encode()}
-        save_checkpoint(export, target, tokenizer_file=tokenizer_file, extra_files=extra)
-        training_state = {"step": step, "optimizer": None if sharded else optimizer_state, "history": history,
-                          "rng": {"torch": torch.get_rng_state()}}
-        _atomic_torch_save(training_state, target / "training_state.pt")
-    if sharded:
-        dist.barrier()  # the step directory exists now
-        _atomic_torch_save(optimizer_state, target / f"optimizer-rank{ctx.rank}.pt")
-    if ctx.world_size > 1:
-        dist.barrier()
-    if ctx.is_main:
-        atomic_write_text(directory / "latest", target.name + "\n")
-        return target
-    return None
-
-
-def _zero_optimizer_class():
-    from torch.distributed.optim import ZeroRedundancyOptimizer
-
-    return ZeroRedundancyOptimizer
-
-
-def _has_dtensor_parameters(model: torch.nn.Module) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in model.parameters())
-
-
-def _local_optimizer_state(state: dict) -> dict:
-    from torch.distributed.tensor import DTensor
-
-    def local(value):
-        return value.to_local() if isinstance(value, DTensor) else value
-
-    return {"state": {k: {n: local(v) for n, v in s.items()} for k, s in state["state"].items()},
-            "param_groups": state["param_groups"]}
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
-def latest_checkpoint(directory: Path) -> Path | None:
-    pointer = directory / "latest"
-    if not pointer.exists():
-        return None
-    target = directory / pointer.read_text().strip()
-    return target if (target / "training_state.pt").exists() else None
-
-
-def restore(target: Path, model: torch.nn.Module, optimizer, ctx: Distributed) -> dict:
-    """Load weights, optimizer and RNG state saved by save_training_checkpoint."""
-    from safetensors.torch import load_file
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    weights = load_file(str(target / "model.safetensors"))
-    unwrapped = model.module if hasattr(model, "module") else model
-    if unwrapped.config.tie_word_embeddings:
-        weights["embed_out.weight"] = weights["gpt_neox.embed_in.weight"]
-    with torch.no_grad():
-        for name, param in unwrapped.named_parameters():
-            value = weights[name].to(param.dtype)
-            if isinstance(param, DTensor):
-                value = distribute_tensor(value, param.device_mesh, param.placements).to_local()
-                param.to_local().copy_(value)
-            else:
-                param.copy_(value)
-    state = torch.load(target / "training_state.pt", map_location="cpu", weights_only=True)
-    optimizer_state = state["optimizer"]
-    if _has_dtensor_parameters(model):
-        local = torch.load(target / f"optimizer-rank{ctx.rank}.pt", map_location="cpu", weights_only=True)
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        for index, values in local["state"].items():
-            param = params[int(index)]
-            for key, value in values.items():
-                if isinstance(param, DTensor) and value.ndim > 0:
-                    values[key] = DTensor.from_local(value, param.device_mesh, param.placements)
-        optimizer_state = local
-    optimizer.load_state_dict(optimizer_state)
-    torch.set_rng_state(state["rng"]["torch"])
-    return state
-
-
 # ---- the run ------------------------------------------------------------------------------------
 
 def build_model(config: TrainConfig) -> ModelConfig:
@@ -357,8 +203,12 @@ def open_data(config: TrainConfig, split: str):
 def train(config: TrainConfig, train_data=None, validation_data=None, progress: bool = True) -> dict:
     """Run (or resume) training; returns the loss history. Datasets default to the packed `config.data`."""
     ctx = setup_distributed(config.tensor_parallel)
+    if config.threads:
+        torch.set_num_threads(config.threads)
     model_config = build_model(config)
     train_data = train_data if train_data is not None else open_data(config, "train")
+    fim_rate = float((getattr(train_data, "index", None) or {}).get("fim", {}).get("rate", 0.0))
+    model_config = model_config.replace(fim=fim_rate > 0)  # the checkpoint's config.json says what it learned
     if validation_data is None and config.data:
         with contextlib.suppress(StablecodeError, OSError, ValueError, KeyError):
             validation_data = open_data(config, "validation")
@@ -378,6 +228,11 @@ def train(config: TrainConfig, train_data=None, validation_data=None, progress: 
     checkpoints = out / "checkpoints"
     if ctx.is_main:
         checkpoints.mkdir(parents=True, exist_ok=True)
+        swept = sweep_staging(checkpoints)
+        if swept:
+            warn(f"removed what an interrupted save left in {checkpoints}: {', '.join(sorted(swept))}")
+    if ctx.world_size > 1:
+        dist.barrier()
     torch.manual_seed(config.seed)
     model = GPTNeoX(model_config).to(ctx.device)
     init_weights(model, torch.Generator(device="cpu").manual_seed(config.seed) if ctx.device.type == "cpu" else None)
@@ -403,7 +258,8 @@ def train(config: TrainConfig, train_data=None, validation_data=None, progress: 
         optimizer = _zero_optimizer_class()(parameter_groups(model.module, config.weight_decay),
                                             optimizer_class=torch.optim.AdamW, process_group=ctx.dp_group, **adam)
     else:
-        optimizer = torch.optim.AdamW(groups, **adam)
+        fused = config.fused_optimizer and ctx.tp_size == 1
+        optimizer = torch.optim.AdamW(groups, **adam, **({"fused": True} if fused else {}))
     forward = torch.compile(model) if config.compile else model
 
     tokenizer_file = config.tokenizer or _pack_tokenizer(config)
@@ -416,6 +272,16 @@ def train(config: TrainConfig, train_data=None, validation_data=None, progress: 
         start_step, history = state["step"], state["history"]
         if ctx.is_main:
             print(f"resumed from {resumed} at step {start_step}", file=sys.stderr)
+    elif config.init_from:
+        source = Path(config.init_from)
+        try:
+            load_weights(source, model)
+        except (CheckpointDamaged, OSError) as e:
+            raise StablecodeError(f"cannot start from {source}: {e}") from None
+        history["init_from"] = str(source.resolve())
+        history["tokens_before"] = _tokens_seen(source)
+        if ctx.is_main:
+            print(f"no checkpoint in {checkpoints}: starting from the weights of {source}", file=sys.stderr)
 
     global_batch = config.micro_batch_size * config.grad_accum_steps * ctx.dp_size
     sampler = BatchSampler(len(train_data), global_batch, config.seed)
@@ -484,7 +350,7 @@ def train(config: TrainConfig, train_data=None, validation_data=None, progress: 
             model.train()
         if (step + 1) % config.save_every == 0 or last:
             save_training_checkpoint(checkpoints, model, unwrapped, optimizer, step + 1, config, ctx, history,
-                                     tokenizer_file)
+                                     tokenizer_file, keep=config.keep_checkpoints)
     if bar is not None:
         bar.close()
     if ctx.is_main:
@@ -516,6 +382,14 @@ def export_final(checkpoint: Path, destination: Path, config: TrainConfig) -> No
     extra = {"train_config.json": (checkpoint / "train_config.json").read_bytes()}
     tokenizer = checkpoint / "tokenizer.json"
     save_checkpoint(model, destination, tokenizer_file=tokenizer if tokenizer.exists() else None, extra_files=extra)
+
+
+def _tokens_seen(model_dir: Path) -> int:
+    """Training tokens behind an exported model (its training_summary.json), 0 when unrecorded."""
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        summary = json.loads((model_dir / "training_summary.json").read_text())
+        return int(summary.get("tokens_seen", 0)) + int(summary.get("tokens_before", 0))
+    return 0
 
 
 def _pack_tokenizer(config: TrainConfig) -> str | None:
@@ -555,51 +429,3 @@ def plot_losses(history: dict, path: Path) -> None:
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png")
     plt.close(figure)
-
-
-def add_train_command(subparsers) -> None:
-    """`stablecode train [--config FILE] [--<field> VALUE ...]`: every TrainConfig field is an option."""
-    p = subparsers.add_parser("train", help="pre-train a model on packed token data (works under torchrun)")
-    p.add_argument("--config", type=Path, default=None, help="training config JSON (fields of TrainConfig)")
-    for f in dataclasses.fields(TrainConfig):
-        kind = {"int": int, "float": float, "bool": _parse_bool}.get(str(f.type).split(" ")[0], str)
-        if f.name == "peak_tflops":
-            kind = float
-        elif f.name == "seq_len":
-            kind = int
-        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None,
-                       help=f"default: {f.default!r}")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run_train)
-
-
-def _parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"expected true or false, got {text!r}")
-
-
-def run_train(args) -> None:
-    config = TrainConfig.from_json(args.config) if args.config else TrainConfig()
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                 if getattr(args, f.name) is not None}
-    config = dataclasses.replace(config, **overrides)
-    if not config.data:
-        raise StablecodeError("no training data: pass --data PACKDIR (see `stablecode data pack`)")
-    history = train(config, progress=not args.no_progress)
-    if history["loss"]:
-        print(f"done: step {history['step'][-1]}, loss {history['loss'][-1]:.4f}"
-              + (f", validation loss {history['val_loss'][-1]:.4f}" if history["val_loss"] else ""), file=sys.stderr)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m stablecode.train` / `torchrun ... -m stablecode.train` (same options as `stablecode train`)."""
-    from stablecode.cli import main as cli_main
-
-    return cli_main(["train", *(argv if argv is not None else sys.argv[1:])])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,37 +21,6 @@ from stablecode.errors import StablecodeError
 from stablecode.model import GPTNeoX
 from stablecode.train import TrainConfig, learning_rate, parameter_groups, train
 
-SOURCES = {
-    "pkg/util.py": "def add(a, b):\n    return a + b\n\n\ndef mul(a, b):\n    return a * b\n" * 8,
-    "pkg/shapes.py": "class Square:\n    def __init__(self, side):\n        self.side = side\n\n"
-                     "    def area(self):\n        return self.side ** 2\n" * 8,
-    "pkg/loops.py": "for i in range(10):\n    if i % 2 == 0:\n        print(i)\n" * 10,
-    "pkg/strings.py": "def shout(text):\n    return text.upper() + '!'\n" * 12,
-    "pkg/more.py": "import os\n\n\ndef home():\n    return os.path.expanduser('~')\n" * 10,
-}
-
-
-@pytest.fixture(scope="module")
-def packed(tmp_path_factory, byte_tokenizer_file):
-    """A small corpus in the starcoderdata layout, packed into 33-token sequences."""
-    from stablecode.data.packing import pack
-    from stablecode.data.sources import from_dir
-
-    root = tmp_path_factory.mktemp("train-data")
-    for name, text in SOURCES.items():
-        (root / "src" / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / "src" / name).write_text(text)
-    from_dir(root / "src", root / "corpus", license="MIT")
-    pack(root / "corpus", byte_tokenizer_file, seq_len=32, out=root / "packed", validation_fraction=0.0, workers=1)
-    return root / "packed"
-
-
-def config_for(packed: Path, out: Path, **changes) -> TrainConfig:
-    base = TrainConfig(data=str(packed), out=str(out), model="tiny", micro_batch_size=2, max_steps=6, lr=3e-3,
-                       precision="fp32", eval_every=1000, save_every=3, peak_tflops=0.1, seed=7)
-    return dataclasses.replace(base, **changes)
-
-
 def logged_losses(out: Path) -> dict[int, float]:
     losses = {}
     for line in (out / "log.jsonl").read_text().splitlines():
@@ -80,7 +49,7 @@ def test_no_weight_decay_on_norms_and_biases():
                                                           "gpt_neox.layers.0.attention.dense.bias"}
 
 
-def test_training_learns_and_leaves_a_loadable_checkpoint(packed, tmp_path):
+def test_training_learns_and_leaves_a_loadable_checkpoint(config_for, packed, tmp_path):
     config = config_for(packed, tmp_path / "run", max_steps=20, eval_every=10, save_every=10)
     history = train(config, validation_data=None, progress=False)
     assert history["loss"][-1] < history["loss"][0] - 1.0
@@ -94,7 +63,7 @@ def test_training_learns_and_leaves_a_loadable_checkpoint(packed, tmp_path):
     assert json.loads((final / "train_config.json").read_text())["max_steps"] == 20
 
 
-def test_validation_loss_is_plotted(packed, tmp_path):
+def test_validation_loss_is_plotted(config_for, packed, tmp_path):
     from stablecode.data.packing import PackedTokens
 
     data = PackedTokens(packed, "train")
@@ -104,7 +73,7 @@ def test_validation_loss_is_plotted(packed, tmp_path):
     assert (tmp_path / "run" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_kill_9_at_any_moment_resumes_with_the_same_losses(packed, tmp_path):
+def test_kill_9_at_any_moment_resumes_with_the_same_losses(config_for, packed, tmp_path):
     steps = 12
     reference = train(config_for(packed, tmp_path / "reference", max_steps=steps, save_every=1), progress=False)
 
@@ -129,7 +98,7 @@ def test_kill_9_at_any_moment_resumes_with_the_same_losses(packed, tmp_path):
     assert logged_losses(out)[steps] == pytest.approx(reference["loss"][-1], abs=1e-5)
 
 
-def test_a_full_disk_during_save_keeps_the_previous_checkpoint(packed, tmp_path, monkeypatch):
+def test_a_full_disk_during_save_keeps_the_previous_checkpoint(config_for, packed, tmp_path, monkeypatch):
     import stablecode.checkpoint as checkpoint
 
     real_save = checkpoint.save_file
@@ -155,7 +124,7 @@ def test_a_full_disk_during_save_keeps_the_previous_checkpoint(packed, tmp_path,
     assert history["step"][-1] == 6
 
 
-def test_bad_configurations_are_refused_clearly(packed, tmp_path):
+def test_bad_configurations_are_refused_clearly(config_for, packed, tmp_path):
     with pytest.raises(StablecodeError, match="longer than the model's 16 positions"):
         config = config_for(packed, tmp_path / "a", model=str(tmp_path / "small.json"))
         ModelConfig.from_preset("tiny").replace(max_position_embeddings=16).save(tmp_path / "small.json")
@@ -188,7 +157,7 @@ def cli_args(packed: Path, **values) -> list[str]:
 
 
 @pytest.mark.slow
-def test_two_way_data_parallel_with_zero1_matches_one_process(packed, tmp_path):
+def test_two_way_data_parallel_with_zero1_matches_one_process(config_for, packed, tmp_path):
     single = train(config_for(packed, tmp_path / "single", max_steps=4, save_every=2, micro_batch_size=4),
                    progress=False)
     parallel = torchrun(cli_args(packed, micro_batch_size=2), tmp_path / "dp")  # 2 ranks x 2 = global batch 4
@@ -197,7 +166,7 @@ def test_two_way_data_parallel_with_zero1_matches_one_process(packed, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_way_tensor_parallel_matches_one_process(packed, tmp_path):
+def test_two_way_tensor_parallel_matches_one_process(config_for, packed, tmp_path):
     single = train(config_for(packed, tmp_path / "single", max_steps=4, save_every=2), progress=False)
     parallel = torchrun(cli_args(packed, micro_batch_size=2, tensor_parallel=2), tmp_path / "tp")
     assert [parallel[s] for s in range(1, 5)] == pytest.approx(single["loss"], abs=1e-5)
