@@ -19,3 +19,10 @@ for split in train heldout; do
     stablecode data from-dir "$CORPUS/tree/$split" --out "$CORPUS/starcoder-$split" --languages python \
         --packages "$CORPUS/tree/packages-$split.json" --overwrite
 done
+# The tokenizer: StarCoder's special tokens (FIM sentinels at ids 1-4), 8192 ids (docs/training.md
+# has the measured vocabulary sweep), trained on a fixed tenth of the training files.
+stablecode tokenizer train --data "$CORPUS/starcoder-train" --languages python=0.1 --vocab-size 8192 \
+    --validation-fraction 0.01 --out "$CORPUS/tokenizer.json"
+# 512-token sequences, half of the training files rearranged for fill-in-the-middle.
+stablecode data pack --data "$CORPUS/starcoder-train" --tokenizer "$CORPUS/tokenizer.json" --seq-len 512 \
+    --validation-fraction 0.01 --workers 2 --languages python --fim-rate 0.5 --out "$CORPUS/packed"
