@@ -94,9 +94,6 @@ def test_the_graph_counts_function_local_and_relative_imports():
     assert "stablecode.server.cli" in graph["stablecode.cli"]
 
 
-# The one cycle left on main is train.py's main() importing stablecode.cli; the train/ package
-# (nano helper, in flight) removes it. strict: once it is gone this marker must go too.
-@pytest.mark.xfail(strict=True, reason="cli <-> train until stablecode/train/ lands; then delete this marker")
 def test_no_import_cycles():
     cycles = find_cycles(import_graph())
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
