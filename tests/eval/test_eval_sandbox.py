@@ -348,6 +348,9 @@ def test_shared_memory_and_message_queues_die_with_their_program(sandbox):
         assert libc.msgget({IPC_KEY}, 0) == -1 and ctypes.get_errno() == errno.ENOENT, "message queue still there"
         assert libc.mq_open({MQ_NAME.encode()!r}, os.O_RDONLY) == -1 and ctypes.get_errno() == errno.ENOENT, "mq"
         assert not os.path.exists({SHM_PATH!r}), "POSIX shm file still there"
+        # System V shared memory is capped in the program's IPC namespace: no segment over its memory limit.
+        assert libc.shmget(0, {sandbox.limits.memory_bytes} + 4096, {IPC_CREAT} | 0o600) == -1
+        assert ctypes.get_errno() == errno.EINVAL
         """)
     try:
         first = sandbox.run(create)
