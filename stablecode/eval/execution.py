@@ -451,7 +451,8 @@ class Sandbox:
         nonce = secrets.token_hex(16)
         verdict_r, verdict_w = os.pipe()
         config = {"nonce": nonce, "program": program, "features": sorted(features), "workdir": workdir,
-                  "root": self._base, "keep": self._keep, "cgroup": cgroup, "shm_bytes": SHM_BYTES, "uid": uid, "gid": uid,
+                  "root": self._base, "keep": self._keep, "cgroup": cgroup, "shm_bytes": SHM_BYTES,
+                  "uid": uid, "gid": uid,
                   "result_fd": verdict_w, "timeout": limits.timeout, "cpu_seconds": math.ceil(limits.timeout) + 1,
                   "memory_bytes": limits.memory_bytes, "file_bytes": limits.file_bytes,
                   "open_files": limits.open_files,
