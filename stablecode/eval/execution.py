@@ -17,12 +17,13 @@ Every program runs in a fresh `python -I` process (see `sandbox_child.py`) with:
 - as root: an unprivileged uid/gid of its own per worker (one no process uses; RLIMIT_NPROC then
   bounds fork bombs, and no file outside its directory is writable by ordinary permissions);
   always: no capabilities, no_new_privs;
-- where the kernel allows (without root: inside a user namespace): a new mount namespace whose root holds only the system directories and
-  the Python installation (read-only), a few device nodes, a private /dev/shm and the working
-  directory (so no host Unix socket, /tmp, /run or home is reachable), a new pid namespace (when
-  its first process ends the kernel kills all the rest), a new network namespace (no network, and
-  abstract Unix sockets of its own) and a new IPC namespace (System V shared memory, semaphores and
-  message queues and POSIX message queues die with the program; System V IPC capped there).
+- where the kernel allows (without root: inside a user namespace): a new mount namespace whose
+  root holds only the system directories and the Python installation (read-only), a few device
+  nodes, a private /dev/shm and the working directory (so no host Unix socket, /tmp, /run or home
+  is reachable), a new pid namespace (when its first process ends the kernel kills all the rest), a
+  new network namespace (no network, and abstract Unix sockets of its own) and a new IPC namespace
+  (System V shared memory, semaphores and message queues and POSIX message queues die with the
+  program; System V IPC capped there).
 Which of these took effect is probed once at start-up; anything missing is recorded in `notes`
 (and in the evaluation report), never skipped silently.
 
