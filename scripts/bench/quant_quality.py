@@ -6,10 +6,14 @@ real code (CPython standard library files) for float, int8 and int4 at several g
 Any checkpoint (e.g. the 3B shape with random weights): logits error against float on the same
 text: max / mean abs error relative to the logits' spread, and argmax agreement.
 
-Quantized logits are computed through the decode kernels (int8 activations), the path that picks
-tokens, not through the dequantized prefill GEMM.
+--prompts says how the quantized layers multiply the windows: through the decode kernels
+(activations int8 per block of 32, the path that picks tokens; the default), the prompt GEMMs
+(activations int8 per token, AMX-INT8 CPUs) or dequantized float weights; several give the
+loss delta that activation quantization adds on its own. A checkpoint with a training manifest
+(the embedded model) is evaluated on the files its training held out.
 
     python scripts/bench/quant_quality.py --model stablecode-nano --tokens 20000
+    python scripts/bench/quant_quality.py --model stablecode-nano --group-sizes 64 --prompts float,int8,decode
     python scripts/bench/quant_quality.py --model work/bench/bf16 --tokens 256 --windows 1
 """
 
@@ -30,6 +34,23 @@ from stablecode import load_model, load_tokenizer
 from stablecode import quantize as Q
 from stablecode.kernels import ops
 from stablecode.registry import resolve_model_dir
+
+
+def held_out_ids(directory: Path, tokenizer, count: int) -> list[int] | None:
+    """Token ids of the files a trained checkpoint's training manifest says were held out, or None."""
+    manifest = directory / "training_manifest.json"
+    if not manifest.exists():
+        return None
+    spec = json.loads(manifest.read_text())
+    source = Path(spec["source"])
+    if not source.is_dir():
+        return None
+    ids: list[int] = []
+    for name in spec["held_out_files"]:
+        ids += tokenizer.encode((source / name).read_text(encoding="utf-8", errors="replace")) + [tokenizer.eos_id]
+        if len(ids) >= count:
+            break
+    return ids[:count]
 
 
 def stdlib_ids(tokenizer, count: int, skip: int = 100) -> list[int]:
@@ -62,27 +83,38 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--windows", type=int, default=None, help="at most this many windows")
     parser.add_argument("--group-sizes", default="32,64,128")
+    parser.add_argument("--prompts", default="decode",
+                        help="comma-separated ways the quantized layers multiply the windows: decode (the "
+                             "decode kernels, activations int8 per block of 32), int8 (the prompt GEMMs, "
+                             "activations int8 per token, where the CPU has AMX-INT8), float (dequantized weights)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    ops.DECODE_MAX_ROWS = 1 << 30  # every row through the decode kernels
-
     directory = resolve_model_dir(args.model)
     tokenizer = load_tokenizer(directory)
-    ids = torch.tensor(stdlib_ids(tokenizer, args.tokens))
+    held_out = held_out_ids(directory, tokenizer, args.tokens)
+    ids = torch.tensor(held_out if held_out is not None else stdlib_ids(tokenizer, args.tokens))
     windows = [w for w in ids.split(args.window) if w.numel() > 1][:args.windows]
-    print(f"{directory}: {sum(w.numel() for w in windows)} tokens of CPython stdlib code in "
+    print(f"{directory}: {sum(w.numel() for w in windows)} tokens of CPython stdlib code "
+          f"({'the files its training held out' if held_out is not None else 'stdlib files'}) in "
           f"{len(windows)} windows of {args.window}", file=sys.stderr)
 
     rows = []
-    variants = [("float", None, None), ("int8", "int8", None)] + [
-        (f"int4 g{g}", "int4", int(g)) for g in args.group_sizes.split(",")]
+    prompts = args.prompts.split(",")
+    methods = [("int8", "int8", None)] + [(f"int4 g{g}", "int4", int(g)) for g in args.group_sizes.split(",")]
+    variants = [("float", None, None, None)] + [
+        (f"{name}, {how} activations" if len(prompts) > 1 else name, method, group_size, how)
+        for name, method, group_size in methods for how in prompts]
     reference = None
-    for name, method, group_size in variants:
+    decode_rows = ops.DECODE_MAX_ROWS
+    for name, method, group_size, how in variants:
         model = load_model(directory)
         if method:
             Q.quantize_model(model, method, **({"group_size": group_size} if group_size else {}))
+            # decode: every row through the decode kernels; otherwise prompts take the prompt path.
+            ops.DECODE_MAX_ROWS = 1 << 30 if how == "decode" else decode_rows
+            Q.set_prompt_precision(model, "float" if how == "float" else "int8")
         start = time.perf_counter()
         loss, logits = evaluate(model, windows)
         elapsed = time.perf_counter() - start
