@@ -7,8 +7,8 @@
 Decoding multiplies a few activation rows by each weight matrix, so it is bound by how fast the
 weights stream from memory: for that case the layers call the compiled kernels (`stablecode.kernels`),
 or PyTorch's own weight-only ops where those are not loaded. Prompts (many rows) are bound by
-arithmetic: where the CPU has AMX-INT8 they quantize the activations to int8 per token and run
-int8 x int8 GEMMs (`prompt_precision = "int8"`, the default); elsewhere, or with
+arithmetic: where the CPU has AMX-INT8 or AVX-512 VNNI they quantize the activations to int8 per
+token and run int8 x int8 GEMMs (`prompt_precision = "int8"`, the default); elsewhere, or with
 `prompt_precision = "float"` (`set_prompt_precision`), they dequantize the weights and run one
 float GEMM, in fp32 on CPUs without native bf16 matrix units.
 
@@ -268,7 +268,7 @@ PROMPT_PRECISIONS = ("int8", "float")
 
 def set_prompt_precision(model: nn.Module, precision: str) -> nn.Module:
     """How the quantized layers of `model` multiply prompts: "int8" (activations quantized per token,
-    int8 x int8 GEMMs where the CPU has AMX-INT8) or "float" (dequantized weights, float GEMM)."""
+    int8 x int8 GEMMs where the CPU has AMX-INT8 or AVX-512 VNNI) or "float" (dequantized weights, float GEMM)."""
     if precision not in PROMPT_PRECISIONS:
         raise ValueError(f"unknown prompt precision {precision!r}; choose one of: {', '.join(PROMPT_PRECISIONS)}")
     for _, _, layer in _linear_layers(model):

@@ -143,11 +143,15 @@ def candidates(K: int, N: int, M: int, only: set[str] | None):
     i4 = Q.Int4Linear.from_linear(lin)
     i8f, i4f = Q.Int8Linear.from_linear(lin), Q.Int4Linear.from_linear(lin)
     i8f.prompt_precision = i4f.prompt_precision = "float"
-    path = "AMX int8" if M > ops.DECODE_MAX_ROWS and ops.use_prompt_kernels(x, N) else \
+    path = f"{ops.prompt_isa()} int8" if M > ops.DECODE_MAX_ROWS and ops.use_prompt_kernels(x, N) else \
         "decode kernel" if M <= ops.DECODE_MAX_ROWS else "dequantize + float GEMM"
     add(f"ours Int8Linear ({path}), fp32 input", "int8", lambda: i8(x))
     add(f"ours Int8Linear ({path}), bf16 input", "int8", lambda: i8(xb))
     add(f"ours Int4Linear ({path}), bf16 input", "int4", lambda: i4(xb))
+    library = kernels.loaded()
+    if M > ops.DECODE_MAX_ROWS and ops.prompt_isa() == "amx" and " avx512_vnni" in open("/proc/cpuinfo").read():
+        add("ours prompt GEMM forced to avx512-vnni (the path of VNNI CPUs without AMX), bf16 input", "int8",
+            lambda: library.prompt_int8_linear(xb, wq, wq_scale, bb, "avx512-vnni"))
     if M > ops.DECODE_MAX_ROWS:
         add("ours Int8Linear prompt_precision=float (dequantize + bf16 GEMM)", "int8", lambda: i8f(xb))
         add("ours Int4Linear prompt_precision=float (dequantize + bf16 GEMM)", "int4", lambda: i4f(xb))

@@ -4,7 +4,7 @@ one `attention()` the model calls.
 The kernels speed up decoding, which streams every weight once per token: int8/int4/bf16
 matrix-vector products with int8-quantized activations (AVX2 where the CPU has it) and attention
 for one new token per row over a bf16 KV cache. Prompts (many rows) run int8 x int8 GEMMs on
-AMX tiles where the CPU has AMX-INT8 (checked at run time), else PyTorch's float GEMM. They are
+AMX tiles or with AVX-512 VNNI where the CPU has them (checked at run time), else PyTorch's float GEMM. They are
 built on first use (`load()`) by the code that needs them: loading a quantized or large bf16 model. Nothing else builds them, and every path
 works without them through PyTorch's own ops.
 """
@@ -12,8 +12,8 @@ works without them through PyTorch's own ops.
 from stablecode.kernels.build import load, loaded, simd_level
 from stablecode.kernels.ops import (DECODE_MAX_ROWS, attention, bf16_linear, decode_attention, gemm_dtype,
                                     int4_linear, int8_linear, native_bf16, prompt_int4_linear, prompt_int8_linear,
-                                    use_decode_attention, use_linear_kernels, use_prompt_kernels)
+                                    prompt_isa, use_decode_attention, use_linear_kernels, use_prompt_kernels)
 
 __all__ = ["DECODE_MAX_ROWS", "attention", "bf16_linear", "decode_attention", "gemm_dtype", "int4_linear",
-           "int8_linear", "load", "loaded", "native_bf16", "prompt_int4_linear", "prompt_int8_linear", "simd_level",
+           "int8_linear", "load", "loaded", "native_bf16", "prompt_int4_linear", "prompt_int8_linear", "prompt_isa", "simd_level",
            "use_decode_attention", "use_linear_kernels", "use_prompt_kernels"]

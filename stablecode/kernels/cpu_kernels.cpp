@@ -10,7 +10,7 @@
 //   int8: weight int8 [N, K], scale fp32 [N]                  w[n, k] = scale[n] * q[n, k]
 //   int4: weight uint8 [N, K/2], scale, min fp16 [N, K/G]     w[n, k] = scale[n, g] * q[n, k] + min[n, g]
 //         each 32 values of a row take 16 bytes: byte i holds value i (low nibble) and i + 16 (high).
-// Prompts (many rows) take the AMX-INT8 GEMMs at the end of this file where the CPU has them.
+// Prompts (many rows) take the int8 GEMMs at the end of this file (AMX-INT8, else AVX-512 VNNI).
 // The same formats are dequantized by stablecode/quantize.py, which is also the reference the
 // tests compare these kernels against.
 
@@ -39,6 +39,8 @@
 #include <cpuid.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+#define SC_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#define SC_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
 #define SC_AMX __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
 #else
 #define SC_AMX_BUILD 0
@@ -552,7 +554,8 @@ int64_t read_bytes(const torch::Tensor& data) {
 //
 // Compiled with per-function target attributes and entered only after a run-time check of the
 // CPU (cpuid) and the kernel's permission to use tile state (arch_prctl), so one build serves
-// every machine.
+// every machine. CPUs with AVX-512 VNNI but no AMX run the same packed layout through vpdpbusd
+// (below); AVX2-only CPUs have no int8 prompt kernel here and take the float path.
 
 
 bool amx_available() {
@@ -582,7 +585,7 @@ struct alignas(64) TileConfig {
 };
 
 // 16 vectors of 16 lanes: r[i][j] -> r[j][i].
-SC_AMX inline void transpose16(__m512 r[16]) {
+SC_AVX512 inline void transpose16(__m512 r[16]) {
   __m512 t[16], u[16];
   for (int i = 0; i < 8; ++i) {
     t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
@@ -606,8 +609,8 @@ SC_AMX inline void transpose16(__m512 r[16]) {
   }
 }
 
-SC_AMX inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-SC_AMX inline __m512 load16(const c10::BFloat16* p) {
+SC_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+SC_AVX512 inline __m512 load16(const c10::BFloat16* p) {
   const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
@@ -618,13 +621,13 @@ SC_AMX inline void store16(c10::BFloat16* p, __m512 v) {
 }
 
 template <typename T>
-SC_AMX inline __m128i quantize16(const T* p, __m512 inv) {  // round half to even, as nearbyint
+SC_AVX512 inline __m128i quantize16(const T* p, __m512 inv) {  // round half to even, as nearbyint
   return _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(load16(p), inv)));
 }
 
 // 16 activation rows (those from `rows` on are zero) -> K/64 tiles in the VNNI layout; scale per row.
 template <typename T>
-SC_AMX void pack_rows(const T* x, int64_t K, int64_t rows, int8_t* out, float* sx) {
+SC_AVX512 void pack_rows(const T* x, int64_t K, int64_t rows, int8_t* out, float* sx) {
   float inv[16];
   for (int64_t i = 0; i < 16; ++i) {
     float amax = 0.f;
@@ -724,7 +727,7 @@ SC_AMX void amx_int8_blocks(int64_t begin, int64_t end, const int8_t* xp, const 
 
 // 32 rows of 4-bit weights -> int8 rows with one scale each (c): the 16 values a group can take,
 // rescaled to the row's int8 grid, become a table that one byte shuffle looks 32 weights up in.
-SC_AMX void int4_rows_to_int8(const uint8_t* w, const c10::Half* scale, const c10::Half* minimum, int64_t K,
+SC_AVX512 void int4_rows_to_int8(const uint8_t* w, const c10::Half* scale, const c10::Half* minimum, int64_t K,
                               int64_t group_size, int8_t* out, float* c) {
   const int64_t groups = K / group_size;
   const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -770,6 +773,109 @@ SC_AMX void amx_int4_blocks(int64_t begin, int64_t end, const int8_t* xp, const 
 }
 #endif  // SC_AMX_BUILD
 
+// ---- the same on AVX-512 VNNI (no AMX): vpdpbusd ----------------------------------------------
+// One vpdpbusd multiplies 64 unsigned by 64 signed bytes into 16 int32 sums of 4: the packed
+// activation rows (16 rows x 4 k per 64 bytes) are its unsigned operand after adding 128 (xor 0x80),
+// a weight's 4 bytes broadcast to all lanes the signed one; 128 x (row sum of the weight) comes off
+// again in the epilogue. 8 weight rows x 3 blocks of 16 activation rows stay in 24 registers.
+
+bool vnni_available() {
+#if SC_AMX_BUILD
+  static const bool ready = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    return (b & (1u << 16)) && (b & (1u << 30)) && (b & (1u << 17)) && (b & (1u << 31)) && (c & (1u << 11));
+  }();
+  return ready;
+#else
+  return false;
+#endif
+}
+
+#if SC_AMX_BUILD
+
+template <int BLOCKS, typename T>
+SC_VNNI void vnni_tile(const int8_t* w, int64_t ldw, const int32_t* wsum, const float* sw, const float* b, int64_t n0,
+                       const int8_t* xp, const float* sx, int64_t m0, int64_t M, int64_t N, int64_t K, T* y) {
+  const int64_t chunks = K / 64;
+  __m512i acc[8][BLOCKS];
+  for (int n = 0; n < 8; ++n)
+    for (int j = 0; j < BLOCKS; ++j) acc[n][j] = _mm512_setzero_si512();
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const int8_t* blocks[BLOCKS];
+  for (int j = 0; j < BLOCKS; ++j) blocks[j] = xp + (m0 / 16 + j) * chunks * 1024;
+  for (int64_t kc = 0; kc < chunks; ++kc) {
+    for (int r = 0; r < 16; ++r) {
+      __m512i x[BLOCKS];
+      for (int j = 0; j < BLOCKS; ++j)
+        x[j] = _mm512_xor_si512(_mm512_loadu_si512(blocks[j] + kc * 1024 + r * 64), flip);
+      const int64_t k = kc * 64 + r * 4;
+      for (int n = 0; n < 8; ++n) {
+        int32_t four;
+        std::memcpy(&four, w + n * ldw + k, 4);
+        const __m512i wv = _mm512_set1_epi32(four);
+        for (int j = 0; j < BLOCKS; ++j) acc[n][j] = _mm512_dpbusd_epi32(acc[n][j], x[j], wv);
+      }
+    }
+  }
+  alignas(64) int32_t out[8][BLOCKS * 16];
+  for (int n = 0; n < 8; ++n)
+    for (int j = 0; j < BLOCKS; ++j) _mm512_store_si512(out[n] + 16 * j, acc[n][j]);
+  for (int64_t m = 0; m < BLOCKS * 16 && m0 + m < M; ++m)
+    for (int n = 0; n < 8; ++n) {
+      const float v = float(out[n][m] - 128 * wsum[n]) * (sx[m0 + m] * sw[n]) + (b ? b[n0 + n] : 0.f);
+      y[(m0 + m) * N + n0 + n] = static_cast<T>(v);
+    }
+}
+
+// 8 weight rows against every packed activation row.
+template <typename T>
+SC_VNNI void vnni_weight_block(const int8_t* w, int64_t ldw, const float* sw, const float* b, int64_t n0,
+                               const int8_t* xp, const float* sx, int64_t M, int64_t N, int64_t K, T* y) {
+  int32_t wsum[8];
+  for (int n = 0; n < 8; ++n) {
+    __m512i s = _mm512_setzero_si512();
+    for (int64_t k = 0; k < K; k += 64)  // sum of signed bytes: sad of (w xor 0x80) minus 128 each
+      s = _mm512_add_epi64(s, _mm512_sad_epu8(_mm512_xor_si512(_mm512_loadu_si512(w + n * ldw + k),
+                                                               _mm512_set1_epi8(static_cast<char>(0x80))),
+                                              _mm512_setzero_si512()));
+    wsum[n] = static_cast<int32_t>(_mm512_reduce_add_epi64(s) - 128 * K);
+  }
+  const int64_t blocks = (M + 15) / 16;
+  int64_t blk = 0;
+  for (; blk + 3 <= blocks; blk += 3) vnni_tile<3>(w, ldw, wsum, sw, b, n0, xp, sx, blk * 16, M, N, K, y);
+  if (blocks - blk == 2) vnni_tile<2>(w, ldw, wsum, sw, b, n0, xp, sx, blk * 16, M, N, K, y);
+  if (blocks - blk == 1) vnni_tile<1>(w, ldw, wsum, sw, b, n0, xp, sx, blk * 16, M, N, K, y);
+}
+#endif  // SC_AMX_BUILD
+
+#if SC_AMX_BUILD
+template <typename T>
+SC_VNNI void vnni_int8_blocks(int64_t begin, int64_t end, const int8_t* xp, const float* sx, int64_t M,
+                              const int8_t* w, const float* sw, const float* b, int64_t N, int64_t K, T* y) {
+  for (int64_t nb = begin; nb < end; ++nb)
+    for (int64_t part = 0; part < 4; ++part) {
+      const int64_t n0 = nb * 32 + part * 8;
+      vnni_weight_block(w + n0 * K, K, sw + n0, b, n0, xp, sx, M, N, K, y);
+    }
+}
+
+template <typename T>
+SC_VNNI void vnni_int4_blocks(int64_t begin, int64_t end, const int8_t* xp, const float* sx, int64_t M,
+                              const uint8_t* w, const c10::Half* scale, const c10::Half* minimum, int64_t group_size,
+                              const float* b, int64_t N, int64_t K, T* y) {
+  std::vector<int8_t> rows(32 * K);
+  alignas(64) float c[32];
+  const int64_t groups = K / group_size;
+  for (int64_t nb = begin; nb < end; ++nb) {
+    int4_rows_to_int8(w + nb * 32 * (K / 2), scale + nb * 32 * groups, minimum + nb * 32 * groups, K, group_size,
+                      rows.data(), c);
+    for (int64_t part = 0; part < 4; ++part)
+      vnni_weight_block(rows.data() + part * 8 * K, K, c + part * 8, b, nb * 32 + part * 8, xp, sx, M, N, K, y);
+  }
+}
+#endif
+
 // Activations quantized per row into the tiles' layout: (packed int8 [ceil(M/32)*32 * K], scale [.]).
 std::pair<torch::Tensor, torch::Tensor> pack_activations(const torch::Tensor& x) {
   const int64_t M = x.size(0), K = x.size(1), padded = (M + 31) / 32 * 32;
@@ -791,8 +897,19 @@ std::pair<torch::Tensor, torch::Tensor> pack_activations(const torch::Tensor& x)
   return {packed, scale};
 }
 
+// Which prompt GEMM this CPU runs: "amx", "avx512-vnni", or "" (none: prompts take the float path).
+std::string prompt_isa() { return amx_available() ? "amx" : vnni_available() ? "avx512-vnni" : ""; }
+
+// isa: "" picks the best this CPU has; "amx" or "avx512-vnni" ask for one (tests compare them).
+bool use_amx(const std::string& isa) {
+  const std::string chosen = isa.empty() ? prompt_isa() : isa;
+  TORCH_CHECK(chosen == "amx" || chosen == "avx512-vnni",
+              "the prompt GEMM kernels need AMX-INT8 or AVX-512 VNNI (this CPU has neither)");
+  TORCH_CHECK(chosen == "amx" ? amx_available() : vnni_available(), "this CPU cannot run the ", chosen, " kernel");
+  return chosen == "amx";
+}
+
 void check_prompt(const torch::Tensor& x, int64_t N, const c10::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(amx_available(), "the prompt GEMM kernels need AMX-INT8 (see amx_available())");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu() &&
               (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16),
               "x must be a contiguous 2-D float32 or bfloat16 CPU tensor");
@@ -805,26 +922,32 @@ torch::Tensor float_bias(const c10::optional<torch::Tensor>& bias) {
 }
 
 torch::Tensor prompt_int8_linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scale,
-                                 const c10::optional<torch::Tensor>& bias) {
+                                 const c10::optional<torch::Tensor>& bias, const std::string& isa) {
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   check_prompt(x, N, bias);
   TORCH_CHECK(weight.scalar_type() == torch::kInt8 && weight.is_contiguous() && weight.size(1) == K,
               "weight must be contiguous int8 [N, K]");
   TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == N,
               "scale must be fp32 [N]");
+  const bool amx = use_amx(isa);
   torch::Tensor y = torch::empty({M, N}, x.options());
 #if SC_AMX_BUILD
   const auto [packed_x, scale_x] = pack_activations(x);
   const torch::Tensor packed = packed_x, sx = scale_x;  // lambdas cannot capture structured bindings in C++17
   const torch::Tensor b = float_bias(bias);
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  const int8_t* xp = packed.data_ptr<int8_t>();
+  const int8_t* w = weight.data_ptr<int8_t>();
   at::parallel_for(0, N / 32, 1, [&](int64_t begin, int64_t end) {
-    if (x.scalar_type() == torch::kBFloat16)
-      amx_int8_blocks(begin, end, packed.data_ptr<int8_t>(), sx.data_ptr<float>(), M, weight.data_ptr<int8_t>(),
-                      scale.data_ptr<float>(), bp, N, K, y.data_ptr<c10::BFloat16>());
-    else
-      amx_int8_blocks(begin, end, packed.data_ptr<int8_t>(), sx.data_ptr<float>(), M, weight.data_ptr<int8_t>(),
-                      scale.data_ptr<float>(), bp, N, K, y.data_ptr<float>());
+    if (x.scalar_type() == torch::kBFloat16) {
+      auto* out = y.data_ptr<c10::BFloat16>();
+      if (amx) amx_int8_blocks(begin, end, xp, sx.data_ptr<float>(), M, w, scale.data_ptr<float>(), bp, N, K, out);
+      else vnni_int8_blocks(begin, end, xp, sx.data_ptr<float>(), M, w, scale.data_ptr<float>(), bp, N, K, out);
+    } else {
+      auto* out = y.data_ptr<float>();
+      if (amx) amx_int8_blocks(begin, end, xp, sx.data_ptr<float>(), M, w, scale.data_ptr<float>(), bp, N, K, out);
+      else vnni_int8_blocks(begin, end, xp, sx.data_ptr<float>(), M, w, scale.data_ptr<float>(), bp, N, K, out);
+    }
   });
 #endif
   return y;
@@ -832,7 +955,7 @@ torch::Tensor prompt_int8_linear(const torch::Tensor& x, const torch::Tensor& we
 
 torch::Tensor prompt_int4_linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scale,
                                  const torch::Tensor& minimum, int64_t group_size,
-                                 const c10::optional<torch::Tensor>& bias) {
+                                 const c10::optional<torch::Tensor>& bias, const std::string& isa) {
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   check_prompt(x, N, bias);
   TORCH_CHECK(group_size % 32 == 0 && group_size > 0 && K % group_size == 0, "group size must be a multiple of 32 dividing K");
@@ -841,26 +964,31 @@ torch::Tensor prompt_int4_linear(const torch::Tensor& x, const torch::Tensor& we
   TORCH_CHECK(scale.scalar_type() == torch::kHalf && minimum.scalar_type() == torch::kHalf && scale.is_contiguous() &&
               minimum.is_contiguous() && scale.numel() == N * (K / group_size) && minimum.numel() == scale.numel(),
               "scale and min must be fp16 [N, K / group_size]");
+  const bool amx = use_amx(isa);
   torch::Tensor y = torch::empty({M, N}, x.options());
 #if SC_AMX_BUILD
   const auto [packed_x, scale_x] = pack_activations(x);
-  const torch::Tensor packed = packed_x, sx = scale_x;  // lambdas cannot capture structured bindings in C++17
+  const torch::Tensor packed = packed_x, sx = scale_x;
   const torch::Tensor b = float_bias(bias);
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  const int8_t* xp = packed.data_ptr<int8_t>();
+  const uint8_t* w = weight.data_ptr<uint8_t>();
+  const c10::Half* s = scale.data_ptr<c10::Half>();
+  const c10::Half* mn = minimum.data_ptr<c10::Half>();
   at::parallel_for(0, N / 32, 1, [&](int64_t begin, int64_t end) {
-    if (x.scalar_type() == torch::kBFloat16)
-      amx_int4_blocks(begin, end, packed.data_ptr<int8_t>(), sx.data_ptr<float>(), M, weight.data_ptr<uint8_t>(),
-                      scale.data_ptr<c10::Half>(), minimum.data_ptr<c10::Half>(), group_size, bp, N, K,
-                      y.data_ptr<c10::BFloat16>());
-    else
-      amx_int4_blocks(begin, end, packed.data_ptr<int8_t>(), sx.data_ptr<float>(), M, weight.data_ptr<uint8_t>(),
-                      scale.data_ptr<c10::Half>(), minimum.data_ptr<c10::Half>(), group_size, bp, N, K,
-                      y.data_ptr<float>());
+    if (x.scalar_type() == torch::kBFloat16) {
+      auto* out = y.data_ptr<c10::BFloat16>();
+      if (amx) amx_int4_blocks(begin, end, xp, sx.data_ptr<float>(), M, w, s, mn, group_size, bp, N, K, out);
+      else vnni_int4_blocks(begin, end, xp, sx.data_ptr<float>(), M, w, s, mn, group_size, bp, N, K, out);
+    } else {
+      auto* out = y.data_ptr<float>();
+      if (amx) amx_int4_blocks(begin, end, xp, sx.data_ptr<float>(), M, w, s, mn, group_size, bp, N, K, out);
+      else vnni_int4_blocks(begin, end, xp, sx.data_ptr<float>(), M, w, s, mn, group_size, bp, N, K, out);
+    }
   });
 #endif
   return y;
 }
-
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -872,7 +1000,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_activations", &quantize_activations_py, "int8 per-32 block quantization: (q, scale, scale*sum)");
   m.def("read_bytes", &read_bytes, "sum of all bytes (a memory-bandwidth probe)");
   m.def("simd", []() { return SC_AVX2 ? "avx2" : "generic"; });
-  m.def("amx_available", &amx_available, "whether this CPU and kernel let the AMX-INT8 prompt GEMMs run");
-  m.def("prompt_int8_linear", &prompt_int8_linear, "x @ dequant(int8 W).T + b, activations int8 per row, AMX tiles");
-  m.def("prompt_int4_linear", &prompt_int4_linear, "x @ dequant(int4 W).T + b, activations int8 per row, AMX tiles");
+  m.def("prompt_isa", &prompt_isa, "the prompt GEMM this CPU runs: amx, avx512-vnni or '' (none)");
+  m.def("prompt_int8_linear", &prompt_int8_linear, "x @ dequant(int8 W).T + b, activations int8 per row",
+        py::arg("x"), py::arg("weight"), py::arg("scale"), py::arg("bias"), py::arg("isa") = "");
+  m.def("prompt_int4_linear", &prompt_int4_linear, "x @ dequant(int4 W).T + b, activations int8 per row",
+        py::arg("x"), py::arg("weight"), py::arg("scale"), py::arg("minimum"), py::arg("group_size"),
+        py::arg("bias"), py::arg("isa") = "");
 }

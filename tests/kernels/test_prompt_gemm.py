@@ -1,5 +1,5 @@
-"""The prompt GEMMs (int8 x int8 on AMX tiles, activations quantized per token) against reference
-math, and the layers' choice between them and the dequantize-then-float path."""
+"""The prompt GEMMs (int8 x int8 on AMX tiles or with AVX-512 VNNI, activations quantized per token)
+against reference math, and the layers' choice between them and the dequantize-then-float path."""
 
 import pytest
 import torch
@@ -19,9 +19,15 @@ def ext():
 
 @pytest.fixture(scope="module")
 def amx(ext):
-    if not ext.amx_available():
-        pytest.skip("this CPU has no AMX-INT8: prompts take the dequantize-then-float path (tested below)")
+    if not ext.prompt_isa():
+        pytest.skip("this CPU has neither AMX-INT8 nor AVX-512 VNNI: prompts take the float path (tested below)")
     return ext
+
+
+def available_isas(ext) -> list[str]:
+    """Every prompt kernel this CPU can run (an AMX CPU also runs the VNNI one)."""
+    flags = open("/proc/cpuinfo").read()
+    return [isa for isa, flag in (("amx", "amx_int8"), ("avx512-vnni", "avx512_vnni")) if f" {flag}" in flags]
 
 
 def per_token(x: torch.Tensor) -> torch.Tensor:
@@ -43,10 +49,13 @@ def test_int8_prompt_gemm_is_per_token_int8_math(amx, rows, dtype):
     w, b, x = torch.randn(96, 320) * 0.05, torch.randn(96), torch.randn(rows, 320).to(dtype)
     q, scale = Q.quantize_int8(w)
     reference = per_token(x) @ Q.dequantize_int8(q, scale).double().t() + b.double()
-    y = ops.prompt_int8_linear(x, q, scale, b.to(dtype))
-    assert y.dtype == dtype and y.shape == (rows, 96)
-    # fp32: only the float rescale rounds; bf16: the output's own rounding (8 bits).
-    assert relative_error(y, reference) < (1e-5 if dtype == torch.float32 else 1e-2)
+    for isa in available_isas(amx):
+        y = amx.prompt_int8_linear(x, q, scale, b.to(dtype), isa)
+        assert y.dtype == dtype and y.shape == (rows, 96)
+        # fp32: only the float rescale rounds; bf16: the output's own rounding (8 bits).
+        assert relative_error(y, reference) < (1e-5 if dtype == torch.float32 else 1e-2), isa
+    assert torch.equal(ops.prompt_int8_linear(x, q, scale, b.to(dtype)),
+                       amx.prompt_int8_linear(x, q, scale, b.to(dtype), amx.prompt_isa()))
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])
@@ -56,16 +65,23 @@ def test_int4_prompt_gemm_stays_close_to_the_int4_weights(amx, group_size):
     packed, scale, minimum = Q.quantize_int4(w, group_size)
     dequantized = Q.dequantize_int4(packed, scale, minimum, group_size).double()
     exact = per_token(x) @ dequantized.t()
-    y = ops.prompt_int4_linear(x, packed, scale, minimum, group_size, None)
     # The 4-bit weights are re-gridded to int8 per output channel: an error far below int4's own.
     int4_error = relative_error(x.double() @ w.double().t(), exact)
-    assert relative_error(y, exact) < 0.25 * int4_error
+    for isa in available_isas(amx):
+        y = amx.prompt_int4_linear(x, packed, scale, minimum, group_size, None, isa)
+        assert relative_error(y, exact) < 0.25 * int4_error, isa
 
 
 def test_prompt_gemm_rejects_shapes_it_cannot_tile(amx):
     q, scale = Q.quantize_int8(torch.randn(48, 128))
     with pytest.raises(RuntimeError, match="N % 32"):
         ops.prompt_int8_linear(torch.randn(20, 128), q, scale, None)
+
+
+def test_prompt_isa_follows_the_cpu_flags(ext):
+    isas = available_isas(ext)
+    assert ext.prompt_isa() == (isas[0] if isas else "")
+    assert ops.prompt_isa() == ext.prompt_isa()
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
@@ -97,8 +113,7 @@ def test_set_prompt_precision_reaches_every_quantized_layer():
 
 
 def test_prompt_kernels_apply_only_to_prompts(ext):
-    amx = ext.amx_available()
-    assert ops.use_prompt_kernels(torch.randn(17, 256), 128) == amx
+    assert ops.use_prompt_kernels(torch.randn(17, 256), 128) == bool(ext.prompt_isa())
     assert not ops.use_prompt_kernels(torch.randn(16, 256), 128)  # the decode kernels' rows
     assert not ops.use_prompt_kernels(torch.randn(64, 96), 128)  # K not a multiple of 64
     assert not ops.use_prompt_kernels(torch.randn(64, 256), 100)  # N not a multiple of 32
