@@ -24,6 +24,7 @@
 #include <type_traits>
 #include <vector>
 #include <algorithm>
+#include <atomic>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -718,10 +719,10 @@ SC_AMX void amx_weight_block(const int8_t* w, int64_t ldw, const float* sw, cons
 }
 
 template <typename T>
-SC_AMX void amx_int8_blocks(int64_t begin, int64_t end, const int8_t* xp, const float* sx, int64_t M,
+SC_AMX void amx_int8_blocks(std::atomic<int64_t>& next, int64_t blocks, const int8_t* xp, const float* sx, int64_t M,
                             const int8_t* w, const float* sw, const float* b, int64_t N, int64_t K, T* y) {
   load_tile_config();
-  for (int64_t nb = begin; nb < end; ++nb) amx_weight_block(w + nb * 32 * K, K, sw + nb * 32, b, nb * 32, xp, sx, M, N, K, y);
+  for (int64_t nb; (nb = next.fetch_add(1)) < blocks;) amx_weight_block(w + nb * 32 * K, K, sw + nb * 32, b, nb * 32, xp, sx, M, N, K, y);
   _tile_release();
 }
 
@@ -757,14 +758,14 @@ SC_AVX512 void int4_rows_to_int8(const uint8_t* w, const c10::Half* scale, const
 }
 
 template <typename T>
-SC_AMX void amx_int4_blocks(int64_t begin, int64_t end, const int8_t* xp, const float* sx, int64_t M,
+SC_AMX void amx_int4_blocks(std::atomic<int64_t>& next, int64_t blocks, const int8_t* xp, const float* sx, int64_t M,
                             const uint8_t* w, const c10::Half* scale, const c10::Half* minimum, int64_t group_size,
                             const float* b, int64_t N, int64_t K, T* y) {
   std::vector<int8_t> rows(32 * K);
   alignas(64) float c[32];
   const int64_t groups = K / group_size;
   load_tile_config();
-  for (int64_t nb = begin; nb < end; ++nb) {
+  for (int64_t nb; (nb = next.fetch_add(1)) < blocks;) {
     int4_rows_to_int8(w + nb * 32 * (K / 2), scale + nb * 32 * groups, minimum + nb * 32 * groups, K, group_size,
                       rows.data(), c);
     amx_weight_block(rows.data(), K, c, b, nb * 32, xp, sx, M, N, K, y);
@@ -851,9 +852,9 @@ SC_VNNI void vnni_weight_block(const int8_t* w, int64_t ldw, const float* sw, co
 
 #if SC_AMX_BUILD
 template <typename T>
-SC_VNNI void vnni_int8_blocks(int64_t begin, int64_t end, const int8_t* xp, const float* sx, int64_t M,
+SC_VNNI void vnni_int8_blocks(std::atomic<int64_t>& next, int64_t blocks, const int8_t* xp, const float* sx, int64_t M,
                               const int8_t* w, const float* sw, const float* b, int64_t N, int64_t K, T* y) {
-  for (int64_t nb = begin; nb < end; ++nb)
+  for (int64_t nb; (nb = next.fetch_add(1)) < blocks;)
     for (int64_t part = 0; part < 4; ++part) {
       const int64_t n0 = nb * 32 + part * 8;
       vnni_weight_block(w + n0 * K, K, sw + n0, b, n0, xp, sx, M, N, K, y);
@@ -861,13 +862,13 @@ SC_VNNI void vnni_int8_blocks(int64_t begin, int64_t end, const int8_t* xp, cons
 }
 
 template <typename T>
-SC_VNNI void vnni_int4_blocks(int64_t begin, int64_t end, const int8_t* xp, const float* sx, int64_t M,
+SC_VNNI void vnni_int4_blocks(std::atomic<int64_t>& next, int64_t blocks, const int8_t* xp, const float* sx, int64_t M,
                               const uint8_t* w, const c10::Half* scale, const c10::Half* minimum, int64_t group_size,
                               const float* b, int64_t N, int64_t K, T* y) {
   std::vector<int8_t> rows(32 * K);
   alignas(64) float c[32];
   const int64_t groups = K / group_size;
-  for (int64_t nb = begin; nb < end; ++nb) {
+  for (int64_t nb; (nb = next.fetch_add(1)) < blocks;) {
     int4_rows_to_int8(w + nb * 32 * (K / 2), scale + nb * 32 * groups, minimum + nb * 32 * groups, K, group_size,
                       rows.data(), c);
     for (int64_t part = 0; part < 4; ++part)
@@ -938,15 +939,19 @@ torch::Tensor prompt_int8_linear(const torch::Tensor& x, const torch::Tensor& we
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   const int8_t* xp = packed.data_ptr<int8_t>();
   const int8_t* w = weight.data_ptr<int8_t>();
-  at::parallel_for(0, N / 32, 1, [&](int64_t begin, int64_t end) {
+  // Blocks of 32 output channels go to whichever thread is free next: on a shared machine a thread
+  // that loses its core does not hold the other back at the join, as an even split would.
+  std::atomic<int64_t> next{0};
+  const int64_t blocks = N / 32;
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     if (x.scalar_type() == torch::kBFloat16) {
       auto* out = y.data_ptr<c10::BFloat16>();
-      if (amx) amx_int8_blocks(begin, end, xp, sx.data_ptr<float>(), M, w, scale.data_ptr<float>(), bp, N, K, out);
-      else vnni_int8_blocks(begin, end, xp, sx.data_ptr<float>(), M, w, scale.data_ptr<float>(), bp, N, K, out);
+      if (amx) amx_int8_blocks(next, blocks, xp, sx.data_ptr<float>(), M, w, scale.data_ptr<float>(), bp, N, K, out);
+      else vnni_int8_blocks(next, blocks, xp, sx.data_ptr<float>(), M, w, scale.data_ptr<float>(), bp, N, K, out);
     } else {
       auto* out = y.data_ptr<float>();
-      if (amx) amx_int8_blocks(begin, end, xp, sx.data_ptr<float>(), M, w, scale.data_ptr<float>(), bp, N, K, out);
-      else vnni_int8_blocks(begin, end, xp, sx.data_ptr<float>(), M, w, scale.data_ptr<float>(), bp, N, K, out);
+      if (amx) amx_int8_blocks(next, blocks, xp, sx.data_ptr<float>(), M, w, scale.data_ptr<float>(), bp, N, K, out);
+      else vnni_int8_blocks(next, blocks, xp, sx.data_ptr<float>(), M, w, scale.data_ptr<float>(), bp, N, K, out);
     }
   });
 #endif
@@ -975,15 +980,19 @@ torch::Tensor prompt_int4_linear(const torch::Tensor& x, const torch::Tensor& we
   const uint8_t* w = weight.data_ptr<uint8_t>();
   const c10::Half* s = scale.data_ptr<c10::Half>();
   const c10::Half* mn = minimum.data_ptr<c10::Half>();
-  at::parallel_for(0, N / 32, 1, [&](int64_t begin, int64_t end) {
+  // Blocks of 32 output channels go to whichever thread is free next: on a shared machine a thread
+  // that loses its core does not hold the other back at the join, as an even split would.
+  std::atomic<int64_t> next{0};
+  const int64_t blocks = N / 32;
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     if (x.scalar_type() == torch::kBFloat16) {
       auto* out = y.data_ptr<c10::BFloat16>();
-      if (amx) amx_int4_blocks(begin, end, xp, sx.data_ptr<float>(), M, w, s, mn, group_size, bp, N, K, out);
-      else vnni_int4_blocks(begin, end, xp, sx.data_ptr<float>(), M, w, s, mn, group_size, bp, N, K, out);
+      if (amx) amx_int4_blocks(next, blocks, xp, sx.data_ptr<float>(), M, w, s, mn, group_size, bp, N, K, out);
+      else vnni_int4_blocks(next, blocks, xp, sx.data_ptr<float>(), M, w, s, mn, group_size, bp, N, K, out);
     } else {
       auto* out = y.data_ptr<float>();
-      if (amx) amx_int4_blocks(begin, end, xp, sx.data_ptr<float>(), M, w, s, mn, group_size, bp, N, K, out);
-      else vnni_int4_blocks(begin, end, xp, sx.data_ptr<float>(), M, w, s, mn, group_size, bp, N, K, out);
+      if (amx) amx_int4_blocks(next, blocks, xp, sx.data_ptr<float>(), M, w, s, mn, group_size, bp, N, K, out);
+      else vnni_int4_blocks(next, blocks, xp, sx.data_ptr<float>(), M, w, s, mn, group_size, bp, N, K, out);
     }
   });
 #endif
