@@ -31,8 +31,9 @@ IGNORED_SUFFIXES = ("attention.bias", "attention.masked_bias", "attention.rotary
 # save_pretrained writes `embed_out`, as released checkpoints do).
 TENSOR_ALIASES = {"lm_head.weight": "embed_out.weight"}
 QUANTIZATION_FILE = "quantization.json"
-# bf16 models this large get the compiled matrix-vector layers (built on first use, about a minute).
-# Smaller ones (the embedded model) decode at PyTorch's speed already and never wait for a build.
+# bf16 models this large get the compiled matrix-vector layers (built on first use, about a minute),
+# where decoding is bound by streaming the weights. Smaller ones (the embedded model) keep PyTorch's
+# ops, so a first completion on a fresh machine never waits for a compiler.
 BF16_KERNELS_MIN_PARAMETERS = 100_000_000
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
