@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from stablecode import kernels
 from stablecode.atomic import staged_directory
 from stablecode.config import ModelConfig
 from stablecode.errors import CheckpointError, CheckpointWarning, ConfigError
@@ -31,10 +32,6 @@ IGNORED_SUFFIXES = ("attention.bias", "attention.masked_bias", "attention.rotary
 # save_pretrained writes `embed_out`, as released checkpoints do).
 TENSOR_ALIASES = {"lm_head.weight": "embed_out.weight"}
 QUANTIZATION_FILE = "quantization.json"
-# bf16 models this large get the compiled matrix-vector layers (built on first use, about a minute),
-# where decoding is bound by streaming the weights. Smaller ones (the embedded model) keep PyTorch's
-# ops, so a first completion on a fresh machine never waits for a compiler.
-BF16_KERNELS_MIN_PARAMETERS = 100_000_000
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -257,8 +254,8 @@ def load_model(path: str | os.PathLike | None = None, dtype: str | torch.dtype |
     if quantize:
         quantize_model(model, quantize)
     elif (device.type == "cpu" and final_dtype == torch.bfloat16 and stored_quantization is None
-          and config.num_parameters >= BF16_KERNELS_MIN_PARAMETERS):
-        use_bf16_kernels(model)
+          and kernels.worth_building(config.num_parameters)):
+        use_bf16_kernels(model)  # the embedded model keeps nn.Linear: it never waits for a build
     return model
 
 

@@ -222,9 +222,9 @@ def test_load_model_quantize_option(tiny_checkpoint):
 
 
 def test_large_bf16_cpu_model_uses_fast_layers(tmp_path, monkeypatch):
-    from stablecode import checkpoint, save_checkpoint
+    from stablecode import save_checkpoint
 
-    monkeypatch.setattr(checkpoint, "BF16_KERNELS_MIN_PARAMETERS", CONFIG.num_parameters)
+    monkeypatch.setattr(build, "BUILD_MIN_PARAMETERS", CONFIG.num_parameters)
     save_checkpoint(random_model(dtype=torch.bfloat16), tmp_path / "bf16")
     model = load_model(tmp_path / "bf16")
     layer = model.gpt_neox.layers[0].attention.query_key_value

@@ -173,7 +173,8 @@ class Engine:
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb else None
         self.device = model.device
         if self.device.type == "cpu":
-            kernels.load()  # the decode attention kernel serves every pass; built once per machine
+            # The decode attention kernel serves every pass (built once per machine, for large models).
+            kernels.load_for(model.config.num_parameters, getattr(model, "quantization", None) is not None)
         self.cache: KVCache | None = None
         self._condition = threading.Condition()
         self._sync = threading.RLock()  # a stream may call complete() before it is exhausted

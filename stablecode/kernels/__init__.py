@@ -9,11 +9,12 @@ built on first use (`load()`) by the code that needs them: loading a quantized o
 works without them through PyTorch's own ops.
 """
 
-from stablecode.kernels.build import load, loaded, simd_level
+from stablecode.kernels.build import load, load_for, loaded, simd_level, worth_building
 from stablecode.kernels.ops import (DECODE_MAX_ROWS, attention, bf16_linear, decode_attention, gemm_dtype,
                                     int4_linear, int8_linear, native_bf16, prompt_int4_linear, prompt_int8_linear,
                                     prompt_isa, use_decode_attention, use_linear_kernels, use_prompt_kernels)
 
 __all__ = ["DECODE_MAX_ROWS", "attention", "bf16_linear", "decode_attention", "gemm_dtype", "int4_linear",
-           "int8_linear", "load", "loaded", "native_bf16", "prompt_int4_linear", "prompt_int8_linear", "prompt_isa", "simd_level",
-           "use_decode_attention", "use_linear_kernels", "use_prompt_kernels"]
+           "int8_linear", "load", "load_for", "loaded", "native_bf16", "prompt_int4_linear", "prompt_int8_linear",
+           "prompt_isa", "simd_level", "use_decode_attention", "use_linear_kernels", "use_prompt_kernels",
+           "worth_building"]

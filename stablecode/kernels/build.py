@@ -121,18 +121,38 @@ def _build(name: str, target: Path):
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def load():
+# Decoding a model this large (or a quantized one) is bound by streaming its weights, and the
+# kernels pay for their one-time build (about a minute). A smaller model (the embedded one) uses
+# them only if a previous run already built them: its first completion never waits for a compiler.
+BUILD_MIN_PARAMETERS = 100_000_000
+
+
+def worth_building(num_parameters: int, quantized: bool = False) -> bool:
+    return quantized or num_parameters >= BUILD_MIN_PARAMETERS
+
+
+def load_for(num_parameters: int, quantized: bool = False):
+    """The kernels for decoding a model of this size: built if it is quantized or large, else only
+    loaded if already built (None otherwise, silently)."""
+    return load(build=worth_building(num_parameters, quantized))
+
+
+def load(build: bool = True):
     """The compiled kernels, built on first use on this machine; None (after one short warning)
-    where they cannot be built. STABLECODE_KERNELS=torch skips them (PyTorch's own ops, for comparisons)."""
+    where they cannot be built. With build=False, only a library already in the cache is loaded.
+    STABLECODE_KERNELS=torch skips them (PyTorch's own ops, for comparisons)."""
     global _library, _attempted
     if _attempted:
         return _library
-    _attempted = True
     if os.environ.get("STABLECODE_KERNELS", "native") == "torch":
+        _attempted = True
         return None
     import torch  # noqa: F401  (the library links against libtorch: load it first)
 
     name, path = library_path()
+    if not build and not path.exists():
+        return None  # not attempted: a later caller that needs the kernels may still build them
+    _attempted = True
     try:
         if path.exists():
             _library = _import(name, path)
