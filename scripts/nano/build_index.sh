@@ -1,23 +1,14 @@
 #!/usr/bin/env bash
-# Build the attribution index that ships with the embedded stablecode-nano model: every file of its
-# training corpus (work/nano/corpus from scripts/nano/data.sh) except the held-out validation files.
-# Run it after the model is saved: save_checkpoint replaces the model directory as a whole.
-# Usage: scripts/nano/build_index.sh [CORPUS_DIR] [OUT_DIR]
+# The attribution index that ships with stablecode-nano: the text its training run actually read
+# (scripts/nano/seen_corpus.py reproduces the run's data order up to the exported checkpoint).
+# Run it after scripts/nano/export.py: the export replaces the model directory as a whole.
+# Usage: scripts/nano/build_index.sh [CHECKPOINT_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-CORPUS="${1:-work/nano/corpus}"
-OUT="${2:-stablecode/models/stablecode-nano/attribution-index}"
-HELD_OUT=work/nano/packed/validation_files.tsv
-
-if [ ! -d "$CORPUS" ]; then
-    echo "no corpus at $CORPUS: run scripts/nano/data.sh first" >&2
-    exit 1
-fi
-exclude=()
-if [ -f "$HELD_OUT" ]; then
-    exclude=(--exclude "$HELD_OUT")  # the model never trained on these: they are not its training data
-else
-    echo "warning: $HELD_OUT not found; indexing every corpus file, held-out ones included" >&2
-fi
-stablecode index build --data "$CORPUS" --out "$OUT" --window 50 --stride 32 --workers 2 \
-    --license PSF-2.0 "${exclude[@]}"
+CORPUS="${STABLECODE_CORPUS:-$HOME/.cache/stablecode/corpus}"
+MODEL=stablecode/models/stablecode-nano
+CHECKPOINT="${1:-$HOME/.cache/stablecode/runs/nano-main/checkpoints/$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["checkpoint"])' "$MODEL/training_summary.json")}"
+SEEN="$CORPUS/seen"
+rm -rf "$SEEN"
+python scripts/nano/seen_corpus.py --checkpoint "$CHECKPOINT" --corpus "$CORPUS" --out "$SEEN"
+stablecode index build --data "$SEEN" --out "$MODEL/attribution-index" --window 50 --stride 32 --workers 2

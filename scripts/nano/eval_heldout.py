@@ -2,7 +2,7 @@
 
 - bits/byte: every held-out file scored whole (context windows of the model's length, each new
   window keeping the previous half as context), after an EOS as the training data has it; total
-  nats / ln 2 / UTF-8 bytes. xz -9e compresses all the files concatenated (its best case).
+  nats / ln 2 / UTF-8 bytes: comparable across tokenizers. xz -9e compresses all the files concatenated (its best case).
 - FIM: one line of a function body masked; the prompt is
   `<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>` (up to 1,200 characters of prefix and 600 of
   suffix), greedy until the first newline; exact match on stripped lines, as SantaCoder scores
@@ -33,26 +33,41 @@ def held_out_files(root: Path) -> list[tuple[str, str]]:
     return [(str(p.relative_to(root)), p.read_text(encoding="utf-8")) for p in files]
 
 
+def windows(ids: list[int], context: int) -> list[tuple[list[int], int]]:
+    """(window, first scored position) covering ids[1:]: full windows, each after the first keeping the
+    previous half as context, so every token is predicted once with at least half a window before it."""
+    out, scored, start = [], 1, 0
+    while scored < len(ids):
+        end = min(len(ids), start + context + 1)
+        out.append((ids[start:end], scored - start))
+        scored = end
+        start = max(end - 1 - context // 2, 0)
+    return out
+
+
 @torch.inference_mode()
-def bits_per_byte(completer: Completer, files: list[tuple[str, str]]) -> dict:
+def bits_per_byte(completer: Completer, files: list[tuple[str, str]], batch_size: int = 8) -> dict:
     model, tokenizer = completer.model, completer.tokenizer
     context = completer.config.max_position_embeddings
     eos = completer.config.eos_token_id
-    nats, tokens, text_bytes = 0.0, 0, 0
-    for _, text in files:
-        ids = [eos] + tokenizer.encode(text)
-        text_bytes += len(text.encode("utf-8"))
-        scored = 1  # ids[0] is the EOS before the file: context only
-        start = 0
-        while scored < len(ids):
-            end = min(len(ids), start + context)
-            window = torch.tensor([ids[start:end]], device=completer.device)
-            logits = model(window[:, :-1]).float()
-            first = scored - start - 1  # predictions for ids[scored:end]
-            nats += F.cross_entropy(logits[0, first:], window[0, scored - start:], reduction="sum").item()
-            tokens += end - scored
-            scored = end
-            start = max(end - context // 2, 0)
+    pieces = []
+    for _, text in files:  # each file after an EOS, as the training stream has it
+        pieces.extend(windows([eos] + tokenizer.encode(text), context))
+    pieces.sort(key=lambda p: len(p[0]))  # similar lengths together: little padding
+    nats, tokens = 0.0, 0
+    for start in range(0, len(pieces), batch_size):
+        batch = pieces[start:start + batch_size]
+        width = max(len(w) for w, _ in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        weights = torch.zeros(len(batch), width - 1)
+        for row, (window, first) in enumerate(batch):
+            ids[row, :len(window)] = torch.tensor(window)
+            weights[row, first - 1:len(window) - 1] = 1.0  # right padding: causal, so it changes nothing before it
+        logits = model(ids[:, :-1].to(completer.device)).float().cpu()
+        losses = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view_as(weights)
+        nats += float((losses * weights).sum())
+        tokens += int(weights.sum())
+    text_bytes = sum(len(text.encode("utf-8")) for _, text in files)
     joined = "".join(text for _, text in files).encode("utf-8")
     xz = len(lzma.compress(joined, preset=9 | lzma.PRESET_EXTREME)) * 8 / len(joined)
     bpb = nats / math.log(2) / text_bytes

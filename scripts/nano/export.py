@@ -1,8 +1,11 @@
-"""Install a trained nano run as the embedded default model, stablecode/models/stablecode-nano/.
+"""Install a checkpoint of the nano run as the embedded default model, stablecode/models/stablecode-nano/.
 
-Writes the bf16 weights, the tokenizer, the training config, the loss curve and a training manifest
-(every file and licence that went in, and the held-out files), then the attribution index is built
-by scripts/nano/build_index.sh. Usage: python scripts/nano/export.py [RUN_DIR] [--checkpoint DIR]
+Writes the bf16 weights, config (with its `stablecode_fim` flag), tokenizer, training config, loss
+curve, training summary and the training manifest: every file of the corpus (package, version,
+path, licence, sha256, bytes) marked as trained on, or held out, and every package dropped with
+the reason. The attribution index is built afterwards by scripts/nano/build_index.sh (the model
+directory is replaced as a whole here).
+Usage: python scripts/nano/export.py [--run DIR] [--checkpoint DIR] [--corpus DIR] [--out DIR]
 """
 
 from __future__ import annotations
@@ -15,54 +18,66 @@ import torch
 
 from stablecode.checkpoint import load_model, save_checkpoint
 from stablecode.registry import EMBEDDED_MODELS_DIR
+from stablecode.train.checkpoints import latest_checkpoint
 
-ROOT = Path(__file__).resolve().parents[2]
+HOME = Path.home() / ".cache" / "stablecode"
+RECIPE = ("scripts/nano/corpus.sh && scripts/nano/train.sh --foreground && python scripts/nano/export.py && "
+          "scripts/nano/build_index.sh")
 
 
-def training_manifest(corpus: Path, packed: Path) -> dict:
-    corpus_manifest = json.loads((corpus / "manifest.json").read_text())
-    held_out = set()
-    for line in (packed / "validation_files.tsv").read_text().splitlines():
-        if line.strip():
-            held_out.add(line.split("\t")[-1])
-    files = corpus_manifest["files"]
-    trained = [f for f in files if f["path"] not in held_out]
-    licences: dict[str, int] = {}
-    for f in trained:
-        licences[f["license"]] = licences.get(f["license"], 0) + 1
+def training_manifest(corpus: Path) -> dict:
+    train = json.loads((corpus / "starcoder-train" / "manifest.json").read_text())
+    heldout = json.loads((corpus / "starcoder-heldout" / "manifest.json").read_text())
+    decisions = json.loads((corpus / "tree" / "decisions.json").read_text())
+    packed = corpus / "packed"
+    validation = {line.split("\t")[-1] for line in (packed / "validation_files.tsv").read_text().splitlines() if line}
+    keys = ("package", "version", "path", "license", "sha256", "bytes")
+    files, licences = [], {}
+    for f in train["files"]:
+        key = f["path"]  # the file id the pack split on
+        split = "validation" if key in validation else "train"
+        files.append({k: f.get(k) for k in keys} | {"split": split})
+        if split == "train":
+            licences[f["license"]] = licences.get(f["license"], 0) + 1
+    files += [{k: f.get(k) for k in keys} | {"split": "heldout-package"} for f in heldout["files"]]
+    index = json.loads((packed / "index.json").read_text())
     return {
-        "source": corpus_manifest["source"],
-        "repository": corpus_manifest.get("repo_name"),
-        "licences": licences,
-        "training_files": [{k: f[k] for k in ("path", "sha256", "language", "license", "bytes")} for f in trained],
-        "held_out_files": sorted(held_out),
-        "training_tokens_available": json.loads((packed / "index.json").read_text())["splits"]["train"]["num_tokens"],
-        "rebuild": "scripts/nano/data.sh && stablecode train --config configs/nano.json && "
-                   "python scripts/nano/export.py && scripts/nano/build_index.sh",
+        "recipe": RECIPE,
+        "split_meaning": {"train": "in the training split", "validation": "held out by the pack (1% of files)",
+                          "heldout-package": "configs/nano/heldout-packages.txt: evaluation set, never trained on"},
+        "licences_of_training_files": dict(sorted(licences.items(), key=lambda kv: -kv[1])),
+        "packages_kept": [{k: d[k] for k in ("name", "version", "license", "reason")} for d in decisions["kept"]],
+        "packages_dropped": [{k: d[k] for k in ("name", "version", "reason")} for d in decisions["dropped"]],
+        "duplicates_removed": decisions["duplicates"],
+        "training_tokens_available": index["splits"]["train"]["num_tokens"],
+        "fim": index["fim"],
+        "files": files,
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run", nargs="?", type=Path, default=ROOT / "runs" / "nano")
-    parser.add_argument("--checkpoint", type=Path, default=None, help="default: RUN/final")
-    parser.add_argument("--corpus", type=Path, default=ROOT / "work" / "nano" / "corpus")
-    parser.add_argument("--packed", type=Path, default=ROOT / "work" / "nano" / "packed")
+    parser.add_argument("--run", type=Path, default=HOME / "runs" / "nano-main")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="default: the run's newest complete one")
+    parser.add_argument("--corpus", type=Path, default=HOME / "corpus")
     parser.add_argument("--out", type=Path, default=EMBEDDED_MODELS_DIR / "stablecode-nano")
     args = parser.parse_args()
 
-    checkpoint = args.checkpoint or args.run / "final"
+    checkpoint = args.checkpoint or latest_checkpoint(args.run / "checkpoints")
+    if checkpoint is None:
+        raise SystemExit(f"no complete checkpoint in {args.run / 'checkpoints'}")
     model = load_model(checkpoint, dtype=torch.bfloat16)
-    history = torch.load(next(iter(sorted((args.run / "checkpoints").glob("step-*"))[-1:])) / "training_state.pt",
-                         weights_only=True)["history"]
-    summary = {"steps": history["step"][-1], "tokens_seen": history["tokens_seen"],
+    history = torch.load(checkpoint / "training_state.pt", weights_only=True, map_location="cpu")["history"]
+    summary = {"checkpoint": checkpoint.name, "steps": history["step"][-1], "tokens_seen": history["tokens_seen"],
+               "tokens_before": history.get("tokens_before", 0), "init_from": history.get("init_from"),
                "train_seconds": round(history["train_seconds"], 1),
                "tokens_per_second": round(history["tokens_seen"] / history["train_seconds"], 1),
                "final_train_loss": history["loss"][-1],
-               "validation": dict(zip(history["val_step"], history["val_loss"]))}
+               "validation": dict(zip(map(str, history["val_step"]), history["val_loss"])),
+               "parameters": model.config.num_parameters, "fim": model.config.fim}
     extra = {
         "train_config.json": (checkpoint / "train_config.json").read_bytes(),
-        "training_manifest.json": json.dumps(training_manifest(args.corpus, args.packed), indent=1).encode(),
+        "training_manifest.json": json.dumps(training_manifest(args.corpus), separators=(",", ":")).encode(),
         "training_summary.json": json.dumps(summary, indent=2).encode(),
     }
     if (args.run / "loss.png").exists():
