@@ -20,7 +20,7 @@ def add_train_options(p) -> None:
     p.add_argument("--config", type=Path, default=None, help="training config JSON (fields of TrainConfig)")
     for f in dataclasses.fields(TrainConfig):
         kind = {"int": int, "float": float, "bool": _parse_bool}.get(str(f.type).split(" ")[0], str)
-        if f.name == "peak_tflops":
+        if f.name in ("peak_tflops", "time_limit_s"):
             kind = float
         elif f.name in ("seq_len", "threads"):
             kind = int

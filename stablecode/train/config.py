@@ -45,6 +45,7 @@ class TrainConfig:
     compile: bool = False
     fused_optimizer: bool = True  # one fused AdamW kernel for all parameters (single process)
     threads: int | None = None  # torch intra-op threads (default: torch's choice)
+    time_limit_s: float | None = None  # stop (with a checkpoint) after the step that passes this many seconds
     peak_tflops: float | None = None  # for MFU; measured with a short matmul when not given
 
     @classmethod

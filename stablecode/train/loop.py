@@ -296,6 +296,7 @@ def train(config: TrainConfig, train_data=None, validation_data=None, progress: 
 
         bar = tqdm(total=config.max_steps, initial=start_step, desc="training", unit="step", dynamic_ncols=True)
 
+    session_started = time.monotonic()
     for step in range(start_step, config.max_steps):
         started = time.perf_counter()
         lr = learning_rate(step, config)
@@ -339,7 +340,12 @@ def train(config: TrainConfig, train_data=None, validation_data=None, progress: 
         if ctx.is_main and (step + 1) % config.log_every == 0:
             _append_log(out / "log.jsonl", {k: history[k][-1] for k in ("step", "loss", "lr", "grad_norm",
                                                                           "tokens_per_s", "mfu")})
-        last = step + 1 == config.max_steps
+        out_of_time = config.time_limit_s is not None and time.monotonic() - session_started >= config.time_limit_s
+        if ctx.world_size > 1:  # every rank stops at the same step
+            flag = torch.tensor([float(out_of_time)], device=ctx.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            out_of_time = bool(flag.item())
+        last = step + 1 == config.max_steps or out_of_time
         if validation_data is not None and ((step + 1) % config.eval_every == 0 or last):
             val_loss = evaluate(forward, validation_data, config, ctx, autocast)
             history["val_step"].append(step + 1)
@@ -351,9 +357,14 @@ def train(config: TrainConfig, train_data=None, validation_data=None, progress: 
         if (step + 1) % config.save_every == 0 or last:
             save_training_checkpoint(checkpoints, model, unwrapped, optimizer, step + 1, config, ctx, history,
                                      tokenizer_file, keep=config.keep_checkpoints)
+        if out_of_time:
+            if ctx.is_main:
+                print(f"time limit of {config.time_limit_s:g} s reached: stopped at step {step + 1} "
+                      f"(checkpoint saved; the same command continues)", file=sys.stderr)
+            break
     if bar is not None:
         bar.close()
-    if ctx.is_main:
+    if ctx.is_main and (not history["step"] or history["step"][-1] == config.max_steps):
         final = latest_checkpoint(checkpoints)
         if final is not None:
             export_final(final, out / "final", config)

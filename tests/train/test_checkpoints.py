@@ -111,3 +111,14 @@ def test_init_from_a_model_of_another_shape_is_refused(config_for, packed, three
     small.write_text(json.dumps(config))
     with pytest.raises(StablecodeError, match="another shape"):
         run(config_for, packed, tmp_path / "other", max_steps=1, model=str(small), init_from=str(out / "final"))
+
+
+def test_a_time_limit_stops_with_a_checkpoint_that_the_same_command_continues(config_for, packed, tmp_path, capsys):
+    out = tmp_path / "run"
+    first = run(config_for, packed, out, max_steps=6, save_every=100, time_limit_s=0.0)
+    assert first["step"] == [1] and "time limit of 0 s reached: stopped at step 1" in capsys.readouterr().err
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-0000001"
+    assert not (out / "final").exists()  # not finished: nothing exported
+    reference = run(config_for, packed, tmp_path / "reference", max_steps=6, save_every=100)
+    finished = run(config_for, packed, out, max_steps=6, save_every=100)
+    assert finished["loss"] == pytest.approx(reference["loss"], abs=1e-5) and (out / "final").exists()
