@@ -101,7 +101,7 @@ def prefill_lengths(args) -> list[int]:
 def worker_ours(args) -> dict:
     import torch
 
-    from stablecode import load_model
+    from stablecode import kernels, load_model
     from stablecode import quantize as Q
     from stablecode.inference.engine import PREFILL_CHUNK
     from stablecode.kv_cache import KVCache
@@ -109,6 +109,7 @@ def worker_ours(args) -> dict:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     model = load_model(args.model)
+    kernels.load()  # as the inference engine does before its first pass (STABLECODE_KERNELS=torch: none)
     load_s = time.perf_counter() - start
     if args.prompt_precision:
         Q.set_prompt_precision(model, args.prompt_precision)
