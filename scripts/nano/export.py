@@ -5,7 +5,10 @@ curve, training summary and the training manifest: every file of the corpus (pac
 path, licence, sha256, bytes) marked as trained on, or held out, and every package dropped with
 the reason. The attribution index is built afterwards by scripts/nano/build_index.sh (the model
 directory is replaced as a whole here).
+With --require-better HELDOUT_TREE (the recipe's default use) it installs the checkpoint only when
+its bits per byte on those held-out files are below the installed model's, both measured here.
 Usage: python scripts/nano/export.py [--run DIR] [--checkpoint DIR] [--corpus DIR] [--out DIR]
+       [--require-better ~/.cache/stablecode/corpus/tree/heldout]
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ from stablecode.registry import EMBEDDED_MODELS_DIR
 from stablecode.train.checkpoints import latest_checkpoint
 
 HOME = Path.home() / ".cache" / "stablecode"
-RECIPE = ("scripts/nano/corpus.sh && scripts/nano/train.sh --foreground && python scripts/nano/export.py && "
-          "scripts/nano/build_index.sh")
+RECIPE = ("scripts/nano/corpus.sh && scripts/nano/train.sh --foreground && python scripts/nano/export.py "
+          "--require-better ~/.cache/stablecode/corpus/tree/heldout && scripts/nano/build_index.sh && "
+          "scripts/nano/evaluate.sh")
 
 
 def training_manifest(corpus: Path) -> dict:
@@ -55,17 +59,37 @@ def training_manifest(corpus: Path) -> dict:
     }
 
 
+def heldout_bits_per_byte(model_dir: Path, heldout: Path) -> float:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("eval_heldout", Path(__file__).with_name("eval_heldout.py"))
+    evaluation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluation)
+    from stablecode import Completer
+
+    completer = Completer(model_dir, dtype="float32")
+    return evaluation.bits_per_byte(completer, evaluation.held_out_files(heldout))["bits_per_byte"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, default=HOME / "runs" / "nano-main")
     parser.add_argument("--checkpoint", type=Path, default=None, help="default: the run's newest complete one")
     parser.add_argument("--corpus", type=Path, default=HOME / "corpus")
     parser.add_argument("--out", type=Path, default=EMBEDDED_MODELS_DIR / "stablecode-nano")
+    parser.add_argument("--require-better", type=Path, default=None, metavar="HELDOUT_TREE",
+                        help="install only if it beats the installed model on these held-out files (bits/byte)")
     args = parser.parse_args()
 
     checkpoint = args.checkpoint or latest_checkpoint(args.run / "checkpoints")
     if checkpoint is None:
         raise SystemExit(f"no complete checkpoint in {args.run / 'checkpoints'}")
+    if args.require_better is not None and (args.out / "config.json").exists():
+        candidate, installed = heldout_bits_per_byte(checkpoint, args.require_better), \
+            heldout_bits_per_byte(args.out, args.require_better)
+        print(f"held-out bits/byte: {checkpoint} {candidate:.4f}, installed {args.out} {installed:.4f}")
+        if candidate >= installed:
+            raise SystemExit("not installed: the checkpoint does not beat the installed model")
     model = load_model(checkpoint, dtype=torch.bfloat16)
     history = torch.load(checkpoint / "training_state.pt", weights_only=True, map_location="cpu")["history"]
     summary = {"checkpoint": checkpoint.name, "steps": history["step"][-1], "tokens_seen": history["tokens_seen"],
