@@ -24,12 +24,14 @@ class Completer:
     Every call goes through one `stablecode.inference.engine.Engine`, so a prompt that extends or
     edits an earlier one runs only its new tokens (`prefix_cache_mb` of memory keeps prefixes
     beyond the engine's `max_batch` rows; 0 turns reuse off), and greedy completions verify
-    prompt-lookup guesses (`speculative`: True, False or a number of draft tokens per step).
+    prompt-lookup guesses (`speculative`: "auto" — on where measured to pay on this machine —,
+    True, False or a number of draft tokens per step).
     """
 
     def __init__(self, model: str | os.PathLike | None = None, *, dtype: str | torch.dtype | None = None,
                  device: str | torch.device | None = None, quantize: str | None = None, progress: bool = False,
-                 max_batch: int = 8, prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB, speculative: bool | int = True):
+                 max_batch: int = 8, prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
+                 speculative: bool | int | str = "auto"):
         self.model_dir = resolve_model_dir(model)
         self.model = load_model(self.model_dir, dtype=dtype, device=device, quantize=quantize, progress=progress)
         self.tokenizer = load_tokenizer(self.model_dir, vocab_size=self.model.config.vocab_size)

@@ -36,7 +36,7 @@ import torch
 
 from stablecode.inference.prefix_cache import PrefixCache, common_prefix_length
 from stablecode.inference.request import Completion, Request
-from stablecode.inference.speculation import draft_tokens_option, propose_draft
+from stablecode.inference.speculation import DEFAULT_DRAFT_TOKENS, draft_tokens_option, propose_draft
 from stablecode import kernels
 from stablecode.kernels import DECODE_MAX_ROWS
 from stablecode.kv_cache import KVCache
@@ -47,6 +47,9 @@ log = logging.getLogger("stablecode.inference")
 DEFAULT_PREFIX_CACHE_MB = 1024
 PREFILL_CHUNK = 512  # prompt tokens a long prefill runs per step while other rows decode
 SLOT_GRANULE = 256  # cache rows grow in steps of this many slots
+# With "auto" speculation, drafts are kept when a pass of 1 + 8 tokens costs at most this many plain
+# passes: prompt lookup's accepted guesses on code pay for that (docs/server.md, editor benchmark).
+SPECULATION_COST_LIMIT = 1.5
 
 
 class Overloaded(Exception):
@@ -149,13 +152,14 @@ class Engine:
     """Runs `model` over up to `max_batch` KV-cache rows of up to `max_seq_len` slots.
 
     prefix_cache_mb: memory for prefixes kept beyond the rows themselves (0 turns prefix reuse
-    off). speculative: prompt-lookup draft tokens per greedy row and step (True: the default
-    number, False/0: off); a request's own `speculative` overrides it. step_tokens: tokens one
+    off). speculative: prompt-lookup draft tokens per greedy row and step ("auto": the default
+    number where a pass carrying them is measured to cost little more than a plain one, else
+    none; True: the default number; False/0: off); a request's own `speculative` overrides it. step_tokens: tokens one
     decode pass may carry (the decode kernels' row limit).
     """
 
     def __init__(self, model: GPTNeoX, max_batch: int = 8, max_queue: int = 32, max_seq_len: int | None = None,
-                 prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB, speculative: bool | int = True,
+                 prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB, speculative: bool | int | str = "auto",
                  step_tokens: int = DECODE_MAX_ROWS):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -168,7 +172,9 @@ class Engine:
         self.max_queue = max_queue
         context = model.config.max_position_embeddings
         self.max_seq_len = min(max_seq_len or context, context)
-        self.draft_tokens = draft_tokens_option(speculative)
+        # "auto": measured on the first use (`_calibrate`): on where verifying guesses is nearly free.
+        self._auto_speculation = speculative == "auto"
+        self.draft_tokens = DEFAULT_DRAFT_TOKENS if self._auto_speculation else draft_tokens_option(speculative)
         self.step_tokens = max(1, step_tokens)
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb else None
         self.device = model.device
@@ -176,6 +182,7 @@ class Engine:
             # The decode attention kernel serves every pass (built once per machine, for large models).
             kernels.load_for(model.config.num_parameters, getattr(model, "quantization", None) is not None)
         self.cache: KVCache | None = None
+        self.calibration: dict | None = None
         self._condition = threading.Condition()
         self._sync = threading.RLock()  # a stream may call complete() before it is exhausted
         self._waiting: deque[Ticket] = deque()
@@ -295,7 +302,7 @@ class Engine:
                     "prefix_cache_budget_bytes": store.budget_bytes if store else 0,
                     "prefix_cache_prefixes": store.stored_prefixes if store else 0,
                     "prefix_cache_evictions": store.evictions if store else 0,
-                    "speculative_tokens": self.draft_tokens,
+                    "speculative_tokens": self.draft_tokens, "speculation_calibration": self.calibration,
                     "drafted_tokens": self.drafted_tokens, "accepted_draft_tokens": self.accepted_tokens,
                     "finished_requests": self.finished_requests, "cancelled_requests": self.cancelled_requests,
                     "failed_requests": self.failed_requests,
@@ -358,6 +365,8 @@ class Engine:
             busy = sum(t is not None for t in self._rows)
             self._grow(rows=min(self.max_batch, busy + len(taken)),
                        slots=max(len(t.request.prompt_ids) + t.request.max_new_tokens for t in taken))
+            if self._auto_speculation:
+                self._calibrate()
         deferred = []
         placed: set[int] = set()
         for ticket in taken:
@@ -409,6 +418,37 @@ class Engine:
             ticket.row = row
             self._rows[row] = ticket
         return True
+
+    def _calibrate(self) -> None:
+        """Keep prompt-lookup drafts only where a pass carrying them costs little more than a plain one.
+
+        Decoding kernels that stream the weights once for all rows make extra tokens nearly free;
+        where their cost grows with the rows (measured: int8 on some AVX-512 machines), a pass of 9
+        tokens costs several plain steps and guesses do not pay. Timed once, on slots of a free row
+        past anything it holds, before the first request runs."""
+        self._auto_speculation = False
+        row = next((r for r, t in enumerate(self._rows) if t is None), None)
+        if row is None or self.cache.slots - len(self.cache.tokens[row]) < DEFAULT_DRAFT_TOKENS + 1:
+            return
+        start = len(self.cache.tokens[row])
+
+        def seconds(n: int) -> float:
+            ids = torch.zeros((n, 1), dtype=torch.long, device=self.device)
+            positions = torch.arange(start, start + n, device=self.device)[:, None]
+            rows = torch.full((n,), row, dtype=torch.long, device=self.device)
+            best = float("inf")
+            for _ in range(3):
+                began = time.perf_counter()
+                self.model(ids, cache=self.cache, input_pos=positions, cache_rows=rows)
+                best = min(best, time.perf_counter() - began)
+            return best
+
+        plain = seconds(1)
+        drafted = seconds(1 + DEFAULT_DRAFT_TOKENS)
+        self.draft_tokens = DEFAULT_DRAFT_TOKENS if drafted <= SPECULATION_COST_LIMIT * plain else 0
+        self.calibration = {"plain_pass_s": round(plain, 5), "drafted_pass_s": round(drafted, 5)}
+        log.info("speculation %s: a pass of %d tokens takes %.2fx a plain one", "on" if self.draft_tokens else "off",
+                 1 + DEFAULT_DRAFT_TOKENS, drafted / plain)
 
     def _grow(self, rows: int, slots: int) -> None:
         """Make the cache at least rows x slots (slots rounded up, both within the limits)."""

@@ -72,7 +72,8 @@ class Engine:
 
     def __init__(self, model: str | os.PathLike | None = None, *, dtype: str | None = None, device: str | None = None,
                  quantize: str | None = None, max_batch: int = 8, max_queue: int = 32, limits: Limits = Limits(),
-                 attributor=None, prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB, speculative: bool | int = True):
+                 attributor=None, prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
+                 speculative: bool | int | str = "auto"):
         self.model_dir = resolve_model_dir(model)
         self.config = load_config(self.model_dir)
         self.tokenizer = load_tokenizer(self.model_dir, vocab_size=self.config.vocab_size)

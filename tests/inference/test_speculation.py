@@ -53,7 +53,7 @@ def variant(completer: Completer, **engine_options) -> Completer:
 
 @pytest.mark.parametrize("quantize", [None, "int8"])
 def test_speculative_greedy_output_is_identical(tiny_checkpoint, quantize):
-    fast = Completer(tiny_checkpoint, quantize=quantize, prefix_cache_mb=0)
+    fast = Completer(tiny_checkpoint, quantize=quantize, prefix_cache_mb=0, speculative=True)
     plain = variant(fast, speculative=False, prefix_cache_mb=0)
     calls, handle = count_forward_passes(fast.model)
     try:
@@ -61,7 +61,7 @@ def test_speculative_greedy_output_is_identical(tiny_checkpoint, quantize):
         for prompt in PROMPTS:
             expected = plain.complete(prompt, max_new_tokens=48)
             calls.clear()
-            got = fast.complete(prompt, max_new_tokens=48)  # speculation is on by default
+            got = fast.complete(prompt, max_new_tokens=48)
             assert got.text == expected.text and got.token_ids == expected.token_ids, prompt
             assert got.finish_reason == expected.finish_reason
             # One prefill plus at most one pass per new token; fewer when guesses are accepted.
@@ -79,7 +79,7 @@ def test_speculative_greedy_output_is_identical(tiny_checkpoint, quantize):
 
 
 def test_every_row_of_a_batch_speculates_in_one_pass(tiny_checkpoint):
-    fast = Completer(tiny_checkpoint, prefix_cache_mb=0)
+    fast = Completer(tiny_checkpoint, prefix_cache_mb=0, speculative=True)
     plain = variant(fast, speculative=False, prefix_cache_mb=0)
     alone = [plain.complete(p, max_new_tokens=40).token_ids for p in PROMPTS]
     calls, handle = count_forward_passes(fast.model)
@@ -96,7 +96,7 @@ def test_every_row_of_a_batch_speculates_in_one_pass(tiny_checkpoint):
 
 
 def test_sampling_rows_do_not_speculate(tiny_checkpoint):
-    fast = Completer(tiny_checkpoint, prefix_cache_mb=0)
+    fast = Completer(tiny_checkpoint, prefix_cache_mb=0, speculative=True)
     plain = variant(fast, speculative=False, prefix_cache_mb=0)
     options = dict(max_new_tokens=30, temperature=0.8, top_k=20, seed=5)
     expected = plain.complete_batch(PROMPTS[:3], **options)
@@ -110,7 +110,7 @@ def test_sampling_rows_do_not_speculate(tiny_checkpoint):
 
 
 def test_speculative_respects_stop_strings_and_limits(tiny_checkpoint):
-    fast = Completer(tiny_checkpoint, prefix_cache_mb=0)
+    fast = Completer(tiny_checkpoint, prefix_cache_mb=0, speculative=True)
     plain = variant(fast, speculative=False, prefix_cache_mb=0)
     prompt = PROMPTS[1]
     for options in (dict(max_new_tokens=7), dict(max_new_tokens=40, stop=["\n"]), dict(max_new_tokens=1),
@@ -122,7 +122,7 @@ def test_speculative_respects_stop_strings_and_limits(tiny_checkpoint):
 
 
 def test_speculative_at_the_end_of_the_context(tiny_checkpoint):
-    fast = Completer(tiny_checkpoint, prefix_cache_mb=0)
+    fast = Completer(tiny_checkpoint, prefix_cache_mb=0, speculative=True)
     plain = variant(fast, speculative=False, prefix_cache_mb=0)
     context = fast.config.max_position_embeddings
     ids = fast.tokenizer.encode(PROMPTS[1] * 40)
@@ -131,6 +131,17 @@ def test_speculative_at_the_end_of_the_context(tiny_checkpoint):
     got = fast.complete(PROMPTS[1] * 40, max_new_tokens=20)
     assert got.token_ids == expected.token_ids and got.truncated_prompt_tokens == expected.truncated_prompt_tokens
     assert got.prompt_tokens + got.completion_tokens == context
+
+
+def test_auto_speculation_is_decided_by_measured_pass_costs(tiny_checkpoint):
+    completer = Completer(tiny_checkpoint)  # "auto"
+    expected = variant(completer, speculative=False, prefix_cache_mb=0).complete(PROMPTS[0], max_new_tokens=20)
+    assert completer.complete(PROMPTS[0], max_new_tokens=20).token_ids == expected.token_ids
+    stats = completer.engine.stats()
+    timing = stats["speculation_calibration"]
+    assert timing["plain_pass_s"] > 0 and timing["drafted_pass_s"] > 0
+    pays = timing["drafted_pass_s"] <= 1.5 * timing["plain_pass_s"]
+    assert stats["speculative_tokens"] == (8 if pays else 0)
 
 
 def test_speculative_option_is_checked(tiny_checkpoint):

@@ -18,7 +18,7 @@ SESSION = [BASE + "de", BASE + "def", BASE + "def f", BASE.replace("class Foo", 
 NEW_TOKENS = 24
 
 MODES = {"plain": dict(speculative=0, prefix_cache_mb=0), "speculative": dict(speculative=True, prefix_cache_mb=0),
-         "reuse": dict(speculative=0), "both": {}}
+         "reuse": dict(speculative=0), "both": dict(speculative=True)}
 
 
 @pytest.fixture(scope="module")
