@@ -253,6 +253,8 @@ def load_model(path: str | os.PathLike | None = None, dtype: str | torch.dtype |
     model.eval()
     if quantize:
         quantize_model(model, quantize)
+    elif stored_quantization is not None and device.type == "cpu":
+        kernels.load()  # a quantized model is what the kernels are for: built here, not in a request
     elif (device.type == "cpu" and final_dtype == torch.bfloat16 and stored_quantization is None
           and kernels.worth_building(config.num_parameters)):
         use_bf16_kernels(model)  # the embedded model keeps nn.Linear: it never waits for a build

@@ -182,6 +182,16 @@ def test_another_tools_quantization_is_refused(tmp_path):
         load_model(tmp_path / "q")
 
 
+def test_loading_a_stored_quantized_checkpoint_loads_the_kernels(ext, tmp_path, monkeypatch):
+    from stablecode.kernels import build
+
+    save_quantized(Q.quantize_model(random_model(), "int8"), tmp_path / "q")
+    monkeypatch.setattr(build, "_library", None)
+    monkeypatch.setattr(build, "_attempted", False)  # as in a fresh process, the library already built
+    load_model(tmp_path / "q")
+    assert build.loaded() is not None
+
+
 def test_checkpoints_of_earlier_versions_with_quantization_json_still_load(tmp_path):
     model = Q.quantize_model(random_model(), "int4", group_size=32)
     save_quantized(model, tmp_path / "q")
