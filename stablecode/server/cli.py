@@ -27,7 +27,8 @@ def add_serve_command(subparsers) -> None:
                    help="memory for cached prompt prefixes beyond the KV-cache rows, reused by later requests "
                         "(default 1024; 0 turns prefix reuse off)")
     p.add_argument("--speculative", type=int, default=None,
-                   help="prompt-lookup tokens verified per step for greedy requests (default 8; 0 turns it off)")
+                   help="prompt-lookup tokens verified per step for greedy requests (default: 8 where a drafted pass "
+                        "is measured to cost little more than a plain one, else none; 0 turns it off)")
     index = p.add_mutually_exclusive_group()
     index.add_argument("--index", type=Path, default=None,
                        help="attribution index: adds POST /overlap (llm-vscode's code attribution) and the completion "
