@@ -443,8 +443,13 @@ class Engine:
                 best = min(best, time.perf_counter() - began)
             return best
 
-        plain = seconds(1)
-        drafted = seconds(1 + DEFAULT_DRAFT_TOKENS)
+        try:
+            plain = seconds(1)
+            drafted = seconds(1 + DEFAULT_DRAFT_TOKENS)
+        except Exception:  # the requests' own passes report a broken model; no speculation meanwhile
+            log.exception("timing the speculation passes failed")
+            self.draft_tokens = 0
+            return
         self.draft_tokens = DEFAULT_DRAFT_TOKENS if drafted <= SPECULATION_COST_LIMIT * plain else 0
         self.calibration = {"plain_pass_s": round(plain, 5), "drafted_pass_s": round(drafted, 5)}
         log.info("speculation %s: a pass of %d tokens takes %.2fx a plain one", "on" if self.draft_tokens else "off",
