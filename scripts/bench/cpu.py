@@ -200,7 +200,7 @@ def worker_llamacpp(args) -> dict:
 
     def run_bench(*options) -> list[dict]:
         command = [str(bench), "-m", str(model), "-t", str(args.threads), "-r", str(args.repeats), "-o", "json",
-                   *options]
+                   *(["--repack", "0"] if args.llamacpp_no_repack else []), *options]
         print("$", " ".join(command), file=sys.stderr, flush=True)
         return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
 
@@ -359,6 +359,8 @@ def main() -> None:
     parser.add_argument("--prefill-tokens", default="512,2048", help="comma-separated prompt lengths to prefill")
     parser.add_argument("--llamacpp", type=Path, default=None,
                         help="llama.cpp directory made by scripts/bench/llamacpp.sh (adds its engines)")
+    parser.add_argument("--llamacpp-no-repack", action="store_true",
+                        help="llama-bench --repack 0 (its repacked AVX-512/AMX path died with SIGILL on one VM)")
     parser.add_argument("--report-only", action="store_true", help="only print the table of --work/results.json")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="decode measurements per engine (median); one prefill")
@@ -415,7 +417,7 @@ def main() -> None:
         warm_page_cache(model)
         extra = ["--source", str(dirs["bf16"])]
         if args.llamacpp:
-            extra += ["--llamacpp", str(args.llamacpp)]
+            extra += ["--llamacpp", str(args.llamacpp)] + (["--llamacpp-no-repack"] if args.llamacpp_no_repack else [])
         if engine == "ours-int8-float":  # prompts through dequantize + float GEMM, for comparison
             extra += ["--prompt-precision", "float"]
         env = None
