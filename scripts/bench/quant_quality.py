@@ -42,6 +42,8 @@ def held_out_ids(directory: Path, tokenizer, count: int) -> list[int] | None:
     if not manifest.exists():
         return None
     spec = json.loads(manifest.read_text())
+    if "source" not in spec or "held_out_files" not in spec:  # a manifest of another layout: stdlib instead
+        return None
     source = Path(spec["source"])
     if not source.is_dir():
         return None
