@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from stablecode import Completer
+from stablecode.eval.lines import take_round_robin
 
 
 def held_out_files(root: Path) -> list[tuple[str, str]]:
@@ -103,12 +104,7 @@ def fim_examples(files: list[tuple[str, str]], count: int, seed: int = 0) -> lis
             rng.shuffle(candidates)
             pools.append(candidates)
     rng.shuffle(pools)
-    chosen = []
-    while len(chosen) < count and any(pools):
-        for pool in pools:
-            if pool and len(chosen) < count:
-                chosen.append(pool.pop())
-    return chosen
+    return take_round_robin(pools, count)
 
 
 def fim_exact_match(completer: Completer, examples: list[dict], batch_size: int = 8) -> dict:

@@ -141,6 +141,11 @@ def sample_lines(sources: list[tuple[str, str]], count: int, seed: int = 0) -> l
     rng.shuffle(pools)
     for pool in pools:
         rng.shuffle(pool)
+    return take_round_robin(pools, count)
+
+
+def take_round_robin(pools: list[list], count: int) -> list:
+    """Up to `count` items, one from the end of each pool per round, so no one file dominates."""
     chosen = []
     while len(chosen) < count and any(pools):
         for pool in pools:
