@@ -1,10 +1,10 @@
 // Matrix-vector kernels for decoding on the CPU: weights stream from memory once per token, so the
 // speed of batch-1 decoding is the speed at which these loops read weight bytes.
 //
-// int8 and int4 weights are multiplied with int8 activations (quantized here per block of 32, one
-// fp32 scale per block), using AVX2's u8 x s8 -> s16 multiply-add: 32 products in two
-// instructions, so the loops stay memory-bound on two cores. bf16 weights are widened to fp32 and
-// multiplied with fp32 activations. Rows of the weight matrix are split across torch's threads.
+// int8 weights are multiplied with int8 activations quantized per row (one fp32 scale per token),
+// summed exactly in int32 (AVX2's u8 x s8 multiply-add, or VNNI's vpdpbusd where the CPU has it);
+// int4 weights with activations quantized per block of 32 (one fp32 scale per block). bf16 weights
+// are widened to fp32 and multiplied with fp32 activations. Rows of the weight matrix are split across torch's threads.
 //
 // Formats (all row-major, one row per output feature):
 //   int8: weight int8 [N, K], scale fp32 [N]                  w[n, k] = scale[n] * q[n, k]
@@ -49,8 +49,12 @@
 
 namespace {
 
-constexpr int64_t kBlock = 32;   // activation quantization block
-constexpr int64_t kRowTile = 4;  // activation rows that share one read of a weight row
+constexpr int64_t kBlock = 32;   // activation quantization block (int4), and the byte loops' step
+constexpr int64_t kRowTile = 4;  // activation rows that share one read of a weight row (AVX2)
+constexpr int64_t kVnniRowTile = 4;     // the same on VNNI CPUs (32 vector registers), against
+constexpr int64_t kVnniWeightRows = 4;  // this many weight rows per pass
+
+bool vnni_available();
 
 // Rows per task: at least ~256 KiB of weights each, so small layers stay on one thread (a
 // fork/join costs more than they do) and large ones split evenly across all threads.
@@ -141,7 +145,7 @@ float bias_at(const torch::Tensor& bias, int64_t n) {
 
 template <int ROWS, typename T>
 void dispatch_rows(int64_t rows, T&& body) {
-  static_assert(ROWS >= 1 && ROWS <= kRowTile);
+  static_assert(ROWS >= 1);
   if constexpr (ROWS > 1) {
     if (rows < ROWS) return dispatch_rows<ROWS - 1>(rows, body);
   }
@@ -149,52 +153,209 @@ void dispatch_rows(int64_t rows, T&& body) {
 }
 
 // ---- int8 weights -----------------------------------------------------------------------------
+// Activations are quantized per row (token), as the prompt GEMMs below quantize them, and the
+// int8 products are summed exactly in int32 over the whole row; `rescale` is the one float step,
+// shared with the prompt GEMMs. So a row's output is the same bits whichever kernel computes it
+// and however many rows share the call: a speculative pass of 9 tokens, a 3-token keystroke and a
+// plain decode step agree with each other and with the prompt that filled the cache.
 
-template <int ROWS>
-void int8_row(const int8_t* row, const int8_t* xq, const float* xs, int64_t K, float* total) {
-  const int64_t blocks = K / kBlock;
+inline float rescale(int32_t acc, float sx, float sw, float b) { return std::fma(static_cast<float>(acc), sx * sw, b); }
+
+struct RowQuantized {
+  torch::Tensor q;          // int8 [M, K]
+  torch::Tensor shifted;    // uint8 [M, K]: q + 128, vpdpbusd's unsigned operand
+  torch::Tensor magnitude;  // uint8 [M, K]: |q|
+  torch::Tensor scale;      // fp32 [M]
+};
+
+// Symmetric int8 per row: scale = max|x| / 127, q = round-half-even(x * (127 / max|x|)).
+template <typename T>
+RowQuantized quantize_rows_impl(const torch::Tensor& x) {
+  const int64_t M = x.size(0), K = x.size(1);
+  RowQuantized out{torch::empty({M, K}, x.options().dtype(torch::kInt8)),
+                   torch::empty({M, K}, x.options().dtype(torch::kUInt8)),
+                   torch::empty({M, K}, x.options().dtype(torch::kUInt8)),
+                   torch::empty({M}, x.options().dtype(torch::kFloat32))};
+  const T* src = x.data_ptr<T>();
+  int8_t* q = out.q.data_ptr<int8_t>();
+  uint8_t* shifted = out.shifted.data_ptr<uint8_t>();
+  uint8_t* magnitude = out.magnitude.data_ptr<uint8_t>();
+  float* scale = out.scale.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    float amax = 0.f;
+    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(to_float(src, m * K + k)));
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    for (int64_t k = 0; k < K; ++k) {
+      const int32_t r = std::clamp(static_cast<int32_t>(std::nearbyint(to_float(src, m * K + k) * inv)), -128, 127);
+      q[m * K + k] = static_cast<int8_t>(r);
+      shifted[m * K + k] = static_cast<uint8_t>(r + 128);
+      magnitude[m * K + k] = static_cast<uint8_t>(std::abs(r));
+    }
+    scale[m] = amax / 127.f;
+  }
+  return out;
+}
+
+RowQuantized quantize_rows(const torch::Tensor& x) {
+  if (x.scalar_type() == torch::kBFloat16) return quantize_rows_impl<c10::BFloat16>(x);
+  return quantize_rows_impl<float>(x);
+}
+
 #if SC_AVX2
-  __m256 acc[ROWS];
-  for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_ps();
-  for (int64_t blk = 0; blk < blocks; ++blk) {
-    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + blk * kBlock));
+inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+#endif
+
+// sum_k w[k] * x[r, k] for ROWS rows: |x| times (w with x's sign), 32 bytes a step. (Weights are
+// in [-127, 127], as quantize_int8 makes them, so flipping a weight's sign never overflows.)
+template <int ROWS>
+void int8_row(const int8_t* w, const int8_t* xq, int64_t K, int32_t* total) {
+#if SC_AVX2
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[ROWS];
+  for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_si256();
+  for (int64_t k = 0; k < K; k += kBlock) {
+    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
     for (int r = 0; r < ROWS; ++r) {
-      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + blk * kBlock));
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_s8s8(wv, xv)), _mm256_set1_ps(xs[r * blocks + blk]), acc[r]);
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + k));
+      // pairs of |x| * ±w stay within int16 (2 * 128 * 127); madd widens them to int32.
+      const __m256i products = _mm256_maddubs_epi16(_mm256_abs_epi8(xv), _mm256_sign_epi8(wv, xv));
+      acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(products, ones));
     }
   }
-  for (int r = 0; r < ROWS; ++r) total[r] = hsum(acc[r]);
+  for (int r = 0; r < ROWS; ++r) total[r] = hsum_epi32(acc[r]);
 #else
   for (int r = 0; r < ROWS; ++r) {
-    float t = 0.f;
-    for (int64_t blk = 0; blk < blocks; ++blk) {
-      int32_t d = 0;
-      for (int64_t i = 0; i < kBlock; ++i) d += int32_t(row[blk * kBlock + i]) * xq[r * K + blk * kBlock + i];
-      t += float(d) * xs[r * blocks + blk];
-    }
+    int32_t t = 0;
+    for (int64_t k = 0; k < K; ++k) t += int32_t(w[k]) * xq[r * K + k];
     total[r] = t;
   }
 #endif
 }
 
+#if SC_AMX_BUILD
+inline SC_VNNI int32_t hsum_vnni(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// The same sums with AVX-512 VNNI's vpdpbusd (on 256-bit registers): (x + 128) times w, one
+// instruction per 32 bytes, then 128 x (the weight row's sum) off. A pass takes NW weight rows and
+// ROWS activation rows, so each load of either feeds several products: with one weight row per
+// pass the activation rows are re-read from L2 for every weight row, which bounds speed.
+// With SUMS, the weight rows' sums too (wanted once per weight row, by the first pass).
+template <int ROWS, int NW, bool SUMS>
+SC_VNNI void int8_tile_vnni(const int8_t* w, const uint8_t* xu, int64_t K, int32_t* total, int32_t* sums) {
+  const __m256i ones = _mm256_set1_epi8(1);
+  __m256i acc[ROWS][NW], wsum[NW];
+  for (int j = 0; j < NW; ++j) {
+    wsum[j] = _mm256_setzero_si256();
+    for (int r = 0; r < ROWS; ++r) acc[r][j] = _mm256_setzero_si256();
+  }
+  for (int64_t k = 0; k < K; k += kBlock) {
+    __m256i wv[NW];
+    for (int j = 0; j < NW; ++j) {
+      wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * K + k));
+      if constexpr (SUMS) wsum[j] = _mm256_dpbusd_epi32(wsum[j], ones, wv[j]);
+    }
+    for (int r = 0; r < ROWS; ++r) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xu + r * K + k));
+      for (int j = 0; j < NW; ++j) acc[r][j] = _mm256_dpbusd_epi32(acc[r][j], xv, wv[j]);
+    }
+  }
+  for (int j = 0; j < NW; ++j) {
+    if constexpr (SUMS) sums[j] = hsum_vnni(wsum[j]);
+    for (int r = 0; r < ROWS; ++r) total[r * NW + j] = hsum_vnni(acc[r][j]);
+  }
+}
+
+// One activation row (a decode step) against weight rows begin .. end: |x| times (w with x's
+// sign), which needs no weight sums; each weight row is one sequential stream.
 template <typename T>
-void int8_linear_impl(const QuantizedActivations& a, const torch::Tensor& weight, const torch::Tensor& scale,
-                      const torch::Tensor& bias, torch::Tensor& out) {
-  const int64_t M = a.q.size(0), K = a.q.size(1), N = weight.size(0), blocks = K / kBlock;
+SC_VNNI void int8_vector_vnni(const int8_t* xq, const uint8_t* xa, float xs, const int8_t* w, const float* ws, const float* bias,
+                              int64_t K, int64_t begin, int64_t end, T* y) {
+  for (int64_t n = begin; n < end; ++n) {
+    const int8_t* row = w + n * K;
+    __m256i acc0 = _mm256_setzero_si256(), acc1 = _mm256_setzero_si256();
+    for (int64_t k = 0; k < K; k += kBlock) {
+      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k));
+      const __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa + k));
+      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k));
+      acc0 = _mm256_dpbusd_epi32(acc0, a0, _mm256_sign_epi8(w0, x0));
+    }
+    store(y, n, rescale(hsum_vnni(_mm256_add_epi32(acc0, acc1)), xs, ws[n], bias ? bias[n] : 0.f));
+  }
+}
+
+// Weight rows n0 .. n0 + NW against every activation row.
+template <int NW, typename T>
+SC_VNNI void int8_weight_rows_vnni(const RowQuantized& a, const int8_t* w, const float* ws, const float* bias,
+                                   int64_t n0, int64_t N, T* y) {
+  const int64_t M = a.q.size(0), K = a.q.size(1);
+  const uint8_t* xu = a.shifted.data_ptr<uint8_t>();
+  const float* xs = a.scale.data_ptr<float>();
+  int32_t sums[NW];
+  float b[NW];
+  for (int j = 0; j < NW; ++j) b[j] = bias ? bias[n0 + j] : 0.f;
+  for (int64_t m0 = 0; m0 < M; m0 += kVnniRowTile) {
+    const int64_t rows = std::min(kVnniRowTile, M - m0);
+    int32_t total[kVnniRowTile * NW];
+    dispatch_rows<kVnniRowTile>(rows, [&](auto r) {
+      if (m0 == 0) int8_tile_vnni<r(), NW, true>(w + n0 * K, xu + m0 * K, K, total, sums);
+      else int8_tile_vnni<r(), NW, false>(w + n0 * K, xu + m0 * K, K, total, sums);
+    });
+    for (int64_t r = 0; r < rows; ++r)
+      for (int j = 0; j < NW; ++j)
+        store(y, (m0 + r) * N + n0 + j, rescale(total[r * NW + j] - 128 * sums[j], xs[m0 + r], ws[n0 + j], b[j]));
+  }
+}
+#endif
+
+template <typename T>
+void int8_linear_impl(const RowQuantized& a, const torch::Tensor& weight, const torch::Tensor& scale,
+                      const float* bias, torch::Tensor& out) {
+  const int64_t M = a.q.size(0), K = a.q.size(1), N = weight.size(0);
   const int8_t* xq = a.q.data_ptr<int8_t>();
   const float* xs = a.scale.data_ptr<float>();
   const int8_t* w = weight.data_ptr<int8_t>();
   const float* ws = scale.data_ptr<float>();
   T* y = out.data_ptr<T>();
+#if SC_AMX_BUILD
+  if (vnni_available() && M == 1) {
+    at::parallel_for(0, N, grain_rows(K), [&](int64_t begin, int64_t end) {
+      int8_vector_vnni(xq, a.magnitude.data_ptr<uint8_t>(), xs[0], w, ws, bias, K, begin, end, y);
+    });
+    return;
+  }
+  if (vnni_available()) {
+    const int64_t groups = (N + kVnniWeightRows - 1) / kVnniWeightRows;
+    at::parallel_for(0, groups, std::max<int64_t>(1, grain_rows(K) / kVnniWeightRows), [&](int64_t begin, int64_t end) {
+      for (int64_t g = begin; g < end; ++g) {
+        const int64_t n0 = g * kVnniWeightRows;
+        if (n0 + kVnniWeightRows <= N) {
+          int8_weight_rows_vnni<kVnniWeightRows>(a, w, ws, bias, n0, N, y);
+        } else {
+          for (int64_t n = n0; n < N; ++n) int8_weight_rows_vnni<1>(a, w, ws, bias, n, N, y);
+        }
+      }
+    });
+    return;
+  }
+#endif
   at::parallel_for(0, N, grain_rows(K), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
-      const float b = bias_at(bias, n);
+      const float b = bias ? bias[n] : 0.f;
       for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
-        float total[kRowTile];
-        dispatch_rows<kRowTile>(M - m0, [&](auto rows) {
-          int8_row<rows()>(w + n * K, xq + m0 * K, xs + m0 * blocks, K, total);
-          for (int r = 0; r < rows(); ++r) store(y, (m0 + r) * N + n, total[r] * ws[n] + b);
-        });
+        const int64_t rows = std::min(kRowTile, M - m0);
+        int32_t total[kRowTile];
+        dispatch_rows<kRowTile>(rows, [&](auto r) { int8_row<r()>(w + n * K, xq + m0 * K, K, total); });
+        for (int64_t r = 0; r < rows; ++r) store(y, (m0 + r) * N + n, rescale(total[r], xs[m0 + r], ws[n], b));
       }
     }
   });
@@ -441,11 +602,12 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& weight, c
   TORCH_CHECK(weight.scalar_type() == torch::kInt8 && weight.size(1) == x.size(1), "weight must be int8 [N, K]");
   TORCH_CHECK(x.size(1) % kBlock == 0, "K must be a multiple of 32");
   TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.numel() == weight.size(0), "scale must be fp32 [N]");
-  const QuantizedActivations a = quantize_activations(x);
+  const RowQuantized a = quantize_rows(x);
   torch::Tensor out = torch::empty({x.size(0), weight.size(0)}, x.options());
-  const torch::Tensor b = bias.has_value() ? *bias : torch::Tensor();
-  if (x.scalar_type() == torch::kBFloat16) int8_linear_impl<c10::BFloat16>(a, weight, scale, b, out);
-  else int8_linear_impl<float>(a, weight, scale, b, out);
+  const torch::Tensor b = bias.has_value() ? bias->to(torch::kFloat32).contiguous() : torch::Tensor();
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  if (x.scalar_type() == torch::kBFloat16) int8_linear_impl<c10::BFloat16>(a, weight, scale, bp, out);
+  else int8_linear_impl<float>(a, weight, scale, bp, out);
   return out;
 }
 
@@ -660,16 +822,16 @@ SC_AVX512 void pack_rows(const T* x, int64_t K, int64_t rows, int8_t* out, float
   }
 }
 
-// A tile of yᵀ (int32 [16 n][16 m]) -> y[m, n] = acc * sx[m] * sw[n] + b[n] for the first `rows` m.
+// A tile of yᵀ (int32 [16 n][16 m]) -> y[m, n] = rescale(acc, sx[m], sw[n], b[n]) for the first `rows` m.
 template <typename T>
 SC_AMX void store_tile(const int32_t* acc, const float* sx, const float* sw, const float* b, T* y, int64_t N,
                        int64_t rows) {
   __m512 r[16];
-  const __m512 xs = _mm512_loadu_ps(sx);
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(acc + 16 * i)), xs);
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_cvtepi32_ps(_mm512_loadu_si512(acc + 16 * i));
   transpose16(r);
   const __m512 ws = _mm512_loadu_ps(sw), bias = b ? _mm512_loadu_ps(b) : _mm512_setzero_ps();
-  for (int64_t m = 0; m < rows; ++m) store16(y + m * N, _mm512_fmadd_ps(r[m], ws, bias));
+  for (int64_t m = 0; m < rows; ++m)
+    store16(y + m * N, _mm512_fmadd_ps(r[m], _mm512_mul_ps(_mm512_set1_ps(sx[m]), ws), bias));
 }
 
 SC_AMX inline void load_tile_config() {
@@ -824,8 +986,7 @@ SC_VNNI void vnni_tile(const int8_t* w, int64_t ldw, const int32_t* wsum, const 
     for (int j = 0; j < BLOCKS; ++j) _mm512_store_si512(out[n] + 16 * j, acc[n][j]);
   for (int64_t m = 0; m < BLOCKS * 16 && m0 + m < M; ++m)
     for (int n = 0; n < 8; ++n) {
-      const float v = float(out[n][m] - 128 * wsum[n]) * (sx[m0 + m] * sw[n]) + (b ? b[n0 + n] : 0.f);
-      y[(m0 + m) * N + n0 + n] = static_cast<T>(v);
+      y[(m0 + m) * N + n0 + n] = static_cast<T>(rescale(out[n][m] - 128 * wsum[n], sx[m0 + m], sw[n], b ? b[n0 + n] : 0.f));
     }
 }
 

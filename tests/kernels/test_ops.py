@@ -23,23 +23,29 @@ def ext():
 
 
 def reference_activations(x: torch.Tensor) -> torch.Tensor:
-    """x after the kernels' int8 quantization per block of 32 (scale max|x|/127, round half to even)."""
+    """x after the int4 kernel's int8 quantization per block of 32 (scale max|x|/127, round half to even)."""
     blocks = x.float().reshape(x.shape[0], -1, 32)
-    amax = blocks.abs().amax(-1, keepdim=True)
+    return per_row(blocks).reshape(x.shape)
+
+
+def per_row(x: torch.Tensor) -> torch.Tensor:
+    """x after the int8 kernels' quantization per row (last dim): scale max|x|/127, round half to even."""
+    x = x.float()
+    amax = x.abs().amax(-1, keepdim=True)
     # torch.div, not `127.0 / amax` (which is computed as amax.reciprocal() * 127 and rounds differently).
     inv = torch.where(amax > 0, torch.div(torch.full_like(amax, 127.0), amax), torch.zeros_like(amax))
-    return (torch.round(blocks * inv) * (amax / 127.0)).reshape(x.shape)
+    return torch.round(x * inv) * (amax / 127.0)
 
 
 # ---- kernels against reference math ----------------------------------------------------------
 
-@pytest.mark.parametrize("rows", [1, 3, 4, 7, 16])
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, 8, 9, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_kernel_matches_reference(ext, rows, dtype):
     torch.manual_seed(rows)
     w, b, x = torch.randn(72, 256), torch.randn(72), torch.randn(rows, 256).to(dtype)
     q, scale = Q.quantize_int8(w)
-    expected = reference_activations(x).double() @ Q.dequantize_int8(q, scale).double().T + b.to(dtype).double()
+    expected = per_row(x).double() @ Q.dequantize_int8(q, scale).double().T + b.to(dtype).double()
     y = ext.int8_linear(x, q, scale, b.to(dtype))
     assert y.dtype == dtype and y.shape == (rows, 72)
     tolerance = 1e-5 if dtype == torch.float32 else 2 ** -8
@@ -67,8 +73,8 @@ def test_kernels_without_bias_and_with_zero_input(ext):
     w = torch.randn(16, 64)
     q, scale = Q.quantize_int8(w)
     x = torch.zeros(2, 64)
-    x[1, :32] = torch.randn(32)  # one all-zero block: scale 0 must not produce nan
-    expected = reference_activations(x).double() @ Q.dequantize_int8(q, scale).double().T
+    x[1, :32] = torch.randn(32)  # an all-zero row and an all-zero block: scale 0 must not produce nan
+    expected = per_row(x).double() @ Q.dequantize_int8(q, scale).double().T
     assert torch.allclose(ext.int8_linear(x, q, scale, None).double(), expected, atol=1e-5)
     packed, s4, m4 = Q.quantize_int4(w, 32)
     expected = reference_activations(x).double() @ Q.dequantize_int4(packed, s4, m4, 32).double().T

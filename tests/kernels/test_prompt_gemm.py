@@ -58,6 +58,22 @@ def test_int8_prompt_gemm_is_per_token_int8_math(amx, rows, dtype):
                        amx.prompt_int8_linear(x, q, scale, b.to(dtype), amx.prompt_isa()))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_rows_give_the_same_bits_in_every_kernel_and_batch(amx, dtype):
+    """A token's output does not depend on the kernel or on the rows computed with it: decoding one
+    token, a speculative pass of several, and a prompt all agree bit for bit, so speculation and
+    prefix reuse cannot change greedy output."""
+    torch.manual_seed(7)
+    w, b, x = torch.randn(96, 320) * 0.05, torch.randn(96).to(dtype), torch.randn(40, 320).to(dtype)
+    x[3] *= 40  # rows of very different scales
+    q, scale = Q.quantize_int8(w)
+    one_at_a_time = torch.cat([amx.int8_linear(x[i:i + 1], q, scale, b) for i in range(len(x))])
+    for isa in available_isas(amx):
+        assert torch.equal(amx.prompt_int8_linear(x, q, scale, b, isa), one_at_a_time), isa
+    for rows in (2, 5, 9, 16):
+        assert torch.equal(amx.int8_linear(x[:rows], q, scale, b), one_at_a_time[:rows])
+
+
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 def test_int4_prompt_gemm_stays_close_to_the_int4_weights(amx, group_size):
     torch.manual_seed(group_size)
