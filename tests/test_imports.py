@@ -129,7 +129,7 @@ def test_help_and_version_do_not_import_torch(argv):
 
 
 def test_torch_free_modules_stay_torch_free():
-    modules = ["stablecode.atomic", "stablecode.registry", "stablecode.options", "stablecode.config",
-               "stablecode.tokenizer", "stablecode.cli", "stablecode.attribution", "stablecode.data.packing",
-               "stablecode.eval.humaneval"]
+    modules = ["stablecode.atomic", "stablecode.machine", "stablecode.registry", "stablecode.options",
+               "stablecode.config", "stablecode.tokenizer", "stablecode.cli", "stablecode.attribution",
+               "stablecode.data.packing", "stablecode.eval.humaneval"]
     assert python(f"import sys\nfor m in {modules!r}: __import__(m)\nprint('torch' in sys.modules)") == "False"

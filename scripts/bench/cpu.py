@@ -33,6 +33,8 @@ import sysconfig
 import time
 from pathlib import Path
 
+from stablecode.machine import machine_facts
+
 ROOT = Path(__file__).resolve().parents[2]
 # ../shared beside the checkout (a worktree under /work/wt/<name> finds it one level further up).
 TOKENIZER = next((p / "shared" / "tokenizers" / "starcoder-49k" / "tokenizer.json" for p in (ROOT.parent, ROOT.parent.parent)
@@ -443,18 +445,6 @@ def main() -> None:
             "--code-prompts", str(args.code_prompts), "--code-prompt-tokens", str(args.code_prompt_tokens)])
     (args.work / "results.json").write_text(json.dumps(results, indent=2))
     print(report(json.loads(json.dumps(results))))  # as read back: prefill lengths are strings
-
-
-FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-
-
-def machine_facts() -> dict:
-    import torch
-
-    flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "").split()
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
-    return {"cpu": model, "cores": os.cpu_count(), "flags": [f for f in FLAGS if f in flags],
-            "torch": torch.__version__, "load_average": os.getloadavg()}
 
 
 def linear_params(checkpoint: Path) -> int:

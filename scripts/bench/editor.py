@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import socket
 import statistics
@@ -37,6 +36,8 @@ from pathlib import Path
 
 import httpx
 
+from stablecode.machine import describe_cpu
+
 ROOT = Path(__file__).resolve().parents[2]
 FIM = ("<fim_prefix>", "<fim_suffix>", "<fim_middle>")
 # Configurations of the server, as `stablecode serve` options.
@@ -47,22 +48,6 @@ CONFIGS = {
     "speculation": ["--prefix-cache-mb", "0", "--speculative", "8"],
     "neither": ["--prefix-cache-mb", "0", "--speculative", "0"],
 }
-
-
-def cpu_description() -> str:
-    model, flags = platform.processor(), []
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name") and not model.strip():
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = line.split(":", 1)[1].split()
-    except OSError:
-        pass
-    wanted = [f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c")]
-    return f"{model}; {os.cpu_count()} CPUs; flags: {' '.join(wanted)}"
 
 
 def default_files() -> list[Path]:
@@ -325,7 +310,7 @@ def main() -> None:
     files = args.file or default_files()
     sessions_counts = [int(s) for s in args.sessions.split(",")]
     fims = [f == "on" for f in args.fim.split(",")]
-    print(f"CPU: {cpu_description()}")
+    print(f"CPU: {describe_cpu()}")
     print(f"files: {', '.join(str(f) for f in files)}; {args.keystrokes} keystrokes of {args.chars} characters "
           f"from {args.start:.0%}; window {args.context_window} tokens; {args.new_tokens} new tokens; {args.sampling}")
     prompts = {(fim, i): keystroke_prompts(files[i % len(files)], args.start, args.keystrokes, args.chars, count,
@@ -391,7 +376,7 @@ def main() -> None:
 def save(path: Path, args, results: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"cpu": cpu_description(), "args": {k: str(v) for k, v in vars(args).items()},
+    tmp.write_text(json.dumps({"cpu": describe_cpu(), "args": {k: str(v) for k, v in vars(args).items()},
                                "results": results}, indent=1))
     tmp.replace(path)
 

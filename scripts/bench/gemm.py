@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import warnings
@@ -27,14 +26,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from stablecode.machine import cpu_flags, describe_cpu
+
 SHAPES = {"qkv": (2560, 7680), "dense": (2560, 2560), "h_to_4h": (2560, 10240), "4h_to_h": (10240, 2560)}
-
-
-def cpu_facts() -> str:
-    flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "").split()
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-    return f"{model}; {os.cpu_count()} cpus; flags: {' '.join(f for f in wanted if f in flags)}; torch {torch.__version__}"
 
 
 def best_time(fn, min_time: float, max_reps: int = 50) -> float:
@@ -149,7 +143,7 @@ def candidates(K: int, N: int, M: int, only: set[str] | None):
     add(f"ours Int8Linear ({path}), bf16 input", "int8", lambda: i8(xb))
     add(f"ours Int4Linear ({path}), bf16 input", "int4", lambda: i4(xb))
     library = kernels.loaded()
-    if M > ops.DECODE_MAX_ROWS and ops.prompt_isa() == "amx" and " avx512_vnni" in open("/proc/cpuinfo").read():
+    if M > ops.DECODE_MAX_ROWS and ops.prompt_isa() == "amx" and "avx512_vnni" in cpu_flags():
         add("ours prompt GEMM forced to avx512-vnni (the path of VNNI CPUs without AMX), bf16 input", "int8",
             lambda: library.prompt_int8_linear(xb, wq, wq_scale, bb, "avx512-vnni"))
     if M > ops.DECODE_MAX_ROWS:
@@ -177,7 +171,7 @@ def main() -> None:
     shapes = ({name: tuple(int(v) for v in name.split("x")) for name in args.shapes.split(",")}
               if args.shapes else SHAPES)
     only = set(args.only.split(",")) if args.only else None
-    print(f"# {cpu_facts()}; {args.threads} threads")
+    print(f"# {describe_cpu()}; {args.threads} threads")
     results = []
     with torch.inference_mode():
         for M in (int(m) for m in args.m.split(",")):
@@ -190,7 +184,7 @@ def main() -> None:
                           file=sys.stderr, flush=True)
     print(report(results))
     if args.output:
-        args.output.write_text(json.dumps(dict(cpu=cpu_facts(), threads=args.threads, results=results), indent=2))
+        args.output.write_text(json.dumps(dict(cpu=describe_cpu(), threads=args.threads, results=results), indent=2))
 
 
 def report(results: list[dict]) -> str:

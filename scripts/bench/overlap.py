@@ -10,17 +10,10 @@ Documents: "mixed" (200 characters of a training file, then 100 new ones, repeat
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import time
 
-
-def cpu() -> str:
-    info = open("/proc/cpuinfo").read().splitlines()
-    model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "?")
-    flags = next((line for line in info if line.startswith("flags")), "").split()
-    simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16") if f in flags]
-    return f"{model}, {os.cpu_count()} cores, {' '.join(simd)}, load average {os.getloadavg()[0]:.1f}"
+from stablecode.machine import describe_cpu
 
 
 def documents(attributor, size: int, rng: random.Random) -> dict[str, str]:
@@ -47,7 +40,7 @@ def main() -> None:
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     attributor = Attributor(args.index)
-    print(f"CPU: {cpu()}\nindex: {attributor}")
+    print(f"CPU: {describe_cpu()}\nindex: {attributor}")
     base: dict[str, float] = {}
     print(f"{'document':8s} {'characters':>11s} {'seconds':>8s} {'x size':>7s} {'x time':>7s} spans")
     for size in sizes:

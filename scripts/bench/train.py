@@ -14,8 +14,6 @@ Run it through /work/timing.sh (it needs both cores, and pauses the background t
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import time
 
@@ -24,20 +22,9 @@ import torch.nn.functional as F
 
 from stablecode.checkpoint import hf_state_dict
 from stablecode.config import ModelConfig
+from stablecode.machine import describe_cpu
 from stablecode.model import GPTNeoX, init_weights
 from stablecode.train.loop import measure_peak_flops, training_flops_per_token
-
-
-def cpu_description() -> str:
-    model, flags = platform.processor(), []
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = line.split(":", 1)[1].split()
-    wanted = [f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c")]
-    return f"{model}; {os.cpu_count()} CPUs; flags: {' '.join(wanted)}"
 
 
 def main() -> None:
@@ -56,7 +43,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     config = (ModelConfig.from_json_file(args.model) if args.model.endswith(".json")
               else ModelConfig.from_preset(args.model))
-    print(f"CPU: {cpu_description()}")
+    print(f"CPU: {describe_cpu()}")
     peaks = {name: measure_peak_flops(torch.device("cpu"), dtype) for name, dtype in
              (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     print("measured GEMM peak (1024^3 matmul, %d threads): fp32 %.0f GFLOP/s, bf16 %.0f GFLOP/s"

@@ -9,19 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import statistics
 import threading
 import time
 
-
-def cpu() -> str:
-    info = open("/proc/cpuinfo").read().splitlines()
-    model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "?")
-    flags = next((line for line in info if line.startswith("flags")), "").split()
-    simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16") if f in flags]
-    return f"{model}, {os.cpu_count()} cores, {' '.join(simd)}, load average {os.getloadavg()[0]:.1f}"
+from stablecode.machine import describe_cpu
 
 
 def main() -> None:
@@ -46,7 +39,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1/completions"
     bodies = {"650,000 empty prompts": json.dumps({"prompt": [""] * 650_000, "max_tokens": 1}, separators=(",", ":")),
               "1 prompt, bad temperature": json.dumps({"prompt": "x", "max_tokens": 1, "temperature": 9})}
-    print(f"CPU: {cpu()}")
+    print(f"CPU: {describe_cpu()}")
     times = {}
     with httpx.Client(timeout=600) as client:
         for name, body in bodies.items():

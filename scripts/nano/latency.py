@@ -9,25 +9,18 @@ Usage: python scripts/nano/latency.py [--model DIR] [--repeats 5]   (through /wo
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
 import torch
+
+from stablecode.machine import describe_cpu
 
 PROMPTS = [
     "def fibonacci(n):\n",
     "import os\n\n\ndef list_python_files(root):\n    \"\"\"Every .py file under root.\"\"\"\n",
     "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n",
 ]
-
-
-def cpu() -> str:
-    with open("/proc/cpuinfo") as f:
-        text = f.read()
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return f"{model}; {os.cpu_count()} CPUs; flags: {' '.join(f for f in flags if f.startswith(('avx', 'amx')))}"
 
 
 def main() -> None:
@@ -37,7 +30,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"CPU: {cpu()}")
+    print(f"CPU: {describe_cpu()}")
     started = time.perf_counter()
     from stablecode import Completer
 

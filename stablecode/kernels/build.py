@@ -22,6 +22,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from stablecode.machine import cpu_flags
+
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 BUILD_PREFIX = ".build-"
 
@@ -31,12 +33,7 @@ _attempted = False
 
 def simd_level() -> str:
     """The instruction set the kernels are compiled for, from this CPU's flags."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        flags = []
-    return "avx2" if {"avx2", "fma", "f16c"} <= set(flags) else "generic"
+    return "avx2" if {"avx2", "fma", "f16c"} <= cpu_flags() else "generic"
 
 
 def cache_dir() -> Path:

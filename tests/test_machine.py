@@ -1,0 +1,71 @@
+"""stablecode.machine against the machine itself: what /proc/cpuinfo says, and no torch to ask it."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stablecode import machine
+
+CPUINFO = Path("/proc/cpuinfo")
+needs_cpuinfo = pytest.mark.skipif(not CPUINFO.exists(), reason="no /proc/cpuinfo here")
+
+
+def first(field: str) -> str:
+    line = next(line for line in CPUINFO.read_text().splitlines() if line.split(":")[0].strip() == field)
+    return line.split(":", 1)[1].strip()
+
+
+@needs_cpuinfo
+def test_flags_are_the_cpus_own():
+    flags = machine.cpu_flags()
+    assert flags and flags <= set(first("flags").split())
+    assert machine.simd_flags() == [f for f in machine.SIMD_FLAGS if f in flags]
+
+
+@needs_cpuinfo
+def test_the_model_is_the_cpus_model_name():
+    assert machine.cpu_model() == first("model name")
+
+
+@needs_cpuinfo
+def test_the_description_names_model_cpus_flags_and_load():
+    text = machine.describe_cpu()
+    assert text.startswith(first("model name") + ";")
+    assert f"{os.cpu_count()} CPUs" in text
+    assert "flags: " + (" ".join(machine.simd_flags()) or "no AVX2, AVX-512 or AMX") + ";" in text
+    assert "load average " in text
+
+
+def test_the_kernels_build_for_avx2_exactly_when_the_cpu_has_it():
+    from stablecode.kernels.build import simd_level
+
+    assert simd_level() == ("avx2" if {"avx2", "fma", "f16c"} <= machine.cpu_flags() else "generic")
+
+
+def test_facts_are_json_and_match_the_description():
+    facts = json.loads(json.dumps(machine.machine_facts(torch=False)))
+    assert facts["cpu"] == machine.cpu_model() and facts["cores"] == os.cpu_count()
+    assert facts["flags"] == machine.simd_flags()
+    assert len(facts["load_average"]) == 3 and all(v >= 0 for v in facts["load_average"])
+
+
+def test_only_facts_asked_for_torch_import_it():
+    code = ("import sys\n"
+            "import stablecode.machine as m\n"
+            "m.describe_cpu(); quiet = m.machine_facts(torch=False)\n"
+            "print('torch' in sys.modules, quiet['torch'])\n"
+            "print(m.machine_facts()['torch'] == __import__('torch').__version__)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["False None", "True"]
+
+
+def test_without_cpuinfo_nothing_is_claimed(monkeypatch, tmp_path):
+    monkeypatch.setattr(machine, "CPUINFO", str(tmp_path / "absent"))
+    assert machine.cpu_flags() == set() and machine.simd_flags() == []
+    assert machine.cpu_model()  # the architecture at least
+    assert "flags: no AVX2, AVX-512 or AMX" in machine.describe_cpu()
