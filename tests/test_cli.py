@@ -116,6 +116,21 @@ def test_version():
     assert result.returncode == 0 and result.stdout.decode().strip() == f"stablecode {__version__}"
 
 
+def test_serve_help_lists_the_shared_and_server_options_without_torch():
+    # `python -m stablecode` is the `stablecode` command; -X importtime names each module imported.
+    result = run("serve", "--help", command=(sys.executable, "-X", "importtime", "-m", "stablecode"))
+    assert result.returncode == 0, result.stderr.decode()
+    out = result.stdout.decode()
+    assert out.startswith("usage: stablecode serve")
+    for option in ("--model", "--dtype", "--device", "--quantize", "--threads", "--port", "--prefix-cache-mb",
+                   "--speculative", "--index"):
+        assert option in out
+    imported = {line.rsplit("|", 1)[1].strip() for line in result.stderr.decode().splitlines()
+                if line.startswith("import time:") and "|" in line}
+    assert "stablecode.options" in imported
+    assert not {m for m in imported if m == "torch" or m.startswith("torch.")}
+
+
 def test_every_command_registers_under_its_listed_name_and_help():
     from stablecode.cli import COMMANDS, build_parser
 

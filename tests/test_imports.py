@@ -113,7 +113,7 @@ def python(code: str) -> str:
                           timeout=120).stdout.strip()
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["complete", "--help"],
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["complete", "--help"], ["serve", "--help"],
                                   ["eval", "humaneval", "--help"], ["quantize", "--help"], ["index", "--help"]])
 def test_help_and_version_do_not_import_torch(argv):
     imported = python(
