@@ -11,7 +11,7 @@ layers (stablecode.quantize) on the path they take for M rows.
 int8 product. GOP/s counts 2*M*N*K operations. Peaks: the fastest fp32, bf16 and int8 GEMM found.
 
     /work/timing.sh python scripts/bench/gemm.py                 # M = 512 and M = 1
-    python scripts/bench/gemm.py --m 64 --shapes 256x512 --quick # a smoke run
+    python scripts/bench/gemm.py --m 64 --shapes 256x512 --min-time 0.05   # a smoke run
 """
 
 from __future__ import annotations
