@@ -319,7 +319,7 @@ SC_VNNI void int8_weight_rows_vnni(const RowQuantized& a, const int8_t* w, const
 
 template <typename T>
 void int8_linear_impl(const RowQuantized& a, const torch::Tensor& weight, const torch::Tensor& scale,
-                      const float* bias, torch::Tensor& out) {
+                      const float* bias, bool vnni, torch::Tensor& out) {
   const int64_t M = a.q.size(0), K = a.q.size(1), N = weight.size(0);
   const int8_t* xq = a.q.data_ptr<int8_t>();
   const float* xs = a.scale.data_ptr<float>();
@@ -327,13 +327,13 @@ void int8_linear_impl(const RowQuantized& a, const torch::Tensor& weight, const 
   const float* ws = scale.data_ptr<float>();
   T* y = out.data_ptr<T>();
 #if SC_AMX_BUILD
-  if (vnni_available() && M == 1) {
+  if (vnni && M == 1) {
     at::parallel_for(0, N, grain_rows(K), [&](int64_t begin, int64_t end) {
       int8_vector_vnni(xq, a.magnitude.data_ptr<uint8_t>(), xs[0], w, ws, bias, K, begin, end, y);
     });
     return;
   }
-  if (vnni_available()) {
+  if (vnni) {
     const int64_t groups = (N + kVnniWeightRows - 1) / kVnniWeightRows;
     at::parallel_for(0, groups, std::max<int64_t>(1, grain_rows(K) / kVnniWeightRows), [&](int64_t begin, int64_t end) {
       for (int64_t g = begin; g < end; ++g) {
@@ -596,18 +596,22 @@ void check_common(const torch::Tensor& x, const torch::Tensor& weight, const c10
   }
 }
 
+// isa: "" picks the best this CPU has; "avx2" or "avx512-vnni" ask for one (tests compare them).
 torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scale,
-                          const c10::optional<torch::Tensor>& bias) {
+                          const c10::optional<torch::Tensor>& bias, const std::string& isa) {
   check_common(x, weight, bias, weight.size(0));
   TORCH_CHECK(weight.scalar_type() == torch::kInt8 && weight.size(1) == x.size(1), "weight must be int8 [N, K]");
   TORCH_CHECK(x.size(1) % kBlock == 0, "K must be a multiple of 32");
   TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.numel() == weight.size(0), "scale must be fp32 [N]");
+  TORCH_CHECK(isa.empty() || isa == "avx2" || isa == "avx512-vnni", "isa must be '', 'avx2' or 'avx512-vnni'");
+  TORCH_CHECK(isa != "avx512-vnni" || vnni_available(), "this CPU cannot run the avx512-vnni kernel");
+  const bool vnni = isa.empty() ? vnni_available() : isa == "avx512-vnni";
   const RowQuantized a = quantize_rows(x);
   torch::Tensor out = torch::empty({x.size(0), weight.size(0)}, x.options());
   const torch::Tensor b = bias.has_value() ? bias->to(torch::kFloat32).contiguous() : torch::Tensor();
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-  if (x.scalar_type() == torch::kBFloat16) int8_linear_impl<c10::BFloat16>(a, weight, scale, bp, out);
-  else int8_linear_impl<float>(a, weight, scale, bp, out);
+  if (x.scalar_type() == torch::kBFloat16) int8_linear_impl<c10::BFloat16>(a, weight, scale, bp, vnni, out);
+  else int8_linear_impl<float>(a, weight, scale, bp, vnni, out);
   return out;
 }
 
@@ -1162,7 +1166,8 @@ torch::Tensor prompt_int4_linear(const torch::Tensor& x, const torch::Tensor& we
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("int8_linear", &int8_linear, "y = x @ dequant(int8 W).T + b with int8-quantized activations");
+  m.def("int8_linear", &int8_linear, "y = x @ dequant(int8 W).T + b with int8-quantized activations",
+        py::arg("x"), py::arg("weight"), py::arg("scale"), py::arg("bias"), py::arg("isa") = "");
   m.def("int4_linear", &int4_linear, "y = x @ dequant(int4 W).T + b with int8-quantized activations");
   m.def("bf16_linear", &bf16_linear, "y = x @ W.T + b for bf16 W, fp32 accumulation");
   m.def("decode_attention", &decode_attention, "softmax(q k^T / sqrt(D)) v for one query per row and head",
