@@ -21,9 +21,11 @@ def variant(completer: Completer, **engine_options) -> Completer:
     return other
 
 
-@pytest.fixture(scope="module")
-def plain(tiny_checkpoint):
-    return Completer(tiny_checkpoint, prefix_cache_mb=0)
+@pytest.fixture(scope="module", params=[None, "int8"])
+def plain(tiny_checkpoint, request):
+    """int8: prompts run through the int8 prompt GEMMs (where the CPU has them) and the few new
+    tokens of a reuse through the decode kernels, which give the same bits."""
+    return Completer(tiny_checkpoint, prefix_cache_mb=0, quantize=request.param)
 
 
 @pytest.fixture
