@@ -147,3 +147,15 @@ def test_derived_sizes():
     assert config.num_parameters - shared.num_parameters == 32 * 2 * 2560
     with pytest.raises(ConfigError, match="parallel"):
         config.replace(shared_layernorm=True, use_parallel_residual=False)
+
+
+def test_the_nano_preset_is_the_shipped_embedded_model():
+    from stablecode.registry import EMBEDDED_MODELS_DIR
+
+    shipped = ModelConfig.from_json_file(EMBEDDED_MODELS_DIR / "stablecode-nano" / "config.json")
+    assert ModelConfig.from_preset("stablecode-nano") == shipped
+    from pathlib import Path
+
+    recipe = ModelConfig.from_json_file(Path(__file__).parents[1] / "configs" / "nano" / "model.json")
+    assert (recipe.hidden_size, recipe.num_layers, recipe.vocab_size) == (128, 4, 8192) == (
+        shipped.hidden_size, shipped.num_layers, shipped.vocab_size)
