@@ -3,8 +3,8 @@
 //
 // int8 weights are multiplied with int8 activations quantized per row (one fp32 scale per token),
 // summed exactly in int32 (AVX2's u8 x s8 multiply-add, or VNNI's vpdpbusd where the CPU has it);
-// int4 weights with activations quantized per block of 32 (one fp32 scale per block). bf16 weights
-// are widened to fp32 and multiplied with fp32 activations. Rows of the weight matrix are split across torch's threads.
+// int4 weights the same way, with one float step per weight group. bf16 weights are widened to fp32
+// and multiplied with fp32 activations. Rows of the weight matrix are split across torch's threads.
 //
 // Formats (all row-major, one row per output feature):
 //   int8: weight int8 [N, K], scale fp32 [N]                  w[n, k] = scale[n] * q[n, k]
@@ -49,7 +49,7 @@
 
 namespace {
 
-constexpr int64_t kBlock = 32;   // activation quantization block (int4), and the byte loops' step
+constexpr int64_t kBlock = 32;   // the byte loops' step
 constexpr int64_t kRowTile = 4;  // activation rows that share one read of a weight row (AVX2)
 constexpr int64_t kVnniRowTile = 4;     // the same on VNNI CPUs (32 vector registers), against
 constexpr int64_t kVnniWeightRows = 4;  // this many weight rows per pass
@@ -60,53 +60,8 @@ bool vnni_available();
 // fork/join costs more than they do) and large ones split evenly across all threads.
 inline int64_t grain_rows(int64_t row_bytes) { return std::max<int64_t>(16, (256 << 10) / std::max<int64_t>(row_bytes, 1)); }
 
-struct QuantizedActivations {
-  torch::Tensor q;      // int8 [M, K]
-  torch::Tensor scale;  // fp32 [M, K / 32]
-  torch::Tensor sum;    // fp32 [M, K / 32]: scale * sum of q over the block (the int4 kernel's offset term)
-};
-
 float to_float(const float* p, int64_t i) { return p[i]; }
 float to_float(const c10::BFloat16* p, int64_t i) { return static_cast<float>(p[i]); }
-
-// Symmetric int8 per block of 32: scale = max|x| / 127, q = round-half-even(x * 127 / max|x|).
-template <typename T>
-QuantizedActivations quantize_activations_impl(const torch::Tensor& x) {
-  const int64_t M = x.size(0), K = x.size(1), blocks = K / kBlock;
-  QuantizedActivations out{torch::empty({M, K}, x.options().dtype(torch::kInt8)),
-                           torch::empty({M, blocks}, x.options().dtype(torch::kFloat32)),
-                           torch::empty({M, blocks}, x.options().dtype(torch::kFloat32))};
-  const T* src = x.data_ptr<T>();
-  int8_t* q = out.q.data_ptr<int8_t>();
-  float* scale = out.scale.data_ptr<float>();
-  float* sum = out.sum.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t base = m * K + b * kBlock;
-      float v[kBlock];
-      float amax = 0.f;
-      for (int64_t i = 0; i < kBlock; ++i) {
-        v[i] = to_float(src, base + i);
-        amax = std::max(amax, std::fabs(v[i]));
-      }
-      const float inv = amax > 0.f ? 127.f / amax : 0.f;
-      int32_t total = 0;
-      for (int64_t i = 0; i < kBlock; ++i) {
-        const int32_t r = static_cast<int32_t>(std::nearbyint(v[i] * inv));
-        q[base + i] = static_cast<int8_t>(r);
-        total += r;
-      }
-      scale[m * blocks + b] = amax / 127.f;
-      sum[m * blocks + b] = (amax / 127.f) * static_cast<float>(total);
-    }
-  }
-  return out;
-}
-
-QuantizedActivations quantize_activations(const torch::Tensor& x) {
-  if (x.scalar_type() == torch::kBFloat16) return quantize_activations_impl<c10::BFloat16>(x);
-  return quantize_activations_impl<float>(x);
-}
 
 #if SC_AVX2
 inline float hsum(__m256 v) {
@@ -371,82 +326,131 @@ inline float half_to_float(const c10::Half* p, int64_t i) {
 #endif
 }
 
-template <int ROWS>
-void int4_row(const uint8_t* row, const c10::Half* ws, const c10::Half* wm, const int8_t* xq, const float* xs,
-              const float* xg, int64_t K, int64_t group_size, float* total) {
-  const int64_t blocks = K / kBlock, groups = K / group_size, per_group = group_size / kBlock;
-  float offset[ROWS];
-  for (int r = 0; r < ROWS; ++r) offset[r] = 0.f;
+// Activations per row (token) as for int8; each group's 4-bit values (0..15) times q summed exactly
+// in int32, then scaled by the group's scale, plus min x (the group's sum of q). Both loops below
+// give the same bits: the integer sums are exact and the float steps run in the same order.
 #if SC_AVX2
+inline __m256i unpack_u4(const uint8_t* p) {  // 16 bytes -> 32 values, in the storage order
+  const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0F));
+}
+#endif
+
+template <int ROWS>
+void int4_row(const uint8_t* row, const c10::Half* ws, const c10::Half* wm, const int8_t* xq, const int32_t* xg,
+              int64_t K, int64_t group_size, float* total) {
+  const int64_t groups = K / group_size;
+#if SC_AVX2
+  const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[ROWS];
-  for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_ps();
+  float offset[ROWS];
+  for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_ps(), offset[r] = 0.f;
   for (int64_t g = 0; g < groups; ++g) {
-    __m256 group_acc[ROWS];
-    for (int r = 0; r < ROWS; ++r) group_acc[r] = _mm256_setzero_ps();
-    for (int64_t blk = g * per_group; blk < (g + 1) * per_group; ++blk) {
-      const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + blk * (kBlock / 2)));
-      const __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0F));
+    __m256i dot[ROWS];
+    for (int r = 0; r < ROWS; ++r) dot[r] = _mm256_setzero_si256();
+    for (int64_t k = g * group_size; k < (g + 1) * group_size; k += kBlock) {
+      const __m256i q = unpack_u4(row + k / 2);
       for (int r = 0; r < ROWS; ++r) {
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + blk * kBlock));
-        const __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), _mm256_set1_epi16(1));
-        group_acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(xs[r * blocks + blk]), group_acc[r]);
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + k));
+        dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones));  // ≤ 2·15·128
       }
     }
     const __m256 s = _mm256_set1_ps(half_to_float(ws, g));
     const float mn = half_to_float(wm, g);
     for (int r = 0; r < ROWS; ++r) {
-      acc[r] = _mm256_fmadd_ps(group_acc[r], s, acc[r]);
-      offset[r] += mn * xg[r * groups + g];
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), s, acc[r]);
+      offset[r] = std::fma(mn, static_cast<float>(xg[r * groups + g]), offset[r]);
     }
   }
   for (int r = 0; r < ROWS; ++r) total[r] = hsum(acc[r]) + offset[r];
 #else
   for (int r = 0; r < ROWS; ++r) {
-    float t = 0.f;
+    float t = 0.f, offset = 0.f;
     for (int64_t g = 0; g < groups; ++g) {
-      float gt = 0.f;
-      for (int64_t blk = g * per_group; blk < (g + 1) * per_group; ++blk) {
-        int32_t d = 0;
+      int32_t d = 0;
+      for (int64_t k = g * group_size; k < (g + 1) * group_size; k += kBlock)
         for (int64_t i = 0; i < kBlock / 2; ++i) {
-          const uint8_t byte = row[blk * (kBlock / 2) + i];
-          d += int32_t(byte & 0x0F) * xq[r * K + blk * kBlock + i];
-          d += int32_t(byte >> 4) * xq[r * K + blk * kBlock + i + kBlock / 2];
+          const uint8_t byte = row[k / 2 + i];
+          d += int32_t(byte & 0x0F) * xq[r * K + k + i] + int32_t(byte >> 4) * xq[r * K + k + i + kBlock / 2];
         }
-        gt += float(d) * xs[r * blocks + blk];
-      }
-      t += gt * half_to_float(ws, g);
-      offset[r] += half_to_float(wm, g) * xg[r * groups + g];
+      t += float(d) * half_to_float(ws, g);
+      offset += half_to_float(wm, g) * float(xg[r * groups + g]);
     }
-    total[r] = t + offset[r];
+    total[r] = t + offset;
   }
 #endif
 }
 
-template <typename T>
-void int4_linear_impl(const QuantizedActivations& a, const torch::Tensor& weight, const torch::Tensor& scale,
-                      const torch::Tensor& minimum, int64_t group_size, const torch::Tensor& bias,
-                      torch::Tensor& out) {
-  const int64_t M = a.q.size(0), K = a.q.size(1), N = weight.size(0), blocks = K / kBlock;
+#if SC_AMX_BUILD
+// The same with vpdpbusd (4-bit values unsigned, activations signed: no sign trick needed).
+template <int ROWS>
+SC_VNNI void int4_row_vnni(const uint8_t* row, const c10::Half* ws, const c10::Half* wm, const int8_t* xq,
+                           const int32_t* xg, int64_t K, int64_t group_size, float* total) {
   const int64_t groups = K / group_size;
+  __m256 acc[ROWS];
+  float offset[ROWS];
+  for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_ps(), offset[r] = 0.f;
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256i dot[ROWS];
+    for (int r = 0; r < ROWS; ++r) dot[r] = _mm256_setzero_si256();
+    for (int64_t k = g * group_size; k < (g + 1) * group_size; k += kBlock) {
+      const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2));
+      const __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0F));
+      for (int r = 0; r < ROWS; ++r)
+        dot[r] = _mm256_dpbusd_epi32(dot[r], q, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + k)));
+    }
+    const __m256 s = _mm256_set1_ps(_cvtsh_ss(reinterpret_cast<const uint16_t*>(ws)[g]));
+    const float mn = _cvtsh_ss(reinterpret_cast<const uint16_t*>(wm)[g]);
+    for (int r = 0; r < ROWS; ++r) {
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), s, acc[r]);
+      offset[r] = std::fma(mn, static_cast<float>(xg[r * groups + g]), offset[r]);
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) {
+    __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    v = _mm_add_ss(v, _mm_movehdup_ps(v));
+    total[r] = _mm_cvtss_f32(v) + offset[r];
+  }
+}
+#endif
+
+template <typename T>
+void int4_linear_impl(const RowQuantized& a, const torch::Tensor& weight, const torch::Tensor& scale,
+                      const torch::Tensor& minimum, int64_t group_size, const float* bias, bool vnni,
+                      torch::Tensor& out) {
+  const int64_t M = a.q.size(0), K = a.q.size(1), N = weight.size(0), groups = K / group_size;
   const int8_t* xq = a.q.data_ptr<int8_t>();
   const float* xs = a.scale.data_ptr<float>();
-  // Sum of the (quantized) activations per weight group: multiplies each group's minimum.
-  torch::Tensor group_sums = a.sum.view({M, groups, group_size / kBlock}).sum(-1).contiguous();
-  const float* xg = group_sums.data_ptr<float>();
+  // Sum of the quantized activations per weight group: multiplies each group's minimum.
+  std::vector<int32_t> group_sums(M * groups, 0);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) group_sums[m * groups + k / group_size] += xq[m * K + k];
+  const int32_t* xg = group_sums.data();
   const uint8_t* w = weight.data_ptr<uint8_t>();
   const c10::Half* ws = scale.data_ptr<c10::Half>();
   const c10::Half* wm = minimum.data_ptr<c10::Half>();
   T* y = out.data_ptr<T>();
   at::parallel_for(0, N, grain_rows(K / 2), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
-      const float b = bias_at(bias, n);
+      const float b = bias ? bias[n] : 0.f;
       for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
+        const int64_t rows = std::min(kRowTile, M - m0);
         float total[kRowTile];
-        dispatch_rows<kRowTile>(M - m0, [&](auto rows) {
-          int4_row<rows()>(w + n * (K / 2), ws + n * groups, wm + n * groups, xq + m0 * K, xs + m0 * blocks,
-                           xg + m0 * groups, K, group_size, total);
-          for (int r = 0; r < rows(); ++r) store(y, (m0 + r) * N + n, total[r] + b);
-        });
+        const uint8_t* row = w + n * (K / 2);
+#if SC_AMX_BUILD
+        if (vnni) {
+          dispatch_rows<kRowTile>(rows, [&](auto r) {
+            int4_row_vnni<r()>(row, ws + n * groups, wm + n * groups, xq + m0 * K, xg + m0 * groups, K, group_size, total);
+          });
+        } else
+#endif
+        {
+          dispatch_rows<kRowTile>(rows, [&](auto r) {
+            int4_row<r()>(row, ws + n * groups, wm + n * groups, xq + m0 * K, xg + m0 * groups, K, group_size, total);
+          });
+        }
+        for (int64_t r = 0; r < rows; ++r) store(y, (m0 + r) * N + n, std::fma(total[r], xs[m0 + r], b));
       }
     }
   });
@@ -616,7 +620,8 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& weight, c
 }
 
 torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scale,
-                          const torch::Tensor& minimum, int64_t group_size, const c10::optional<torch::Tensor>& bias) {
+                          const torch::Tensor& minimum, int64_t group_size, const c10::optional<torch::Tensor>& bias,
+                          const std::string& isa) {
   check_common(x, weight, bias, weight.size(0));
   const int64_t K = x.size(1);
   TORCH_CHECK(group_size % kBlock == 0 && K % group_size == 0, "group size must be a multiple of 32 dividing K");
@@ -625,11 +630,15 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& weight, c
                   scale.is_contiguous() && minimum.is_contiguous() &&
                   scale.numel() == weight.size(0) * (K / group_size) && minimum.numel() == scale.numel(),
               "scale and min must be fp16 [N, K / group_size]");
-  const QuantizedActivations a = quantize_activations(x);
+  TORCH_CHECK(isa.empty() || isa == "avx2" || isa == "avx512-vnni", "isa must be '', 'avx2' or 'avx512-vnni'");
+  TORCH_CHECK(isa != "avx512-vnni" || vnni_available(), "this CPU cannot run the avx512-vnni kernel");
+  const bool vnni = isa.empty() ? vnni_available() : isa == "avx512-vnni";
+  const RowQuantized a = quantize_rows(x);
   torch::Tensor out = torch::empty({x.size(0), weight.size(0)}, x.options());
-  const torch::Tensor b = bias.has_value() ? *bias : torch::Tensor();
-  if (x.scalar_type() == torch::kBFloat16) int4_linear_impl<c10::BFloat16>(a, weight, scale, minimum, group_size, b, out);
-  else int4_linear_impl<float>(a, weight, scale, minimum, group_size, b, out);
+  const torch::Tensor b = bias.has_value() ? bias->to(torch::kFloat32).contiguous() : torch::Tensor();
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  if (x.scalar_type() == torch::kBFloat16) int4_linear_impl<c10::BFloat16>(a, weight, scale, minimum, group_size, bp, vnni, out);
+  else int4_linear_impl<float>(a, weight, scale, minimum, group_size, bp, vnni, out);
   return out;
 }
 
@@ -675,11 +684,6 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
   return out;
 }
 
-std::vector<torch::Tensor> quantize_activations_py(const torch::Tensor& x) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) % kBlock == 0, "x must be contiguous [M, K], K % 32 == 0");
-  const QuantizedActivations a = quantize_activations(x);
-  return {a.q, a.scale, a.sum};
-}
 
 // Streams `data` once and returns its byte sum: the bandwidth ceiling the kernels above aim at.
 int64_t read_bytes(const torch::Tensor& data) {
@@ -1168,11 +1172,12 @@ torch::Tensor prompt_int4_linear(const torch::Tensor& x, const torch::Tensor& we
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_linear", &int8_linear, "y = x @ dequant(int8 W).T + b with int8-quantized activations",
         py::arg("x"), py::arg("weight"), py::arg("scale"), py::arg("bias"), py::arg("isa") = "");
-  m.def("int4_linear", &int4_linear, "y = x @ dequant(int4 W).T + b with int8-quantized activations");
+  m.def("int4_linear", &int4_linear, "y = x @ dequant(int4 W).T + b with int8-quantized activations",
+        py::arg("x"), py::arg("weight"), py::arg("scale"), py::arg("minimum"), py::arg("group_size"),
+        py::arg("bias"), py::arg("isa") = "");
   m.def("bf16_linear", &bf16_linear, "y = x @ W.T + b for bf16 W, fp32 accumulation");
   m.def("decode_attention", &decode_attention, "softmax(q k^T / sqrt(D)) v for one query per row and head",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("rows") = py::none(), py::arg("lengths") = py::none());
-  m.def("quantize_activations", &quantize_activations_py, "int8 per-32 block quantization: (q, scale, scale*sum)");
   m.def("read_bytes", &read_bytes, "sum of all bytes (a memory-bandwidth probe)");
   m.def("simd", []() { return SC_AVX2 ? "avx2" : "generic"; });
   m.def("prompt_isa", &prompt_isa, "the prompt GEMM this CPU runs: amx, avx512-vnni or '' (none)");

@@ -22,12 +22,6 @@ def ext():
     return library
 
 
-def reference_activations(x: torch.Tensor) -> torch.Tensor:
-    """x after the int4 kernel's int8 quantization per block of 32 (scale max|x|/127, round half to even)."""
-    blocks = x.float().reshape(x.shape[0], -1, 32)
-    return per_row(blocks).reshape(x.shape)
-
-
 def per_row(x: torch.Tensor) -> torch.Tensor:
     """x after the int8 kernels' quantization per row (last dim): scale max|x|/127, round half to even."""
     x = x.float()
@@ -56,9 +50,9 @@ def test_int8_kernel_matches_reference(ext, rows, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_kernel_gives_the_same_bits_on_avx2_and_vnni(ext, dtype):
-    """The sums are exact integers, so the AVX2 loop (the Zen 1-3 path) and the VNNI tiles agree bit for
-    bit, at any number of rows (on an AVX2-only CPU both calls take the AVX2 loop)."""
+def test_int8_and_int4_kernels_give_the_same_bits_on_avx2_and_vnni(ext, dtype):
+    """The sums are exact integers, so the AVX2 loops (the Zen 1-3 path) and the VNNI ones agree bit
+    for bit, at any number of rows (on an AVX2-only CPU both calls take the AVX2 loop)."""
     torch.manual_seed(3)
     w, b = torch.randn(132, 384), torch.randn(132).to(dtype)  # N not a multiple of the 4-row tiles
     q, scale = Q.quantize_int8(w)
@@ -67,6 +61,10 @@ def test_int8_kernel_gives_the_same_bits_on_avx2_and_vnni(ext, dtype):
         assert torch.equal(ext.int8_linear(x, q, scale, b, "avx2"), ext.int8_linear(x, q, scale, b))
     with pytest.raises(RuntimeError, match="isa"):
         ext.int8_linear(x, q, scale, b, "sse2")
+    packed, s4, m4 = Q.quantize_int4(w, 64)
+    for rows in (1, 3, 6):
+        x = torch.randn(rows, 384).to(dtype)
+        assert torch.equal(ext.int4_linear(x, packed, s4, m4, 64, b, "avx2"), ext.int4_linear(x, packed, s4, m4, 64, b))
 
 
 @pytest.mark.parametrize("rows", [1, 5, 16])
@@ -77,7 +75,7 @@ def test_int4_kernel_matches_reference(ext, rows, group_size, dtype):
     w, b, x = torch.randn(40, 384), torch.randn(40), torch.randn(rows, 384).to(dtype)
     packed, scale, minimum = Q.quantize_int4(w, group_size)
     dequantized = Q.dequantize_int4(packed, scale, minimum, group_size).double()
-    expected = reference_activations(x).double() @ dequantized.T + b.to(dtype).double()
+    expected = per_row(x).double() @ dequantized.T + b.to(dtype).double()
     y = ext.int4_linear(x, packed, scale, minimum, group_size, b.to(dtype))
     tolerance = 1e-5 if dtype == torch.float32 else 2 ** -8
     assert ((y.double() - expected).abs() <= tolerance * (expected.abs() + 1)).all()
@@ -91,7 +89,7 @@ def test_kernels_without_bias_and_with_zero_input(ext):
     expected = per_row(x).double() @ Q.dequantize_int8(q, scale).double().T
     assert torch.allclose(ext.int8_linear(x, q, scale, None).double(), expected, atol=1e-5)
     packed, s4, m4 = Q.quantize_int4(w, 32)
-    expected = reference_activations(x).double() @ Q.dequantize_int4(packed, s4, m4, 32).double().T
+    expected = per_row(x).double() @ Q.dequantize_int4(packed, s4, m4, 32).double().T
     assert torch.allclose(ext.int4_linear(x, packed, s4, m4, 32, None).double(), expected, atol=1e-5)
 
 
