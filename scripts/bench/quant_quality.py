@@ -7,7 +7,7 @@ Any checkpoint (e.g. the 3B shape with random weights): logits error against flo
 text: max / mean abs error relative to the logits' spread, and argmax agreement.
 
 --prompts says how the quantized layers multiply the windows: through the decode kernels
-(activations int8 per token for int8 weights, per block of 32 for int4; the path that picks
+(activations int8 per token, summed exactly in int32; the path that picks
 tokens; the default), the prompt GEMMs (activations int8 per token, AMX-INT8 or AVX-512 VNNI
 CPUs) or dequantized float weights; several give the
 loss delta that activation quantization adds on its own. A checkpoint with a training manifest
@@ -88,8 +88,7 @@ def main() -> None:
     parser.add_argument("--group-sizes", default="32,64,128")
     parser.add_argument("--prompts", default="decode",
                         help="comma-separated ways the quantized layers multiply the windows: decode (the "
-                             "decode kernels: activations int8 per token for int8 weights, per block of 32 for "
-                             "int4), int8 (the prompt GEMMs, activations int8 per token, where the CPU has "
+                             "decode kernels: activations int8 per token), int8 (the prompt GEMMs, activations int8 per token, where the CPU has "
                              "AMX-INT8 or AVX-512 VNNI), float (dequantized weights)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", type=Path, default=None, help="write the results as JSON here")
