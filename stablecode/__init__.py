@@ -1,6 +1,6 @@
 """stablecode: run, serve, train and evaluate the StableCode-Completion-Alpha-3B-4K model family."""
 
-from importlib import import_module
+from stablecode.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -24,13 +24,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'stablecode' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
