@@ -55,7 +55,7 @@ def test_complete_works_without_any_extra(tiny_checkpoint):
 @pytest.mark.parametrize("argv, extra", [
     (["eval", "humaneval", "--out", "{tmp}/he"], "eval"),
     (["data", "from-dir", "{tmp}", "--out", "{tmp}/corpus"], "train"),
-    (["attribute", "{tmp}/code.py"], "attribution"),  # against the embedded model's index
+    (["attribute", "{tmp}/code.py"], "attribution"),  # the extra is checked before the index is looked for
 ])
 def test_a_command_missing_its_extra_says_which_to_install(argv, extra, tmp_path):
     (tmp_path / "code.py").write_text("def f():\n    return 1\n")

@@ -69,12 +69,13 @@ def resolve_index_dir(index: str | os.PathLike | None) -> Path:
     from stablecode.registry import DEFAULT_MODEL, EMBEDDED_MODELS_DIR
 
     if index is None:
+        # The extra first: without it no index helps, and installing it is the first thing to do.
+        require_pyarrow()
         directory = EMBEDDED_MODELS_DIR / DEFAULT_MODEL / INDEX_DIR_NAME
         if not (directory / MANIFEST).is_file():
             raise AttributionIndexError(
                 f"the embedded model's attribution index is not installed at {directory}; build it with "
                 "scripts/nano/build_index.sh, or pass an index built with `stablecode index build`")
-        require_pyarrow()  # installed but unreadable without the extra: the same as not installed to a caller
         return directory
     path = Path(index)
     for candidate in (path, path / INDEX_DIR_NAME, EMBEDDED_MODELS_DIR / str(index) / INDEX_DIR_NAME):
