@@ -56,6 +56,9 @@ constexpr int64_t kVnniWeightRows = 4;  // this many weight rows per pass
 
 bool vnni_available();
 
+// The VNNI decode loops reuse the AVX2 helpers (any VNNI CPU has AVX2, and the build's flags follow the CPU).
+#define SC_VNNI_DECODE (SC_AMX_BUILD && SC_AVX2)
+
 // Rows per task: at least ~256 KiB of weights each, so small layers stay on one thread (a
 // fork/join costs more than they do) and large ones split evenly across all threads.
 inline int64_t grain_rows(int64_t row_bytes) { return std::max<int64_t>(16, (256 << 10) / std::max<int64_t>(row_bytes, 1)); }
@@ -192,14 +195,7 @@ void int8_row(const int8_t* w, const int8_t* xq, int64_t K, int32_t* total) {
 #endif
 }
 
-#if SC_AMX_BUILD
-inline SC_VNNI int32_t hsum_vnni(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-  return _mm_cvtsi128_si32(s);
-}
-
+#if SC_VNNI_DECODE
 // The same sums with AVX-512 VNNI's vpdpbusd (on 256-bit registers): (x + 128) times w, one
 // instruction per 32 bytes, then 128 x (the weight row's sum) off. A pass takes NW weight rows and
 // ROWS activation rows, so each load of either feeds several products: with one weight row per
@@ -225,8 +221,8 @@ SC_VNNI void int8_tile_vnni(const int8_t* w, const uint8_t* xu, int64_t K, int32
     }
   }
   for (int j = 0; j < NW; ++j) {
-    if constexpr (SUMS) sums[j] = hsum_vnni(wsum[j]);
-    for (int r = 0; r < ROWS; ++r) total[r * NW + j] = hsum_vnni(acc[r][j]);
+    if constexpr (SUMS) sums[j] = hsum_epi32(wsum[j]);
+    for (int r = 0; r < ROWS; ++r) total[r * NW + j] = hsum_epi32(acc[r][j]);
   }
 }
 
@@ -237,14 +233,14 @@ SC_VNNI void int8_vector_vnni(const int8_t* xq, const uint8_t* xa, float xs, con
                               int64_t K, int64_t begin, int64_t end, T* y) {
   for (int64_t n = begin; n < end; ++n) {
     const int8_t* row = w + n * K;
-    __m256i acc0 = _mm256_setzero_si256(), acc1 = _mm256_setzero_si256();
+    __m256i acc = _mm256_setzero_si256();
     for (int64_t k = 0; k < K; k += kBlock) {
       const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k));
       const __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa + k));
       const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k));
-      acc0 = _mm256_dpbusd_epi32(acc0, a0, _mm256_sign_epi8(w0, x0));
+      acc = _mm256_dpbusd_epi32(acc, a0, _mm256_sign_epi8(w0, x0));
     }
-    store(y, n, rescale(hsum_vnni(_mm256_add_epi32(acc0, acc1)), xs, ws[n], bias ? bias[n] : 0.f));
+    store(y, n, rescale(hsum_epi32(acc), xs, ws[n], bias ? bias[n] : 0.f));
   }
 }
 
@@ -281,7 +277,7 @@ void int8_linear_impl(const RowQuantized& a, const torch::Tensor& weight, const 
   const int8_t* w = weight.data_ptr<int8_t>();
   const float* ws = scale.data_ptr<float>();
   T* y = out.data_ptr<T>();
-#if SC_AMX_BUILD
+#if SC_VNNI_DECODE
   if (vnni && M == 1) {
     at::parallel_for(0, N, grain_rows(K), [&](int64_t begin, int64_t end) {
       int8_vector_vnni(xq, a.magnitude.data_ptr<uint8_t>(), xs[0], w, ws, bias, K, begin, end, y);
@@ -381,7 +377,7 @@ void int4_row(const uint8_t* row, const c10::Half* ws, const c10::Half* wm, cons
 #endif
 }
 
-#if SC_AMX_BUILD
+#if SC_VNNI_DECODE
 // The same with vpdpbusd (4-bit values unsigned, activations signed: no sign trick needed).
 template <int ROWS>
 SC_VNNI void int4_row_vnni(const uint8_t* row, const c10::Half* ws, const c10::Half* wm, const int8_t* xq,
@@ -394,24 +390,18 @@ SC_VNNI void int4_row_vnni(const uint8_t* row, const c10::Half* ws, const c10::H
     __m256i dot[ROWS];
     for (int r = 0; r < ROWS; ++r) dot[r] = _mm256_setzero_si256();
     for (int64_t k = g * group_size; k < (g + 1) * group_size; k += kBlock) {
-      const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2));
-      const __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0F));
+      const __m256i q = unpack_u4(row + k / 2);
       for (int r = 0; r < ROWS; ++r)
         dot[r] = _mm256_dpbusd_epi32(dot[r], q, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + k)));
     }
-    const __m256 s = _mm256_set1_ps(_cvtsh_ss(reinterpret_cast<const uint16_t*>(ws)[g]));
-    const float mn = _cvtsh_ss(reinterpret_cast<const uint16_t*>(wm)[g]);
+    const __m256 s = _mm256_set1_ps(half_to_float(ws, g));
+    const float mn = half_to_float(wm, g);
     for (int r = 0; r < ROWS; ++r) {
       acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), s, acc[r]);
       offset[r] = std::fma(mn, static_cast<float>(xg[r * groups + g]), offset[r]);
     }
   }
-  for (int r = 0; r < ROWS; ++r) {
-    __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
-    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-    v = _mm_add_ss(v, _mm_movehdup_ps(v));
-    total[r] = _mm_cvtss_f32(v) + offset[r];
-  }
+  for (int r = 0; r < ROWS; ++r) total[r] = hsum(acc[r]) + offset[r];
 }
 #endif
 
@@ -438,7 +428,7 @@ void int4_linear_impl(const RowQuantized& a, const torch::Tensor& weight, const 
         const int64_t rows = std::min(kRowTile, M - m0);
         float total[kRowTile];
         const uint8_t* row = w + n * (K / 2);
-#if SC_AMX_BUILD
+#if SC_VNNI_DECODE
         if (vnni) {
           dispatch_rows<kRowTile>(rows, [&](auto r) {
             int4_row_vnni<r()>(row, ws + n * groups, wm + n * groups, xq + m0 * K, xg + m0 * groups, K, group_size, total);
