@@ -42,19 +42,23 @@ class Completer:
 
     def request(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                 top_k: int = 0, repetition_penalty: float = 1.0, stop: list[str] | tuple[str, ...] | None = None,
-                seed: int | None = None, speculative: bool | int | None = None) -> Request:
+                seed: int | None = None, speculative: bool | int | None = None, token_healing: bool = True) -> Request:
         """A prepared (tokenized, context-fitted) request for `prompt`.
 
-        speculative: None uses the engine's setting; True, False or a number of draft tokens."""
+        speculative: None uses the engine's setting; True, False or a number of draft tokens.
+        token_healing: let the model re-choose the prompt's last token (a prompt ending in "\n" then
+        continues indented, as code does); off for token-exact parity with plain decoding."""
         sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
                                   repetition_penalty=repetition_penalty, seed=seed)
         return Request(self.tokenizer.encode(prompt), self.tokenizer, self.config.max_position_embeddings,
                        max_new_tokens=max_new_tokens, sampling=sampling, stop_strings=tuple(stop or ()),
-                       device=self.device, speculative=None if speculative is None else draft_tokens_option(speculative))
+                       device=self.device, speculative=None if speculative is None else draft_tokens_option(speculative),
+                       token_healing=token_healing)
 
     def complete(self, prompt: str, **options) -> Completion:
         """Complete one prompt. Options: max_new_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed,
-        speculative (greedy requests: True, False or a number of prompt-lookup tokens to verify per step)."""
+        speculative (greedy requests: True, False or a number of prompt-lookup tokens to verify per step),
+        token_healing (default True)."""
         return self.complete_batch([prompt], **options)[0]
 
     def complete_batch(self, prompts: list[str], **options) -> list[Completion]:

@@ -24,6 +24,7 @@ class Tokenizer:
             token_id for token_id, token in backend.get_added_tokens_decoder().items() if token.special)
         eos = backend.token_to_id(EOS_TOKEN)
         self.eos_id = 0 if eos is None else eos
+        self._token_texts: list[str] | None = None
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "Tokenizer":
@@ -49,6 +50,13 @@ class Tokenizer:
 
     def token_text(self, token_id: int) -> str:
         return self.decode([token_id], skip_special_tokens=False)
+
+    def tokens_starting_with(self, text: str) -> list[int]:
+        """Ids of the ordinary (not special) tokens whose text starts with `text`."""
+        if self._token_texts is None:
+            self._token_texts = self.backend.decode_batch([[i] for i in range(self.vocab_size)],
+                                                          skip_special_tokens=False)
+        return [i for i, t in enumerate(self._token_texts) if t.startswith(text) and i not in self.special_ids]
 
     def __len__(self) -> int:
         return self.vocab_size

@@ -62,6 +62,9 @@ def add_data_command(subparsers) -> None:
     k.add_argument("--fim-spm-rate", type=float, default=0.5,
                    help="fraction of those in suffix-prefix-middle order (default 0.5)")
     k.add_argument("--fim-seed", type=int, default=0, help="seed of the FIM draws (default 0)")
+    k.add_argument("--fim-piece-chars", type=int, default=None,
+                   help="FIM rearranges pieces of a file of at most this many characters, cut at line ends, so a "
+                        "piece fits one training window (default 2 × --seq-len)")
     _languages_option(k, "StableCode's stage-1 languages, weight 1")
     k.set_defaults(func=run_pack)
 
@@ -109,7 +112,8 @@ def run_pack(args) -> None:
 
     pack(args.data, args.tokenizer, args.seq_len, args.out, validation_fraction=args.validation_fraction,
          workers=args.workers, mix=DataMix.parse(args.languages),
-         fim=FimSettings(args.fim_rate, args.fim_spm_rate, args.fim_seed), progress=sys.stderr.isatty(), log=_log)
+         fim=FimSettings(args.fim_rate, args.fim_spm_rate, args.fim_seed, args.fim_piece_chars or 2 * args.seq_len),
+         progress=sys.stderr.isatty(), log=_log)
     print(f"wrote {args.out / 'index.json'}")
 
 

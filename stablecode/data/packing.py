@@ -14,12 +14,16 @@ Work is split into units (a run of row groups of one parquet file); each unit is
 worker process and its shards are written to a temporary file and renamed, the unit's json last.
 A killed run, started again with the same arguments, redoes only the units without a json.
 
-Every document is followed by EOS. With `fim_rate` > 0, that fraction of the training documents
-is rearranged for fill-in-the-middle as StarCoder was trained: split at two random character
-positions into prefix, middle and suffix and written `<fim_prefix>prefix<fim_suffix>suffix<fim_middle>middle`
-(PSM) or, for `fim_spm_rate` of them, `<fim_prefix><fim_suffix>suffix<fim_middle>prefix middle` (SPM,
-the variant in which prefix and middle stay one contiguous text). The choice is a function of the
-seed and the file's key, so a pack is reproducible and resumable. Validation files stay plain text,
+Every document is followed by EOS. With `fim_rate` > 0, training documents are rearranged for
+fill-in-the-middle as StarCoder was trained, at the level of a context rather than a whole file: a
+document is cut at line ends into pieces of at most `piece_chars` characters (a piece fits a training
+window, so its sentinels, prefix, suffix and middle are seen together; a whole file of 10k tokens
+rearranged once would put them thousands of tokens apart in a 512-token window). That fraction of the
+pieces is split at two random character positions into prefix, middle and suffix and written
+`<fim_prefix>prefix<fim_suffix>suffix<fim_middle>middle` (PSM) or, for `fim_spm_rate` of them,
+`<fim_prefix><fim_suffix>suffix<fim_middle>prefix middle` (SPM, the variant in which prefix and middle
+stay one contiguous text); runs of pieces left plain are tokenized as one text. The draws are a
+function of the seed and the file's key, so a pack is reproducible and resumable. Validation files stay plain text,
 so the validation loss is left-to-right loss. A split's shards, concatenated in unit order, form one token
 stream; sequence i is the window [i·seq_len, i·seq_len + seq_len + 1) of that stream — seq_len + 1
 tokens, so input = x[:-1] and target = x[1:] — and consecutive sequences share one token (stride
@@ -66,21 +70,46 @@ class FimSettings:
     rate: float = 0.0
     spm_rate: float = 0.5
     seed: int = 0
+    piece_chars: int = 1024
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.rate <= 1.0 or not 0.0 <= self.spm_rate <= 1.0:
             raise ValueError(f"FIM rates must be in [0, 1], got rate {self.rate} and SPM rate {self.spm_rate}")
+        if self.piece_chars < 1:
+            raise ValueError(f"FIM piece length must be at least 1 character, got {self.piece_chars}")
 
-    def split(self, key: str, text: str) -> tuple[str, str, str, bool] | None:
-        """(prefix, middle, suffix, spm) when this document is rearranged, else None."""
+    def segments(self, key: str, text: str) -> list[str | tuple[str, str, str, bool]] | None:
+        """The document as plain texts and (prefix, middle, suffix, spm) pieces, in order; None when no
+        piece is rearranged (the document is then packed as plain text)."""
         if self.rate == 0.0:
             return None
         digest = hashlib.blake2b(f"{self.seed}:{key}".encode(), digest_size=8).digest()
         rng = np.random.default_rng(int.from_bytes(digest, "little"))
-        if rng.random() >= self.rate:
-            return None
-        low, high = sorted(int(x) for x in rng.integers(0, len(text) + 1, size=2))
-        return text[:low], text[low:high], text[high:], bool(rng.random() < self.spm_rate)
+        segments: list[str | tuple[str, str, str, bool]] = []
+        for piece in _pieces(text, self.piece_chars):
+            if rng.random() >= self.rate:
+                if segments and isinstance(segments[-1], str):
+                    segments[-1] += piece
+                else:
+                    segments.append(piece)
+                continue
+            low, high = sorted(int(x) for x in rng.integers(0, len(piece) + 1, size=2))
+            segments.append((piece[:low], piece[low:high], piece[high:], bool(rng.random() < self.spm_rate)))
+        return None if all(isinstance(s, str) for s in segments) else segments
+
+
+def _pieces(text: str, limit: int) -> list[str]:
+    """`text` cut after line ends into pieces of at most `limit` characters (a longer line is cut inside)."""
+    pieces, start = [], 0
+    while len(text) - start > limit:
+        cut = text.rfind("\n", start, start + limit) + 1
+        if cut <= start:
+            cut = start + limit
+        pieces.append(text[start:cut])
+        start = cut
+    if start < len(text) or not pieces:
+        pieces.append(text[start:])
+    return pieces
 
 
 def fim_token_ids(tokenizer: Tokenizer) -> tuple[int, int, int]:
@@ -95,16 +124,20 @@ def fim_token_ids(tokenizer: Tokenizer) -> tuple[int, int, int]:
 
 def encode_document(key: str, text: str, fim: FimSettings, sentinels: tuple[int, int, int] | None,
                     encode) -> list[int]:
-    """Token ids of one training document (FIM-rearranged when its draw says so), EOS not included."""
-    parts = fim.split(key, text) if sentinels is not None else None
-    if parts is None:
+    """Token ids of one training document (its pieces FIM-rearranged as their draws say), EOS not included."""
+    segments = fim.segments(key, text) if sentinels is not None else None
+    if segments is None:
         return encode([text])[0]
-    prefix, middle, suffix, spm = parts
-    p, m, s = (e for e in encode([prefix, middle, suffix]))
     fim_prefix, fim_middle, fim_suffix = sentinels
-    if spm:
-        return [fim_prefix, fim_suffix, *s, fim_middle, *p, *m]
-    return [fim_prefix, *p, fim_suffix, *s, fim_middle, *m]
+    ids: list[int] = []
+    for segment in segments:
+        if isinstance(segment, str):
+            ids += encode([segment])[0]
+            continue
+        prefix, middle, suffix, spm = segment
+        p, m, s = encode([prefix, middle, suffix])
+        ids += [fim_prefix, fim_suffix, *s, fim_middle, *p, *m] if spm else [fim_prefix, *p, fim_suffix, *s, fim_middle, *m]
+    return ids
 
 
 @dataclass(frozen=True)
@@ -197,11 +230,12 @@ def pack_unit(unit: Unit, out: str, dtype: str, validation_fraction: float, mix:
     held_out, text_bytes = [], 0
     for docs in iter_file_documents(Path(unit.path), unit.language, list(unit.row_groups), batch_size):
         validation = [is_validation(d.key, validation_fraction) for d in docs]
-        plain = [d.content for d, v in zip(docs, validation) if v or fim.split(d.key, d.content) is None]
-        encoded = iter(_encode_ids(plain))  # one batch for the plain documents, in order
-        for doc, held in zip(docs, validation):
+        rearranged = [not v and sentinels is not None and fim.segments(d.key, d.content) is not None
+                      for d, v in zip(docs, validation)]
+        encoded = iter(_encode_ids([d.content for d, r in zip(docs, rearranged) if not r]))  # one batch, in order
+        for doc, held, fim_doc in zip(docs, validation, rearranged):
             text_bytes += len(doc.content.encode("utf-8"))
-            if held or fim.split(doc.key, doc.content) is None:
+            if not fim_doc:
                 ids = next(encoded)
             else:
                 ids = encode_document(doc.key, doc.content, fim, sentinels, _encode_ids)

@@ -51,6 +51,8 @@ def add_eval_command(subparsers) -> None:
     lines.add_argument("--extensions", default=".py", help="file extensions taken from a directory (default .py)")
     lines.add_argument("--max-new-tokens", type=int, default=64)
     lines.add_argument("--batch-size", type=int, default=8)
+    lines.add_argument("--no-token-healing", dest="token_healing", action="store_false",
+                       help="complete the prompt's tokens as they are (the server heals the last one)")
     lines.add_argument("--out", type=Path, default=None, help="write lines_report.json and lines_results.jsonl here")
     lines.set_defaults(func=run_lines)
 
@@ -111,7 +113,8 @@ def run_lines(args) -> None:
     completer = Completer(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     report = evaluate_lines(completer.model, completer.tokenizer, sources, num_lines=args.num_lines, seed=args.seed,
                             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                            progress=sys.stderr.isatty(), out_dir=args.out, model_name=str(completer.model_dir))
+                            progress=sys.stderr.isatty(), out_dir=args.out, model_name=str(completer.model_dir),
+                            token_healing=args.token_healing)
     print(format_lines_report(report))
     if args.out is not None:
         print(f"report: {args.out / 'lines_report.json'}, per-line results: {args.out / 'lines_results.jsonl'}")

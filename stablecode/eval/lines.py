@@ -177,8 +177,8 @@ def predicted_line(generated: str, finished: bool = True) -> str | None:
 
 
 def complete_lines(model, tokenizer, examples: list[LineExample], max_new_tokens: int = 64,
-                   batch_size: int = 8, progress: bool = False) -> list[str]:
-    """Greedy next-line predictions for `examples`, batched."""
+                   batch_size: int = 8, progress: bool = False, token_healing: bool = True) -> list[str]:
+    """Greedy next-line predictions for `examples`, batched (with token healing, as the server does)."""
     from tqdm import tqdm
 
     from stablecode.inference.engine import Engine, Failed, Finished
@@ -188,7 +188,8 @@ def complete_lines(model, tokenizer, examples: list[LineExample], max_new_tokens
     # at least one character, so this keeps every token that can fit).
     keep_chars = context * 8
     requests = [NextLineRequest(tokenizer.encode(e.prompt[-keep_chars:]), tokenizer, context,
-                                max_new_tokens=max_new_tokens, device=model.device) for e in examples]
+                                max_new_tokens=max_new_tokens, device=model.device, token_healing=token_healing)
+                for e in examples]
     bar = tqdm(total=len(examples), unit="line", desc="completing lines", disable=not progress, dynamic_ncols=True)
     for index, event in Engine(model, max_batch=batch_size).run(requests):
         if isinstance(event, Failed):
@@ -201,7 +202,7 @@ def complete_lines(model, tokenizer, examples: list[LineExample], max_new_tokens
 
 def evaluate_lines(model, tokenizer, sources: list[tuple[str, str]], num_lines: int = 1000, seed: int = 0,
                    max_new_tokens: int = 64, batch_size: int = 8, progress: bool = False,
-                   out_dir: str | os.PathLike | None = None, model_name: str = "") -> dict:
+                   out_dir: str | os.PathLike | None = None, model_name: str = "", token_healing: bool = True) -> dict:
     """Sample lines, complete them, score model and baseline; write `lines_report.json` and
     `lines_results.jsonl` to `out_dir` when given. Returns the report."""
     from stablecode.atomic import atomic_write_text
@@ -212,7 +213,7 @@ def evaluate_lines(model, tokenizer, sources: list[tuple[str, str]], num_lines: 
     if not examples:
         raise LinesError("the source files hold no line with content after another")
     started = time.monotonic()
-    predictions = complete_lines(model, tokenizer, examples, max_new_tokens, batch_size, progress)
+    predictions = complete_lines(model, tokenizer, examples, max_new_tokens, batch_size, progress, token_healing)
     seconds = time.monotonic() - started
     targets = [e.target for e in examples]
     report = {
@@ -221,7 +222,7 @@ def evaluate_lines(model, tokenizer, sources: list[tuple[str, str]], num_lines: 
         "model": score(predictions, targets),
         "baseline_previous_line": score([e.previous for e in examples], targets),
         "settings": {"model": model_name or model.config.name, "num_lines": num_lines, "seed": seed,
-                     "max_new_tokens": max_new_tokens, "greedy": True,
+                     "max_new_tokens": max_new_tokens, "greedy": True, "token_healing": token_healing,
                      "context_tokens": model.config.max_position_embeddings},
         "wall_time_s": round(seconds, 1),
     }

@@ -89,11 +89,17 @@ class Request:
 
     speculative: prompt-lookup draft tokens to verify per step (greedy requests only; None: the
     engine's default, 0: never).
+
+    token_healing: give the prompt's last token back to the model and let it choose the first new
+    token among those whose text starts with it, showing only what follows that text. A prompt cut
+    at the cursor often ends mid-token: "\n" where the model saw "\n   " as one token, so without
+    healing it would continue at column 0. Parity with other engines' plain decoding needs it off.
     """
 
     def __init__(self, prompt_ids: list[int], tokenizer: Tokenizer, context_length: int, max_new_tokens: int = 64,
                  sampling: SamplingParams = SamplingParams(), stop_strings: list[str] | tuple[str, ...] = (),
-                 eos_ids: frozenset[int] | None = None, device="cpu", speculative: int | None = None):
+                 eos_ids: frozenset[int] | None = None, device="cpu", speculative: int | None = None,
+                 token_healing: bool = False):
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         prompt_ids, self.truncated_prompt_tokens, self.max_new_tokens = fit_to_context(
@@ -102,6 +108,11 @@ class Request:
         self.prompt_ids = prompt_ids or [tokenizer.eos_id]
         if len(self.prompt_ids) + self.max_new_tokens > context_length:
             self.max_new_tokens = context_length - len(self.prompt_ids)
+        self.healed_text = ""  # the prompt's last token's text, when token healing gave it back
+        self._first_choices: torch.Tensor | None = None
+        if token_healing and self.max_new_tokens > 0 and len(self.prompt_ids) > 1:
+            self._heal(tokenizer, device)
+        self._hidden = len(self.healed_text)  # characters of output still to hide: the prompt has them
         self.tokenizer = tokenizer
         self.sampling = sampling
         if speculative is not None and speculative < 0:
@@ -119,6 +130,18 @@ class Request:
         self._penalty_ids = (torch.tensor(self.prompt_ids, device=device)
                              if sampling.repetition_penalty != 1.0 else None)
 
+    def _heal(self, tokenizer: Tokenizer, device) -> None:
+        last = self.prompt_ids[-1]
+        text = tokenizer.token_text(last)
+        if last in tokenizer.special_ids or not text or "\ufffd" in text:
+            return
+        choices = tokenizer.tokens_starting_with(text)
+        if len(choices) < 2:  # only the token itself: nothing to heal
+            return
+        self.prompt_ids = self.prompt_ids[:-1]  # the first new token stands in for it, and counts as new
+        self.healed_text = text
+        self._first_choices = torch.tensor(choices, device=device)
+
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
@@ -129,6 +152,10 @@ class Request:
         return len(self.prompt_ids) + len(self.generated_ids) - 1
 
     def choose(self, logits: torch.Tensor) -> int:
+        if self._first_choices is not None and not self.generated_ids:
+            allowed = torch.full_like(logits, float("-inf"))
+            allowed[self._first_choices] = logits[self._first_choices]
+            logits = allowed
         return sample_token(logits, self.sampling, self.generator, self._penalty_ids)
 
     def append(self, token_id: int) -> str:
@@ -142,17 +169,24 @@ class Request:
             piece = self._finish_text()
         else:
             if token_id not in self.special_ids:  # special tokens never reach the text
-                piece = self.stops.push(self.detokenizer.add(token_id))
+                piece = self.stops.push(self._visible(self.detokenizer.add(token_id)))
             if self.stops.stopped:
                 self.finish_reason = "stop"
             elif len(self.generated_ids) >= self.max_new_tokens:
-                self.finish_reason = "length"
                 piece += self._finish_text()
+                # text held back until now (an unfinished character) can complete a stop string
+                self.finish_reason = "stop" if self.stops.stopped else "length"
         self.text += piece
         return piece
 
+    def _visible(self, piece: str) -> str:
+        """The decoded text past the healed prompt text."""
+        cut = min(len(piece), self._hidden)
+        self._hidden -= cut
+        return piece[cut:]
+
     def _finish_text(self) -> str:
-        piece = self.stops.push(self.detokenizer.flush())
+        piece = self.stops.push(self._visible(self.detokenizer.flush()))
         if not self.stops.stopped:
             piece += self.stops.flush()
         return piece

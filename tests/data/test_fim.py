@@ -13,42 +13,46 @@ from stablecode.tokenizer import Tokenizer
 PYTHON = DataMix(("python",))
 
 
-def test_split_is_a_deterministic_partition_of_the_text():
+def test_segments_are_a_deterministic_partition_of_the_text():
     fim = FimSettings(rate=1.0, spm_rate=0.5, seed=3)
     text = "def f(x):\n    return x * 2\n" * 5
-    parts = fim.split("repo/a.py", text)
-    assert parts == fim.split("repo/a.py", text)  # same key, same draw
-    prefix, middle, suffix, _ = parts
+    segments = fim.segments("repo/a.py", text)
+    assert segments == fim.segments("repo/a.py", text)  # same key, same draw
+    [(prefix, middle, suffix, _)] = segments  # a short file is one piece
     assert prefix + middle + suffix == text
-    assert FimSettings(rate=0.0).split("repo/a.py", text) is None
-    draws = [FimSettings(rate=0.5, seed=1).split(f"k{i}", text) for i in range(2000)]
-    rearranged = [d for d in draws if d is not None]
+    assert FimSettings(rate=0.0).segments("repo/a.py", text) is None
+    draws = [FimSettings(rate=0.5, seed=1).segments(f"k{i}", text) for i in range(2000)]
+    rearranged = [d[0] for d in draws if d is not None]
     assert 0.45 < len(rearranged) / len(draws) < 0.55
     spm = sum(d[3] for d in rearranged) / len(rearranged)
     assert 0.43 < spm < 0.57
 
 
-def test_psm_and_spm_token_layout(corpus_tokenizer):
-    tok = Tokenizer.from_file(corpus_tokenizer)
-    backend = tok.backend
-    ids = {name: backend.token_to_id(name) for name in ("<fim_prefix>", "<fim_middle>", "<fim_suffix>")}
-    assert ids == {"<fim_prefix>": 1, "<fim_middle>": 2, "<fim_suffix>": 3}  # StarCoder's ids
+def test_a_long_file_is_rearranged_piece_by_piece_so_each_piece_fits_a_window():
+    lines = [f"def f{i}(x):\n    return x + {i}\n\n" for i in range(400)]
+    text = "".join(lines)
+    fim = FimSettings(rate=0.5, seed=7, piece_chars=300)
+    segments = fim.segments("repo/long.py", text)
+    rebuilt, pieces = "", 0
+    for segment in segments:
+        if isinstance(segment, str):
+            rebuilt += segment
+            continue
+        prefix, middle, suffix, _ = segment
+        piece = prefix + middle + suffix
+        assert len(piece) <= 300 and (piece.endswith("\n") or rebuilt + piece == text)
+        rebuilt += piece
+        pieces += 1
+    assert rebuilt == text
+    total = -(-len(text) // 300)  # at least this many pieces
+    assert 0.3 * total < pieces < 0.8 * total
+    assert not any(isinstance(a, str) and isinstance(b, str) for a, b in zip(segments, segments[1:]))  # plain runs merged
 
-    def encode(texts):
-        return [backend.encode(t, add_special_tokens=False).ids for t in texts]
 
-    text = "import os\n\ndef size(path):\n    return os.stat(path).st_size\n"
-    for seed in range(40):
-        fim = FimSettings(rate=1.0, spm_rate=0.5, seed=seed)
-        prefix, middle, suffix, spm = fim.split("k", text)
-        got = encode_document("k", text, fim, (1, 2, 3), encode)
-        p, m, s = encode([prefix, middle, suffix])
-        if spm:
-            assert got == [1, 3, *s, 2, *p, *m]
-        else:
-            assert got == [1, *p, 3, *s, 2, *m]
-        # what the model learns to produce after <fim_middle> is the middle, then EOS follows in the pack
-        assert backend.decode(got[got.index(2) + 1:]) == (prefix + middle if spm else middle)
+def test_a_line_longer_than_a_piece_is_cut_inside():
+    fim = FimSettings(rate=1.0, piece_chars=10)
+    segments = fim.segments("k", "x" * 25)
+    assert ["".join(s[:3]) for s in segments] == ["x" * 10, "x" * 10, "x" * 5]
 
 
 def test_pack_rearranges_about_half_the_training_files_and_no_validation_file(python_corpus, corpus_tokenizer,
@@ -56,7 +60,7 @@ def test_pack_rearranges_about_half_the_training_files_and_no_validation_file(py
     out = tmp_path / "pack"
     index = pack(python_corpus, corpus_tokenizer, 16, out, validation_fraction=0.25, workers=1, mix=PYTHON,
                  fim=FimSettings(rate=0.5, seed=0))
-    assert index["fim"] == {"rate": 0.5, "spm_rate": 0.5, "seed": 0}
+    assert index["fim"] == {"rate": 0.5, "spm_rate": 0.5, "seed": 0, "piece_chars": 1024}
     train, validation = PackedTokens(out, "train"), PackedTokens(out, "validation")
     train_stream = train.tokens(0, train.num_tokens)
     documents_in_train = int((train_stream == 0).sum())
@@ -82,3 +86,5 @@ def test_fim_needs_the_sentinel_tokens(python_corpus, tmp_path):
 def test_bad_rates():
     with pytest.raises(ValueError):
         FimSettings(rate=1.5)
+    with pytest.raises(ValueError):
+        FimSettings(rate=0.5, piece_chars=0)

@@ -29,7 +29,7 @@ def tokenizer(byte_tokenizer_file):
 def test_greedy_equals_transformers_generate(completer, tiny_checkpoint):
     reference = transformers.GPTNeoXForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
     for prompt in PROMPTS:
-        ours = completer.complete(prompt, max_new_tokens=24)
+        ours = completer.complete(prompt, max_new_tokens=24, token_healing=False)
         ids = torch.tensor([completer.tokenizer.encode(prompt)])
         with torch.no_grad():
             out = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
@@ -37,6 +37,23 @@ def test_greedy_equals_transformers_generate(completer, tiny_checkpoint):
         theirs = out[0, ids.shape[1]:].tolist()
         assert ours.token_ids == theirs
         assert ours.completion_tokens >= 20 and ours.prompt_tokens == ids.shape[1]
+
+
+def test_token_healing_rechooses_the_last_prompt_token_and_shows_what_follows_it(completer):
+    tokenizer = completer.tokenizer
+    healed_prompts = 0
+    for prompt in PROMPTS + ["x = 1\n", "for i in range(10):\n"]:
+        ids = tokenizer.encode(prompt)
+        given_back = completer.request(prompt).healed_text
+        if not given_back:  # one token, or no other token starts with the last one's text
+            continue
+        healed_prompts += 1
+        assert given_back == tokenizer.token_text(ids[-1])
+        healed = completer.complete(prompt, max_new_tokens=24)
+        assert healed.prompt_tokens == len(ids) - 1 and healed.completion_tokens == 24
+        assert tokenizer.token_text(healed.token_ids[0]).startswith(given_back)
+        assert prompt + healed.text == tokenizer.decode(ids[:-1] + healed.token_ids)
+    assert healed_prompts >= 2
 
 
 def test_batch_of_different_lengths_equals_each_alone(completer):
@@ -92,8 +109,10 @@ def test_stream_joins_to_complete(completer):
         result = completer.complete(prompt, max_new_tokens=30)
         assert "".join(pieces) == result.text
         assert all(pieces)  # no empty pieces
-        # Streaming token by token neither dropped nor repeated anything of the whole decode.
-        assert result.text == completer.tokenizer.decode(result.token_ids)
+        # Streaming token by token neither dropped nor repeated anything of the whole decode (the
+        # first token re-chose the prompt's last one, token healing, whose text the prompt has).
+        ran = completer.request(prompt).prompt_ids
+        assert prompt + result.text == completer.tokenizer.decode(ran + result.token_ids)
 
 
 def test_max_new_tokens_is_respected(completer):
@@ -111,9 +130,10 @@ def test_long_prompt_keeps_its_end_and_reports_the_cut(completer):
     assert len(ids) > context
     result = completer.complete(prompt, max_new_tokens=16)
     assert result.truncated_prompt_tokens == len(ids) - (context - 16)
-    assert result.prompt_tokens == context - 16 and result.completion_tokens == 16
+    assert result.prompt_tokens == context - 17 and result.completion_tokens == 16  # one token healed
     # Exactly what completing the kept (most recent) tokens alone gives.
-    kept = Request(ids[result.truncated_prompt_tokens:], completer.tokenizer, context, max_new_tokens=16)
+    kept = Request(ids[result.truncated_prompt_tokens:], completer.tokenizer, context, max_new_tokens=16,
+                   token_healing=True)
     for _ in completer.generate([kept]):
         pass
     assert kept.result().token_ids == result.token_ids

@@ -81,3 +81,48 @@ def test_fit_to_context(tokenizer):
         Request([1], tokenizer, 10, max_new_tokens=-1)
 
 
+
+
+# ---- token healing ---------------------------------------------------------------------------------
+
+def healed(tokenizer, prompt: str, **options) -> Request:
+    return Request(tokenizer.encode(prompt), tokenizer, context_length=256, token_healing=True, **options)
+
+
+def test_healing_gives_the_last_token_back_and_hides_its_text(tokenizer):
+    prompt = "for i in range(10):\n"
+    ids = tokenizer.encode(prompt)
+    request = healed(tokenizer, prompt, max_new_tokens=20)
+    assert request.prompt_ids == ids[:-1]
+    assert request.healed_text == tokenizer.token_text(ids[-1])
+    assert request.max_new_tokens == 20  # the first new token stands in for the one given back, and counts
+    rest = "    print(i)\n"
+    continuation = tokenizer.encode(request.healed_text + rest)
+    assert tokenizer.token_text(continuation[0]).startswith(request.healed_text)
+    assert "".join(feed(request, continuation)) + request.stops.flush() == rest
+    assert request.result().prompt_tokens == len(ids) - 1  # the tokens that ran as prompt
+
+
+def test_the_first_choice_is_limited_to_tokens_that_start_with_the_healed_text(tokenizer):
+    import torch
+
+    request = healed(tokenizer, "for i in range(10):\n")
+    allowed = set(tokenizer.tokens_starting_with(request.healed_text))
+    assert len(allowed) >= 2 and all(tokenizer.token_text(i).startswith(request.healed_text) for i in allowed)
+    logits = torch.zeros(tokenizer.vocab_size)
+    best_outside = next(i for i in range(tokenizer.vocab_size) if i not in allowed)
+    logits[best_outside] = 10.0
+    first = request.choose(logits)
+    assert first in allowed
+    request.append(first)
+    assert request.choose(logits) == best_outside  # only the first token is constrained
+
+
+def test_no_healing_after_a_special_token_or_when_off(tokenizer):
+    fim = "<fim_prefix>def f():\n<fim_suffix>\n<fim_middle>"
+    ids = tokenizer.encode(fim)
+    assert healed(tokenizer, fim).prompt_ids == ids
+    assert healed(tokenizer, fim).healed_text == ""
+    plain = Request(tokenizer.encode("x = 1\n"), tokenizer, context_length=256)
+    assert plain.prompt_ids == tokenizer.encode("x = 1\n") and plain.healed_text == ""
+    assert healed(tokenizer, "x = 1\n", max_new_tokens=0).prompt_ids == tokenizer.encode("x = 1\n")

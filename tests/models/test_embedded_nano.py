@@ -41,3 +41,12 @@ def test_complete_needs_no_compiled_kernels(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "compiling" not in done.stderr
     assert not any(Path(tmp_path).rglob("*.so"))
+
+
+def test_a_prompt_ending_in_a_newline_after_a_def_continues_indented():
+    # Without token healing the prompt's "\n" token is one the model rarely saw before code (it learned
+    # "\n" + indentation as one token), and the completion restarts at column 0.
+    from stablecode import Completer
+
+    completion = Completer("stablecode-nano").complete("def fibonacci(n):\n", max_new_tokens=8)
+    assert completion.text.startswith(" ")

@@ -18,7 +18,7 @@ from stablecode.server import create_app
 from stablecode.server.cli import serving_attributor
 
 MAX_NEW_TOKENS = 80
-CANDIDATE_PROMPTS = ["class Foo:\n", "def add(a, b):\n", "x", "for i in range(10):\n    "]
+CANDIDATE_PROMPTS = ["class Foo:\n", "def add(a, b):\n", "x", "for i in range(10):\n    ", "x = 1"]
 HEADER = "# generated below\n"
 FOOTER = "\n# end of the generated part\n"
 REPOSITORY, PATH = "owner/generated", "pkg/generated.py"
