@@ -59,6 +59,21 @@ bool vnni_available();
 // The VNNI decode loops reuse the AVX2 helpers (any VNNI CPU has AVX2, and the build's flags follow the CPU).
 #define SC_VNNI_DECODE (SC_AMX_BUILD && SC_AVX2)
 
+#if SC_AMX_BUILD
+// acc += u8 · s8 in groups of four (vpdpbusd), in place. GCC's intrinsic, in functions compiled for
+// VNNI by a target attribute, copies every accumulator to a fresh register around the instruction;
+// in a loop of independent accumulators those copies, not the multiplies, set the speed
+// (docs/performance.md). The asm names the accumulator as both input and output, so no copy is made.
+SC_VNNI inline __m512i dpbusd(__m512i acc, __m512i u8, __m512i s8) {
+  __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
+  return acc;
+}
+SC_VNNI inline __m256i dpbusd(__m256i acc, __m256i u8, __m256i s8) {
+  __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
+  return acc;
+}
+#endif
+
 // Rows per task: at least ~256 KiB of weights each, so small layers stay on one thread (a
 // fork/join costs more than they do) and large ones split evenly across all threads.
 inline int64_t grain_rows(int64_t row_bytes) { return std::max<int64_t>(16, (256 << 10) / std::max<int64_t>(row_bytes, 1)); }
@@ -213,11 +228,11 @@ SC_VNNI void int8_tile_vnni(const int8_t* w, const uint8_t* xu, int64_t K, int32
     __m256i wv[NW];
     for (int j = 0; j < NW; ++j) {
       wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * K + k));
-      if constexpr (SUMS) wsum[j] = _mm256_dpbusd_epi32(wsum[j], ones, wv[j]);
+      if constexpr (SUMS) wsum[j] = dpbusd(wsum[j], ones, wv[j]);
     }
     for (int r = 0; r < ROWS; ++r) {
       const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xu + r * K + k));
-      for (int j = 0; j < NW; ++j) acc[r][j] = _mm256_dpbusd_epi32(acc[r][j], xv, wv[j]);
+      for (int j = 0; j < NW; ++j) acc[r][j] = dpbusd(acc[r][j], xv, wv[j]);
     }
   }
   for (int j = 0; j < NW; ++j) {
@@ -238,7 +253,7 @@ SC_VNNI void int8_vector_vnni(const int8_t* xq, const uint8_t* xa, float xs, con
       const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k));
       const __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa + k));
       const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k));
-      acc = _mm256_dpbusd_epi32(acc, a0, _mm256_sign_epi8(w0, x0));
+      acc = dpbusd(acc, a0, _mm256_sign_epi8(w0, x0));
     }
     store(y, n, rescale(hsum_epi32(acc), xs, ws[n], bias ? bias[n] : 0.f));
   }
@@ -392,7 +407,7 @@ SC_VNNI void int4_row_vnni(const uint8_t* row, const c10::Half* ws, const c10::H
     for (int64_t k = g * group_size; k < (g + 1) * group_size; k += kBlock) {
       const __m256i q = unpack_u4(row + k / 2);
       for (int r = 0; r < ROWS; ++r)
-        dot[r] = _mm256_dpbusd_epi32(dot[r], q, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + k)));
+        dot[r] = dpbusd(dot[r], q, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + k)));
     }
     const __m256 s = _mm256_set1_ps(half_to_float(ws, g));
     const float mn = half_to_float(wm, g);
@@ -975,7 +990,7 @@ SC_VNNI void vnni_tile(const int8_t* w, int64_t ldw, const int32_t* wsum, const 
         int32_t four;
         std::memcpy(&four, w + n * ldw + k, 4);
         const __m512i wv = _mm512_set1_epi32(four);
-        for (int j = 0; j < BLOCKS; ++j) acc[n][j] = _mm512_dpbusd_epi32(acc[n][j], x[j], wv);
+        for (int j = 0; j < BLOCKS; ++j) acc[n][j] = dpbusd(acc[n][j], x[j], wv);
       }
     }
   }
