@@ -29,6 +29,8 @@ from stablecode.server.validation import (MAX_REPETITION_PENALTY, MIN_REPETITION
                                          GenerationRequest, Limits, ValidRequest, Validator)
 from stablecode.tokenizer import load_tokenizer
 
+WARMUP_TOKENS = 64  # a prompt this long takes the prompt GEMMs, which touch every weight
+
 log = logging.getLogger("stablecode.server")
 
 __all__ = ["ApiError", "ClientDisconnected", "Engine", "GenerationStream", "Limits", "Result", "Submission"]
@@ -115,6 +117,10 @@ class Engine:
                     return
                 self.scheduler = InferenceEngine(self.model, max_batch=self.max_batch, max_queue=self.max_queue,
                                                  prefix_cache_mb=self.prefix_cache_mb, speculative=self.speculative)
+            self._warm_up()
+            with self._lock:
+                if self._stopped:
+                    return
                 self.scheduler.start()
         except Exception as e:
             log.exception("loading %s failed", self.model_dir)
@@ -124,6 +130,15 @@ class Engine:
         self.load_seconds = time.perf_counter() - started
         self.state = "ready"
         log.info("model %s ready in %.1f s (%s, %s)", self.model_id, self.load_seconds, self.dtype, self.device)
+
+    def _warm_up(self) -> None:
+        """One short prompt before the server says it is ready, so the first editor request does not
+        pay the first pass's one-time costs (weights paged in, thread pools, kernel choice)."""
+        tokens = min(WARMUP_TOKENS, self.model.config.max_position_embeddings - 1)
+        request = Request([self.tokenizer.eos_id] * tokens, self.tokenizer, self.model.config.max_position_embeddings,
+                          max_new_tokens=1, device=self.device)
+        for _ in self.scheduler.run([request]):
+            pass
 
     def wait_until_loaded(self, timeout: float | None = None) -> bool:
         if self._thread is not None:
