@@ -19,6 +19,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -690,6 +691,64 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
 }
 
 
+// ---- the int8 multiply-add ceiling -------------------------------------------------------------
+// Independent accumulators and no memory traffic: what the prompt GEMMs are measured against.
+// VNNI: one vpdpbusd = 64 multiply-adds (512-bit); AVX2: vpmaddubsw + vpmaddwd + vpaddd = 32.
+#if SC_AMX_BUILD
+SC_VNNI int64_t int8_peak_vnni(int64_t iterations) {
+  __m512i acc[16];
+  for (int i = 0; i < 16; ++i) acc[i] = _mm512_set1_epi32(i);
+  __m512i a = _mm512_set1_epi8(3), b = _mm512_set1_epi8(-5);
+  for (int64_t it = 0; it < iterations; ++it) {
+    for (int i = 0; i < 16; ++i) acc[i] = dpbusd(acc[i], a, b);
+    __asm__ volatile("" : "+v"(a), "+v"(b));  // the inputs stay unknown to the compiler
+  }
+  __m512i total = acc[0];
+  for (int i = 1; i < 16; ++i) total = _mm512_add_epi32(total, acc[i]);
+  return static_cast<int64_t>(_mm512_reduce_add_epi32(total)) & 1;
+}
+#endif
+
+int64_t int8_peak_avx2(int64_t iterations) {
+#if SC_AVX2
+  __m256i acc[8];
+  for (int i = 0; i < 8; ++i) acc[i] = _mm256_set1_epi32(i);
+  __m256i a = _mm256_set1_epi8(3), b = _mm256_set1_epi8(-5), ones = _mm256_set1_epi16(1);
+  for (int64_t it = 0; it < iterations; ++it) {
+    for (int i = 0; i < 8; ++i) acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), ones));
+    __asm__ volatile("" : "+x"(a), "+x"(b));
+  }
+  __m256i total = acc[0];
+  for (int i = 1; i < 8; ++i) total = _mm256_add_epi32(total, acc[i]);
+  return _mm256_extract_epi32(total, 0) & 1;
+#else
+  (void)iterations;
+  return 0;
+#endif
+}
+
+// (ops per second on all of torch's threads, the instruction set it used)
+std::pair<double, std::string> int8_peak(int64_t iterations) {
+  const bool vnni = vnni_available();
+  const int64_t threads = at::get_num_threads();
+  std::atomic<int64_t> sink{0};
+  const auto start = std::chrono::steady_clock::now();
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+#if SC_AMX_BUILD
+      sink += vnni ? int8_peak_vnni(iterations) : int8_peak_avx2(iterations);
+#else
+      sink += int8_peak_avx2(iterations);
+#endif
+    }
+  });
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const double ops_per_iteration = vnni ? 16.0 * 64 * 2 : 8.0 * 32 * 2;
+  if (!vnni && !SC_AVX2) return {0.0, ""};
+  return {ops_per_iteration * iterations * threads / seconds, vnni ? "avx512-vnni" : "avx2"};
+}
+
+
 // Streams `data` once and returns its byte sum: the bandwidth ceiling the kernels above aim at.
 int64_t read_bytes(const torch::Tensor& data) {
   const int64_t n = data.numel() / 32;
@@ -1184,6 +1243,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "softmax(q k^T / sqrt(D)) v for one query per row and head",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("rows") = py::none(), py::arg("lengths") = py::none());
   m.def("read_bytes", &read_bytes, "sum of all bytes (a memory-bandwidth probe)");
+  m.def("int8_peak", &int8_peak, "int8 multiply-add ops/s from registers on all threads, and the instruction set");
   m.def("simd", []() { return SC_AVX2 ? "avx2" : "generic"; });
   m.def("prompt_isa", &prompt_isa, "the prompt GEMM this CPU runs: amx, avx512-vnni or '' (none)");
   m.def("prompt_int8_linear", &prompt_int8_linear, "x @ dequant(int8 W).T + b, activations int8 per row",

@@ -170,3 +170,12 @@ def test_decode_attention_refuses_mismatched_inputs(ext):
         ext.decode_attention(q, k, torch.randn(1, 4, 11, 16))
     with pytest.raises(RuntimeError, match="float32 or all bfloat16"):
         ext.decode_attention(q, k.bfloat16(), k.bfloat16())
+
+
+def test_the_int8_peak_probe_reports_the_instruction_set_it_timed(ext):
+    ops_per_s, isa = ext.int8_peak(100_000)
+    expected = "avx512-vnni" if ext.prompt_isa() else ("avx2" if ext.simd() == "avx2" else "")
+    if ext.prompt_isa() == "amx":
+        expected = "avx512-vnni"  # every AMX CPU has VNNI; the probe times vpdpbusd
+    assert isa == expected
+    assert (ops_per_s > 1e9) == bool(isa)
