@@ -43,6 +43,13 @@ class AttentionPlan:
         # kernel. The engine feeds one token per row (several tokens of a sequence are several
         # rows of the pass), so that kernel serves verification and short prompt tails too.
         self.key_lengths = positions[:, -1] + 1 if positions is not None else None
+        # One sequence's consecutive slots from `prompt_start` on (a prompt or a chunk of one, the
+        # keys before it already in the cache): the prompt attention kernel's case.
+        self.prompt_start = start
+        if positions is not None and positions.shape[0] == 1 and steps > 1:
+            first = int(positions[0, 0])
+            if int(positions[0, -1]) - first == steps - 1 and bool((positions[0].diff() == 1).all()):
+                self.prompt_start = first
 
     def cache_slots(self, layer_shape: torch.Size) -> torch.Tensor:
         """Flat indices into one layer's cache [rows, heads, slots, head_dim] viewed as [-1, head_dim],

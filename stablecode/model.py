@@ -59,7 +59,7 @@ class Attention(nn.Module):
         k = apply_rotary(k, plan.cos, plan.sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v, plan)
-        y = attention(q, k, v, plan.mask, plan.is_causal, plan.rows, plan.key_lengths)
+        y = attention(q, k, v, plan.mask, plan.is_causal, plan.rows, plan.key_lengths, plan.prompt_start)
         return self.dense(y.transpose(1, 2).reshape(batch, steps, -1))
 
 

@@ -76,7 +76,11 @@ def test_bf16_argmax_agrees_with_transformers(name):
         model = model.to(torch.bfloat16)
         ours = model(ids).float()
         theirs = reference(ids).logits.float()
-    assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item() >= 0.99
+    # Our bf16 model picks the fp32 model's token as often as transformers' bf16 does (where two bf16
+    # implementations round differently they may split near-ties differently: both are as right).
+    def agreement(logits):
+        return (logits.argmax(-1) == exact.argmax(-1)).float().mean().item()
+    assert agreement(ours) >= agreement(theirs) - 0.01 and agreement(ours) >= 0.95
     # Our bf16 rounding error is of the same size as transformers' own.
     assert (ours - exact).abs().max() <= 1.5 * (theirs - exact).abs().max()
 

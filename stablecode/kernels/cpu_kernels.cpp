@@ -691,6 +691,184 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
 }
 
 
+// ---- attention of a prompt over the KV cache (bf16, AVX512-BF16) ---------------------------------
+// Queries at positions start .. start+T-1 attend causally to keys 0 .. start+T-1 (the cache filled
+// from slot 0), flash-style: key blocks of 64 with an online softmax, so no [T, L] scores exist.
+// Q·Kᵀ runs on vdpbf16ps (bf16 pairs, exact products, fp32 sums), K first regrouped per head into
+// 16-key groups of dimension pairs; P·V multiplies fp32 probabilities with V widened to fp32.
+#if SC_AMX_BUILD
+#define SC_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
+
+bool bf16_dot_available() {
+  static const bool ready = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
+    const bool bf16 = a & (1u << 5);
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    return bf16 && (b & (1u << 16)) && (b & (1u << 30)) && (b & (1u << 17)) && (b & (1u << 31));
+  }();
+  return ready;
+}
+
+SC_BF16 inline __m512 dpbf16(__m512 acc, __m512i a, __m512i b) {
+  __asm__("vdpbf16ps %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+  return acc;
+}
+
+// e^x for x <= 0 (scores minus their running maximum): 2^n · p(f), degree-6 polynomial.
+SC_BF16 inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+  f = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), f);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+constexpr int kKeyBlock = 64;   // keys per softmax step: 4 vectors of 16 scores
+constexpr int kQueryRows = 4;   // query rows sharing each load of K and V
+constexpr int kMaxHeadDim = 256;
+
+// One (row, head): queries q [T, D], keys and values [L, D] (L = start + T), out [T, D].
+template <int DV>  // D / 16 vectors per value row
+SC_BF16 void prefill_attention_head(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out,
+                                    int64_t T, int64_t start, int64_t D, int64_t q_stride, int64_t k_stride,
+                                    int64_t v_stride, uint32_t* kp, float scale) {
+  const int64_t out_stride = D;
+  const int64_t L = start + T, groups = (L + 15) / 16, pairs = D / 2;
+  // K as [group of 16 keys][dimension pair][key]: one load gives a dimension pair of 16 keys.
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t j = 0; j < 16; ++j) {
+      const int64_t key = g * 16 + j;
+      const uint32_t* row = reinterpret_cast<const uint32_t*>(k + std::min(key, L - 1) * k_stride);
+      for (int64_t d2 = 0; d2 < pairs; ++d2) kp[(g * pairs + d2) * 16 + j] = key < L ? row[d2] : 0;
+    }
+  const __m512 lane = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t t0 = 0; t0 < T; t0 += kQueryRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kQueryRows, T - t0));
+    float m[kQueryRows], l[kQueryRows];
+    __m512 acc[kQueryRows][DV];
+    for (int r = 0; r < kQueryRows; ++r) {
+      m[r] = -INFINITY;
+      l[r] = 0.f;
+      for (int d = 0; d < DV; ++d) acc[r][d] = _mm512_setzero_ps();
+    }
+    const int64_t last_key = start + t0 + rows - 1;  // the last query sees keys 0 .. last_key
+    for (int64_t kb = 0; kb <= last_key; kb += kKeyBlock) {
+      __m512 s[kQueryRows][4];
+      for (int r = 0; r < kQueryRows; ++r)
+        for (int c = 0; c < 4; ++c) s[r][c] = _mm512_setzero_ps();
+      const int64_t g0 = kb / 16, blocks = std::min<int64_t>(4, groups - g0);
+      for (int64_t d2 = 0; d2 < pairs; ++d2) {
+        __m512i kv[4];
+        for (int c = 0; c < 4; ++c)
+          kv[c] = c < blocks ? _mm512_loadu_si512(kp + ((g0 + c) * pairs + d2) * 16) : _mm512_setzero_si512();
+        for (int r = 0; r < kQueryRows; ++r) {
+          if (r >= rows) break;
+          uint32_t word;
+          std::memcpy(&word, q + (t0 + r) * q_stride + 2 * d2, 4);
+          const __m512i qv = _mm512_set1_epi32(static_cast<int>(word));
+          for (int c = 0; c < 4; ++c) s[r][c] = dpbf16(s[r][c], kv[c], qv);
+        }
+      }
+      alignas(64) float probs[kQueryRows][kKeyBlock];
+      for (int r = 0; r < rows; ++r) {
+        const float limit = static_cast<float>(start + t0 + r);  // keys past the query's position are hidden
+        __m512 best = _mm512_set1_ps(-INFINITY);
+        __mmask16 visible[4];
+        for (int c = 0; c < 4; ++c) {
+          const __m512 key = _mm512_add_ps(lane, _mm512_set1_ps(static_cast<float>(kb + 16 * c)));
+          visible[c] = _mm512_cmp_ps_mask(key, _mm512_set1_ps(limit), _CMP_LE_OQ);
+          s[r][c] = _mm512_mul_ps(s[r][c], _mm512_set1_ps(scale));
+          best = _mm512_mask_max_ps(best, visible[c], best, s[r][c]);
+        }
+        const float m_new = std::max(m[r], _mm512_reduce_max_ps(best));
+        const float correction = std::exp(m[r] - m_new);
+        m[r] = m_new;
+        __m512 sum = _mm512_setzero_ps();
+        __m512 p[4];
+        for (int c = 0; c < 4; ++c) {
+          p[c] = _mm512_maskz_mov_ps(visible[c], exp_nonpositive(_mm512_sub_ps(s[r][c], _mm512_set1_ps(m_new))));
+          sum = _mm512_add_ps(sum, p[c]);
+        }
+        l[r] = l[r] * correction + _mm512_reduce_add_ps(sum);
+        for (int d = 0; d < DV; ++d) acc[r][d] = _mm512_mul_ps(acc[r][d], _mm512_set1_ps(correction));
+        for (int c = 0; c < 4; ++c) _mm512_store_ps(probs[r] + 16 * c, p[c]);
+      }
+      // P·V in fp32: the probabilities stay fp32 (bf16 ones cost accuracy that SDPA keeps).
+      const int64_t keys = std::min<int64_t>(kKeyBlock, std::min(L, last_key + 1) - kb);
+      for (int64_t j = 0; j < keys; ++j) {
+        __m512 vv[DV];
+        const uint16_t* row = v + (kb + j) * v_stride;
+        for (int d = 0; d < DV; ++d)
+          vv[d] = _mm512_castsi512_ps(_mm512_slli_epi32(
+              _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 16 * d))), 16));
+        for (int r = 0; r < kQueryRows; ++r) {
+          if (r >= rows) break;
+          const __m512 pr = _mm512_set1_ps(probs[r][j]);
+          for (int d = 0; d < DV; ++d) acc[r][d] = _mm512_fmadd_ps(pr, vv[d], acc[r][d]);
+        }
+      }
+    }
+    for (int r = 0; r < rows; ++r) {
+      const __m512 inv = _mm512_set1_ps(1.0f / l[r]);
+      for (int d = 0; d < DV; ++d) {
+        const __m256i bf = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[r][d], inv));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (t0 + r) * out_stride + 16 * d), bf);
+      }
+    }
+  }
+}
+#endif
+
+// q [B, H, T, D], k and v [R >= B, H, S >= start + T, D] bf16: the first B cache rows, keys from slot 0.
+torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, int64_t start) {
+#if SC_AMX_BUILD
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be 4-D");
+  TORCH_CHECK(q.scalar_type() == torch::kBFloat16 && k.scalar_type() == torch::kBFloat16 &&
+              v.scalar_type() == torch::kBFloat16, "prefill attention takes bf16 q, k, v");
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
+  TORCH_CHECK(k.size(0) >= B && k.size(1) == H && k.size(3) == D && v.sizes() == k.sizes(), "k, v shapes do not match q");
+  TORCH_CHECK(start >= 0 && start + T <= k.size(2), "the keys must hold slots 0 .. start + T - 1");
+  TORCH_CHECK(D % 16 == 0 && D <= kMaxHeadDim, "head dim must be a multiple of 16, at most 256");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "the last dimension must be contiguous");
+  TORCH_CHECK(bf16_dot_available(), "prefill attention needs AVX512-BF16");
+  torch::Tensor out = torch::empty({B, H, T, D}, q.options());
+  const int64_t L = start + T, groups = (L + 15) / 16;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const auto* qp = reinterpret_cast<const uint16_t*>(q.data_ptr());
+  const auto* kp = reinterpret_cast<const uint16_t*>(k.data_ptr());
+  const auto* vp = reinterpret_cast<const uint16_t*>(v.data_ptr());
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> kbuf(groups * 16 * (D / 2));
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      const uint16_t* qh = qp + b * q.stride(0) + h * q.stride(1);
+      const uint16_t* kh = kp + b * k.stride(0) + h * k.stride(1);
+      const uint16_t* vh = vp + b * v.stride(0) + h * v.stride(1);
+      uint16_t* oh = op + (b * H + h) * T * D;
+      switch (D / 16) {
+#define SC_HEAD(N) case N: prefill_attention_head<N>(qh, kh, vh, oh, T, start, D, q.stride(2), k.stride(2), v.stride(2), kbuf.data(), scale); break;
+        SC_HEAD(1) SC_HEAD(2) SC_HEAD(3) SC_HEAD(4) SC_HEAD(5) SC_HEAD(6) SC_HEAD(7) SC_HEAD(8)
+        SC_HEAD(9) SC_HEAD(10) SC_HEAD(11) SC_HEAD(12) SC_HEAD(13) SC_HEAD(14) SC_HEAD(15) SC_HEAD(16)
+#undef SC_HEAD
+      }
+    }
+  });
+  return out;
+#else
+  TORCH_CHECK(false, "prefill attention needs an x86-64 build with AVX512-BF16");
+  return q;
+#endif
+}
+
 // ---- the int8 multiply-add ceiling -------------------------------------------------------------
 // Independent accumulators and no memory traffic: what the prompt GEMMs are measured against.
 // VNNI: one vpdpbusd = 64 multiply-adds (512-bit); AVX2: vpmaddubsw + vpmaddwd + vpaddd = 32.
@@ -1243,6 +1421,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "softmax(q k^T / sqrt(D)) v for one query per row and head",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("rows") = py::none(), py::arg("lengths") = py::none());
   m.def("read_bytes", &read_bytes, "sum of all bytes (a memory-bandwidth probe)");
+  m.def("prefill_attention", &prefill_attention, "causal attention of a prompt over keys from slot 0 (bf16)",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("start"));
+  m.def("bf16_attention_available", []() {
+#if SC_AMX_BUILD
+    return bf16_dot_available();
+#else
+    return false;
+#endif
+  }, "whether this CPU runs prefill_attention (AVX512-BF16)");
   m.def("int8_peak", &int8_peak, "int8 multiply-add ops/s from registers on all threads, and the instruction set");
   m.def("simd", []() { return SC_AVX2 ? "avx2" : "generic"; });
   m.def("prompt_isa", &prompt_isa, "the prompt GEMM this CPU runs: amx, avx512-vnni or '' (none)");

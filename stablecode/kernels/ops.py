@@ -98,6 +98,27 @@ def _decode_attention_shape(q, k, v, rows=None, lengths=None):
     return q.new_empty(q.shape)
 
 
+@torch.library.custom_op("stablecode::prefill_attention", mutates_args=())
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+    """Causal attention of queries at positions start..start+T-1, q [B, H, T, D], over keys and values
+    [R, H, L, D] filled from slot 0 (cache rows 0..B-1): flash-style, bf16 products, no [T, L] scores."""
+    return _library().prefill_attention(q, k, v, start)
+
+
+@prefill_attention.register_fake
+def _prefill_attention_shape(q, k, v, start):
+    return q.new_empty(q.shape)
+
+
+def use_prefill_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether the prompt attention kernel applies: several bf16 queries on a CPU with AVX512-BF16,
+    a head size that is a multiple of 16, no gradients."""
+    library = build.loaded()
+    return (q.shape[2] > 1 and q.device.type == "cpu" and q.dtype == torch.bfloat16 and k.dtype == torch.bfloat16
+            and q.shape[-1] % 16 == 0 and q.shape[-1] <= 256 and not q.requires_grad
+            and library is not None and library.bf16_attention_available())
+
+
 def use_decode_attention(q: torch.Tensor, k: torch.Tensor, gathering: bool = False) -> bool:
     """Whether the decode attention kernel applies: one query per row, CPU, a bf16 cache, no gradients.
 
@@ -111,13 +132,23 @@ def use_decode_attention(q: torch.Tensor, k: torch.Tensor, gathering: bool = Fal
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
               is_causal: bool = False, rows: torch.Tensor | None = None,
-              lengths: torch.Tensor | None = None) -> torch.Tensor:
+              lengths: torch.Tensor | None = None, start: int | None = None) -> torch.Tensor:
     """The model's attention, softmax(q kᵀ / √D + mask) v: q [B, H, T, D], k and v [R, H, L, D].
 
     rows [B]: the cache rows of k/v that query row b reads (default: the first B rows).
     lengths [B]: how many keys each row's last query sees; it says the same as `mask`, for the
-    decode kernel, which reads only those keys instead of applying a mask. Elsewhere PyTorch's SDPA.
+    decode kernel, which reads only those keys instead of applying a mask.
+    start: the queries (of one sequence, when `rows` is given) sit at slots start..start+T-1 over
+    keys from slot 0 (`mask` then is causal from there), which the prompt kernel takes. Elsewhere
+    PyTorch's SDPA.
     """
+    if start is not None and use_prefill_attention(q, k) and (rows is None or rows.numel() == 1):
+        if rows is not None:
+            row = int(rows[0])
+            k, v = k[row:row + 1], v[row:row + 1]
+        end = start + q.shape[2]
+        if k.shape[2] >= end:
+            return prefill_attention(q, k[:, :, :end], v[:, :, :end], start)
     if not is_causal and use_decode_attention(q, k, gathering=rows is not None):
         # One new token per row on the CPU: one pass over each row's cached keys and values.
         return decode_attention(q, k, v, rows, lengths)

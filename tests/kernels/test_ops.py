@@ -157,7 +157,7 @@ def test_decode_attention_is_what_bf16_decoding_uses(ext, monkeypatch):
         full = model(torch.cat((prompt, prompt[:, :1]), dim=1))[:, -1]
         cache = KVCache.for_model(model, 1, 16)
         model(prompt, cache=cache, input_pos=0)
-        assert not calls  # the prompt goes through the fused causal kernel
+        assert not calls  # the prompt goes through the prompt attention kernel (or SDPA)
         step = model(prompt[:, :1], cache=cache, input_pos=9)[:, -1]
     assert len(calls) == CONFIG.num_layers
     assert (step.float() - full.float()).abs().max() < 0.1 * full.float().abs().max()
@@ -172,6 +172,63 @@ def test_decode_attention_refuses_mismatched_inputs(ext):
         ext.decode_attention(q, k.bfloat16(), k.bfloat16())
 
 
+def causal_reference(q, k, v, start):
+    """softmax(q kᵀ/√D) v in float64, query t seeing keys 0..start+t."""
+    T, L = q.shape[2], k.shape[2]
+    visible = torch.arange(L)[None, :] <= (start + torch.arange(T))[:, None]
+    return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=visible)
+
+
+@pytest.mark.parametrize("batch, heads, steps, start, head_dim", [(1, 32, 70, 0, 80), (2, 3, 17, 45, 32),
+                                                                  (1, 2, 5, 1, 16), (1, 1, 130, 200, 64)])
+def test_prefill_attention_kernel_matches_causal_attention(ext, batch, heads, steps, start, head_dim):
+    if not ext.bf16_attention_available():
+        pytest.skip("the prompt attention kernel needs AVX512-BF16")
+    # As the model calls it: q a strided view of the fused projection, k and v slices of a bigger cache.
+    torch.manual_seed(4)
+    length = start + steps
+    cache_k = torch.randn(batch + 1, heads, length + 9, head_dim, dtype=torch.bfloat16)
+    cache_v = torch.randn(batch + 1, heads, length + 9, head_dim, dtype=torch.bfloat16)
+    k, v = cache_k[:batch, :, :length], cache_v[:batch, :, :length]
+    q = torch.randn(batch, steps, heads, 3 * head_dim, dtype=torch.bfloat16).transpose(1, 2)[..., :head_dim] * 2
+    y = ops.prefill_attention(q, k, v, start)
+    assert y.dtype == torch.bfloat16 and y.shape == (batch, heads, steps, head_dim)
+    expected = causal_reference(q, k, v, start)
+    sdpa_error = (causal_reference(q, k, v, start).bfloat16().double() - expected).abs().max()
+    # as close as the bf16 rounding of the exact result (fp32 sums, fp32 probabilities)
+    assert (y.double() - expected).abs().max() <= 2 * sdpa_error
+    assert (y.double() - expected).abs().mean() <= 2 ** -10
+
+
+def test_attention_takes_the_prefill_kernel_for_bf16_prompts_over_the_cache(ext, monkeypatch):
+    if not ext.bf16_attention_available():
+        pytest.skip("the prompt attention kernel needs AVX512-BF16")
+    calls = []
+    monkeypatch.setattr(ops, "prefill_attention",
+                        lambda q, k, v, start: calls.append((q.shape[2], start)) or ext.prefill_attention(q, k, v, start))
+    model = GPTNeoX(CONFIG).to(torch.bfloat16).eval()
+    prompt = torch.randint(0, CONFIG.vocab_size, (1, 40))
+    with torch.inference_mode():
+        full = model(prompt)[:, -1]
+        cache = KVCache.for_model(model, 1, 64)
+        model(prompt[:, :25], cache=cache, input_pos=0)
+        chunked = model(prompt[:, 25:], cache=cache, input_pos=25)[:, -1]
+    assert calls == [(40, 0)] * CONFIG.num_layers + [(25, 0)] * CONFIG.num_layers + [(15, 25)] * CONFIG.num_layers
+    assert (chunked.float() - full.float()).abs().max() < 0.05 * full.float().abs().max()
+
+
+def test_prefill_attention_refuses_what_it_cannot_do(ext):
+    if not ext.bf16_attention_available():
+        pytest.skip("the prompt attention kernel needs AVX512-BF16")
+    q, k = torch.randn(1, 2, 4, 16).bfloat16(), torch.randn(1, 2, 10, 16).bfloat16()
+    with pytest.raises(RuntimeError, match="slots 0 .. start"):
+        ext.prefill_attention(q, k, k, 7)
+    with pytest.raises(RuntimeError, match="bf16"):
+        ext.prefill_attention(q.float(), k.float(), k.float(), 0)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        ext.prefill_attention(q[..., :8], k[..., :8], k[..., :8], 0)
+
+
 def test_the_int8_peak_probe_reports_the_instruction_set_it_timed(ext):
     ops_per_s, isa = ext.int8_peak(100_000)
     expected = "avx512-vnni" if ext.prompt_isa() else ("avx2" if ext.simd() == "avx2" else "")
@@ -179,3 +236,22 @@ def test_the_int8_peak_probe_reports_the_instruction_set_it_timed(ext):
         expected = "avx512-vnni"  # every AMX CPU has VNNI; the probe times vpdpbusd
     assert isa == expected
     assert (ops_per_s > 1e9) == bool(isa)
+
+
+def test_the_engines_prompt_chunks_take_the_prefill_kernel(ext, monkeypatch):
+    # The engine runs a prompt chunk with per-row positions and its cache row, not from slot 0 of row 0.
+    if not ext.bf16_attention_available():
+        pytest.skip("the prompt attention kernel needs AVX512-BF16")
+    calls = []
+    monkeypatch.setattr(ops, "prefill_attention",
+                        lambda q, k, v, start: calls.append((q.shape[2], start)) or ext.prefill_attention(q, k, v, start))
+    model = GPTNeoX(CONFIG).to(torch.bfloat16).eval()
+    prompt = torch.randint(0, CONFIG.vocab_size, (1, 40))
+    with torch.inference_mode():
+        full = model(prompt)[:, -1]
+        cache = KVCache.for_model(model, 3, 64)
+        row = torch.tensor([2])
+        model(prompt[:, :30], cache=cache, input_pos=torch.arange(30)[None], cache_rows=row)
+        tail = model(prompt[:, 30:], cache=cache, input_pos=torch.arange(30, 40)[None], cache_rows=row)[:, -1]
+    assert calls == [(40, 0)] * CONFIG.num_layers + [(30, 0)] * CONFIG.num_layers + [(10, 30)] * CONFIG.num_layers
+    assert (tail.float() - full.float()).abs().max() < 0.05 * full.float().abs().max()
