@@ -934,13 +934,19 @@ int64_t read_bytes(const torch::Tensor& data) {
   std::vector<int64_t> partial(at::get_num_threads(), 0);
   at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
 #if SC_AVX2
-    __m256i acc = _mm256_setzero_si256();
-    for (int64_t i = begin; i < end; ++i)
-      acc = _mm256_add_epi64(acc, _mm256_sad_epu8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i * 32)),
-                                                  _mm256_setzero_si256()));
-    int64_t lanes[4];
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(lanes), acc);
-    partial[at::get_thread_num()] += lanes[0] + lanes[1] + lanes[2] + lanes[3];
+    // Four independent sums, so the loop is bound by the loads, not by one chain of additions.
+    __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+    const __m256i zero = _mm256_setzero_si256();
+    int64_t i = begin;
+    for (; i + 4 <= end; i += 4)
+      for (int j = 0; j < 4; ++j)
+        acc[j] = _mm256_add_epi64(acc[j], _mm256_sad_epu8(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + (i + j) * 32)), zero));
+    for (; i < end; ++i)
+      acc[0] = _mm256_add_epi64(acc[0], _mm256_sad_epu8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i * 32)), zero));
+    const __m256i sum = _mm256_add_epi64(_mm256_add_epi64(acc[0], acc[1]), _mm256_add_epi64(acc[2], acc[3]));
+    partial[at::get_thread_num()] += _mm256_extract_epi64(sum, 0) + _mm256_extract_epi64(sum, 1) +
+                                     _mm256_extract_epi64(sum, 2) + _mm256_extract_epi64(sum, 3);
 #else
     int64_t s = 0;
     for (int64_t i = begin * 32; i < end * 32; ++i) s += p[i];
