@@ -200,7 +200,10 @@ def test_prefill_attention_kernel_matches_causal_attention(ext, batch, heads, st
     assert (y.double() - expected).abs().mean() <= 2 ** -10
 
 
-def test_attention_takes_the_prefill_kernel_for_bf16_prompts_over_the_cache(ext, monkeypatch):
+@pytest.mark.parametrize("per_row", [False, True], ids=["contiguous-slots", "engine-rows"])
+def test_bf16_prompt_chunks_over_the_cache_take_the_prefill_kernel(ext, monkeypatch, per_row):
+    # Both ways a prompt runs: from slot 0 of row 0 (start), and as the engine runs a chunk, with
+    # per-row positions in its own cache row.
     if not ext.bf16_attention_available():
         pytest.skip("the prompt attention kernel needs AVX512-BF16")
     calls = []
@@ -210,11 +213,16 @@ def test_attention_takes_the_prefill_kernel_for_bf16_prompts_over_the_cache(ext,
     prompt = torch.randint(0, CONFIG.vocab_size, (1, 40))
     with torch.inference_mode():
         full = model(prompt)[:, -1]
-        cache = KVCache.for_model(model, 1, 64)
-        model(prompt[:, :25], cache=cache, input_pos=0)
-        chunked = model(prompt[:, 25:], cache=cache, input_pos=25)[:, -1]
-    assert calls == [(40, 0)] * CONFIG.num_layers + [(25, 0)] * CONFIG.num_layers + [(15, 25)] * CONFIG.num_layers
-    assert (chunked.float() - full.float()).abs().max() < 0.05 * full.float().abs().max()
+        cache = KVCache.for_model(model, 3, 64)
+        if per_row:
+            row = torch.tensor([2])
+            model(prompt[:, :30], cache=cache, input_pos=torch.arange(30)[None], cache_rows=row)
+            tail = model(prompt[:, 30:], cache=cache, input_pos=torch.arange(30, 40)[None], cache_rows=row)[:, -1]
+        else:
+            model(prompt[:, :30], cache=cache, input_pos=0)
+            tail = model(prompt[:, 30:], cache=cache, input_pos=30)[:, -1]
+    assert calls == [(40, 0)] * CONFIG.num_layers + [(30, 0)] * CONFIG.num_layers + [(10, 30)] * CONFIG.num_layers
+    assert (tail.float() - full.float()).abs().max() < 0.05 * full.float().abs().max()
 
 
 def test_prefill_attention_refuses_what_it_cannot_do(ext):
@@ -231,27 +239,7 @@ def test_prefill_attention_refuses_what_it_cannot_do(ext):
 
 def test_the_int8_peak_probe_reports_the_instruction_set_it_timed(ext):
     ops_per_s, isa = ext.int8_peak(100_000)
+    # vpdpbusd wherever there is a prompt GEMM (every AMX CPU has VNNI too), else AVX2's multiply-adds
     expected = "avx512-vnni" if ext.prompt_isa() else ("avx2" if ext.simd() == "avx2" else "")
-    if ext.prompt_isa() == "amx":
-        expected = "avx512-vnni"  # every AMX CPU has VNNI; the probe times vpdpbusd
     assert isa == expected
     assert (ops_per_s > 1e9) == bool(isa)
-
-
-def test_the_engines_prompt_chunks_take_the_prefill_kernel(ext, monkeypatch):
-    # The engine runs a prompt chunk with per-row positions and its cache row, not from slot 0 of row 0.
-    if not ext.bf16_attention_available():
-        pytest.skip("the prompt attention kernel needs AVX512-BF16")
-    calls = []
-    monkeypatch.setattr(ops, "prefill_attention",
-                        lambda q, k, v, start: calls.append((q.shape[2], start)) or ext.prefill_attention(q, k, v, start))
-    model = GPTNeoX(CONFIG).to(torch.bfloat16).eval()
-    prompt = torch.randint(0, CONFIG.vocab_size, (1, 40))
-    with torch.inference_mode():
-        full = model(prompt)[:, -1]
-        cache = KVCache.for_model(model, 3, 64)
-        row = torch.tensor([2])
-        model(prompt[:, :30], cache=cache, input_pos=torch.arange(30)[None], cache_rows=row)
-        tail = model(prompt[:, 30:], cache=cache, input_pos=torch.arange(30, 40)[None], cache_rows=row)[:, -1]
-    assert calls == [(40, 0)] * CONFIG.num_layers + [(30, 0)] * CONFIG.num_layers + [(10, 30)] * CONFIG.num_layers
-    assert (tail.float() - full.float()).abs().max() < 0.05 * full.float().abs().max()
