@@ -24,9 +24,10 @@ from stablecode.registry import EMBEDDED_MODELS_DIR
 from stablecode.train.checkpoints import latest_checkpoint
 
 HOME = Path.home() / ".cache" / "stablecode"
-RECIPE = ("scripts/nano/corpus.sh && scripts/nano/train.sh --foreground && python scripts/nano/export.py "
-          "--require-better ~/.cache/stablecode/corpus/tree/heldout && scripts/nano/build_index.sh && "
-          "scripts/nano/evaluate.sh")
+RECIPE = ("scripts/nano/corpus.sh && scripts/nano/train.sh --foreground && "
+          "RUN=nano-fim CONFIG=configs/nano-fim.json scripts/nano/train.sh --foreground && "
+          "python scripts/nano/export.py --run ~/.cache/stablecode/runs/nano-fim "
+          "--require-better ~/.cache/stablecode/corpus/tree/heldout && scripts/nano/evaluate.sh")
 
 
 def training_manifest(corpus: Path) -> dict:
