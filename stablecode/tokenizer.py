@@ -25,6 +25,7 @@ class Tokenizer:
         eos = backend.token_to_id(EOS_TOKEN)
         self.eos_id = 0 if eos is None else eos
         self._token_texts: list[str] | None = None
+        self._extensions: dict[str, list[int]] = {}  # tokens_starting_with, per text: editors repeat a few
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "Tokenizer":
@@ -53,10 +54,16 @@ class Tokenizer:
 
     def tokens_starting_with(self, text: str) -> list[int]:
         """Ids of the ordinary (not special) tokens whose text starts with `text`."""
-        if self._token_texts is None:
-            self._token_texts = self.backend.decode_batch([[i] for i in range(self.vocab_size)],
-                                                          skip_special_tokens=False)
-        return [i for i, t in enumerate(self._token_texts) if t.startswith(text) and i not in self.special_ids]
+        found = self._extensions.get(text)
+        if found is None:
+            if self._token_texts is None:
+                self._token_texts = self.backend.decode_batch([[i] for i in range(self.vocab_size)],
+                                                              skip_special_tokens=False)
+            found = [i for i, t in enumerate(self._token_texts) if t.startswith(text) and i not in self.special_ids]
+            if len(self._extensions) >= 4096:  # a bound on memory; the scan takes a few ms at 49k tokens
+                self._extensions.clear()
+            self._extensions[text] = found
+        return list(found)
 
     def __len__(self) -> int:
         return self.vocab_size
