@@ -225,9 +225,14 @@ def _local_optimizer_state(state: dict) -> dict:
 def load_weights(source: Path, model: torch.nn.Module) -> None:
     """Copy the weights of a checkpoint or model directory into `model` (sharded parameters included)."""
     from safetensors.torch import load_file
+
+    copy_weights(load_file(str(source / "model.safetensors")), model, source)
+
+
+def copy_weights(weights: dict[str, torch.Tensor], model: torch.nn.Module, source: Path) -> None:
+    """Copy a state dict into `model`; CheckpointDamaged names the first missing or misshapen tensor."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    weights = load_file(str(source / "model.safetensors"))
     unwrapped = model.module if hasattr(model, "module") else model
     if unwrapped.config.tie_word_embeddings:
         weights["embed_out.weight"] = weights["gpt_neox.embed_in.weight"]

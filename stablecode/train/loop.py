@@ -33,8 +33,9 @@ from stablecode.checkpoint import save_checkpoint
 from stablecode.config import ModelConfig
 from stablecode.errors import StablecodeError
 from stablecode.model import GPTNeoX, init_weights
-from stablecode.train.checkpoints import (CheckpointDamaged, _zero_optimizer_class, latest_checkpoint, load_weights,
-                                          restore, save_training_checkpoint, sweep_staging, warn)
+from stablecode.train.checkpoints import (CheckpointDamaged, _zero_optimizer_class, copy_weights, latest_checkpoint,
+                                          load_weights, restore, save_training_checkpoint, sweep_staging, warn)
+from stablecode.train.growth import widen
 from stablecode.train.config import TrainConfig
 
 
@@ -275,7 +276,17 @@ def train(config: TrainConfig, train_data=None, validation_data=None, progress: 
     elif config.init_from:
         source = Path(config.init_from)
         try:
-            load_weights(source, model)
+            source_config = ModelConfig.from_json_file(source / "config.json")
+            if source_config.hidden_size == model_config.hidden_size:
+                load_weights(source, model)
+            else:
+                from safetensors.torch import load_file
+
+                narrow = load_file(str(source / "model.safetensors"))
+                copy_weights(widen(narrow, source_config, model_config, seed=config.seed), model, source)
+                if ctx.is_main:
+                    print(f"widened {source_config.hidden_size} → {model_config.hidden_size}: the new model "
+                          f"computes what {source} computes", file=sys.stderr)
         except (CheckpointDamaged, OSError) as e:
             raise StablecodeError(f"cannot start from {source}: {e}") from None
         history["init_from"] = str(source.resolve())
