@@ -338,46 +338,73 @@ inline float half_to_float(const c10::Half* p, int64_t i) {
 #endif
 }
 
-// Activations per row (token) as for int8; each group's 4-bit values (0..15) times q summed exactly
-// in int32, then scaled by the group's scale, plus min x (the group's sum of q). Both loops below
-// give the same bits: the integer sums are exact and the float steps run in the same order.
+// Activations per row (token) as for int8. Each group's 4-bit values (0..15) times q are summed
+// exactly in int32 (D), and the one float step, `add_groups`, takes eight groups at a time:
+// acc += D · scale + (the group's sum of q) · min. Every loop below feeds it the same exact sums in
+// the same lanes, so all of them, at any number of rows, give the same bits.
 #if SC_AVX2
 inline __m256i unpack_u4(const uint8_t* p) {  // 16 bytes -> 32 values, in the storage order
   const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0F));
 }
+
+inline __m256 add_groups(__m256 acc, __m256i dots, const c10::Half* ws, const c10::Half* wm, const float* xg) {
+  const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ws)));
+  const __m256 minimum = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wm)));
+  return _mm256_fmadd_ps(minimum, _mm256_loadu_ps(xg), _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), scale, acc));
+}
+
+// The last `count` < 8 groups, through zero-padded copies (0 · 0 leaves acc as it is).
+inline __m256 add_groups_tail(__m256 acc, const int32_t* dots, int64_t count, const c10::Half* ws,
+                              const c10::Half* wm, const float* xg) {
+  alignas(32) int32_t d[8] = {0};
+  alignas(32) float x[8] = {0.f};
+  alignas(16) c10::Half s[8], m[8];
+  for (int i = 0; i < 8; ++i) s[i] = m[i] = c10::Half(0.f);
+  for (int64_t i = 0; i < count; ++i) d[i] = dots[i], x[i] = xg[i], s[i] = ws[i], m[i] = wm[i];
+  return add_groups(acc, _mm256_load_si256(reinterpret_cast<const __m256i*>(d)), s, m, x);
+}
+
+// Eight groups' 8-lane partial sums → their eight totals, in group order.
+inline __m256i reduce8(const __m256i d[8]) {
+  const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(d[0], d[1]), _mm256_hadd_epi32(d[2], d[3]));
+  const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(d[4], d[5]), _mm256_hadd_epi32(d[6], d[7]));
+  return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+}
 #endif
 
 template <int ROWS>
-void int4_row(const uint8_t* row, const c10::Half* ws, const c10::Half* wm, const int8_t* xq, const int32_t* xg,
+void int4_row(const uint8_t* row, const c10::Half* ws, const c10::Half* wm, const int8_t* xq, const float* xg,
               int64_t K, int64_t group_size, float* total) {
   const int64_t groups = K / group_size;
 #if SC_AVX2
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[ROWS];
-  float offset[ROWS];
-  for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_ps(), offset[r] = 0.f;
-  for (int64_t g = 0; g < groups; ++g) {
-    __m256i dot[ROWS];
-    for (int r = 0; r < ROWS; ++r) dot[r] = _mm256_setzero_si256();
-    for (int64_t k = g * group_size; k < (g + 1) * group_size; k += kBlock) {
-      const __m256i q = unpack_u4(row + k / 2);
-      for (int r = 0; r < ROWS; ++r) {
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + k));
-        dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones));  // ≤ 2·15·128
+  alignas(32) int32_t dots[ROWS][8];
+  for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t g0 = 0; g0 < groups; g0 += 8) {
+    const int64_t count = std::min<int64_t>(8, groups - g0);
+    for (int64_t i = 0; i < count; ++i) {
+      __m256i dot[ROWS];
+      for (int r = 0; r < ROWS; ++r) dot[r] = _mm256_setzero_si256();
+      for (int64_t k = (g0 + i) * group_size; k < (g0 + i + 1) * group_size; k += kBlock) {
+        const __m256i q = unpack_u4(row + k / 2);
+        for (int r = 0; r < ROWS; ++r) {
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + k));
+          dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones));  // ≤ 2·15·128
+        }
       }
+      for (int r = 0; r < ROWS; ++r) dots[r][i] = hsum_epi32(dot[r]);
     }
-    const __m256 s = _mm256_set1_ps(half_to_float(ws, g));
-    const float mn = half_to_float(wm, g);
-    for (int r = 0; r < ROWS; ++r) {
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), s, acc[r]);
-      offset[r] = std::fma(mn, static_cast<float>(xg[r * groups + g]), offset[r]);
-    }
+    for (int r = 0; r < ROWS; ++r)
+      acc[r] = count == 8 ? add_groups(acc[r], _mm256_load_si256(reinterpret_cast<const __m256i*>(dots[r])), ws + g0,
+                                       wm + g0, xg + r * groups + g0)
+                          : add_groups_tail(acc[r], dots[r], count, ws + g0, wm + g0, xg + r * groups + g0);
   }
-  for (int r = 0; r < ROWS; ++r) total[r] = hsum(acc[r]) + offset[r];
+  for (int r = 0; r < ROWS; ++r) total[r] = hsum(acc[r]);
 #else
   for (int r = 0; r < ROWS; ++r) {
-    float t = 0.f, offset = 0.f;
+    float t = 0.f;
     for (int64_t g = 0; g < groups; ++g) {
       int32_t d = 0;
       for (int64_t k = g * group_size; k < (g + 1) * group_size; k += kBlock)
@@ -385,39 +412,115 @@ void int4_row(const uint8_t* row, const c10::Half* ws, const c10::Half* wm, cons
           const uint8_t byte = row[k / 2 + i];
           d += int32_t(byte & 0x0F) * xq[r * K + k + i] + int32_t(byte >> 4) * xq[r * K + k + i + kBlock / 2];
         }
-      t += float(d) * half_to_float(ws, g);
-      offset += half_to_float(wm, g) * float(xg[r * groups + g]);
+      t = std::fma(half_to_float(wm, g), xg[r * groups + g], std::fma(float(d), half_to_float(ws, g), t));
     }
-    total[r] = t + offset;
+    total[r] = t;
   }
 #endif
 }
+
+#if SC_AVX2
+// One activation row (a decode step) with groups of 64: eight groups' sums are reduced together
+// (reduce8) instead of one by one, which is most of the float work per byte of weights.
+inline float int4_vector(const uint8_t* row, const c10::Half* ws, const c10::Half* wm, const int8_t* xq,
+                         const float* xg, int64_t K) {
+  const int64_t groups = K / 64;
+  const __m256i ones = _mm256_set1_epi16(1);
+  auto group_dot = [&](int64_t g) {
+    const int64_t k = g * 64;
+    const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k));
+    const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k + 32));
+    return _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(unpack_u4(row + k / 2), x0), ones),
+                            _mm256_madd_epi16(_mm256_maddubs_epi16(unpack_u4(row + k / 2 + 16), x1), ones));
+  };
+  __m256 acc = _mm256_setzero_ps();
+  int64_t g0 = 0;
+  for (; g0 + 8 <= groups; g0 += 8) {
+    __m256i d[8];
+    for (int i = 0; i < 8; ++i) d[i] = group_dot(g0 + i);
+    acc = add_groups(acc, reduce8(d), ws + g0, wm + g0, xg + g0);
+  }
+  if (g0 < groups) {
+    int32_t dots[8];
+    for (int64_t g = g0; g < groups; ++g) dots[g - g0] = hsum_epi32(group_dot(g));
+    acc = add_groups_tail(acc, dots, groups - g0, ws + g0, wm + g0, xg + g0);
+  }
+  return hsum(acc);
+}
+#endif
 
 #if SC_VNNI_DECODE
 // The same with vpdpbusd (4-bit values unsigned, activations signed: no sign trick needed).
 template <int ROWS>
 SC_VNNI void int4_row_vnni(const uint8_t* row, const c10::Half* ws, const c10::Half* wm, const int8_t* xq,
-                           const int32_t* xg, int64_t K, int64_t group_size, float* total) {
+                           const float* xg, int64_t K, int64_t group_size, float* total) {
   const int64_t groups = K / group_size;
   __m256 acc[ROWS];
-  float offset[ROWS];
-  for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_ps(), offset[r] = 0.f;
-  for (int64_t g = 0; g < groups; ++g) {
-    __m256i dot[ROWS];
-    for (int r = 0; r < ROWS; ++r) dot[r] = _mm256_setzero_si256();
-    for (int64_t k = g * group_size; k < (g + 1) * group_size; k += kBlock) {
-      const __m256i q = unpack_u4(row + k / 2);
-      for (int r = 0; r < ROWS; ++r)
-        dot[r] = dpbusd(dot[r], q, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + k)));
+  alignas(32) int32_t dots[ROWS][8];
+  for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t g0 = 0; g0 < groups; g0 += 8) {
+    const int64_t count = std::min<int64_t>(8, groups - g0);
+    for (int64_t i = 0; i < count; ++i) {
+      __m256i dot[ROWS];
+      for (int r = 0; r < ROWS; ++r) dot[r] = _mm256_setzero_si256();
+      for (int64_t k = (g0 + i) * group_size; k < (g0 + i + 1) * group_size; k += kBlock) {
+        const __m256i q = unpack_u4(row + k / 2);
+        for (int r = 0; r < ROWS; ++r)
+          dot[r] = dpbusd(dot[r], q, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + k)));
+      }
+      for (int r = 0; r < ROWS; ++r) dots[r][i] = hsum_epi32(dot[r]);
     }
-    const __m256 s = _mm256_set1_ps(half_to_float(ws, g));
-    const float mn = half_to_float(wm, g);
-    for (int r = 0; r < ROWS; ++r) {
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), s, acc[r]);
-      offset[r] = std::fma(mn, static_cast<float>(xg[r * groups + g]), offset[r]);
-    }
+    for (int r = 0; r < ROWS; ++r)
+      acc[r] = count == 8 ? add_groups(acc[r], _mm256_load_si256(reinterpret_cast<const __m256i*>(dots[r])), ws + g0,
+                                       wm + g0, xg + r * groups + g0)
+                          : add_groups_tail(acc[r], dots[r], count, ws + g0, wm + g0, xg + r * groups + g0);
   }
-  for (int r = 0; r < ROWS; ++r) total[r] = hsum(acc[r]) + offset[r];
+  for (int r = 0; r < ROWS; ++r) total[r] = hsum(acc[r]);
+}
+
+// Groups 2i and 2i + 1 (64 bytes) against their permuted activations (128 bytes): lanes 0-7 and 8-15.
+SC_VNNI inline __m512i int4_pair_dot(const uint8_t* packed_bytes, const int8_t* xp, __m512i low) {
+  const __m512i packed = _mm512_loadu_si512(packed_bytes);
+  const __m512i dot = dpbusd(_mm512_setzero_si512(), _mm512_and_si512(packed, low), _mm512_loadu_si512(xp));
+  return dpbusd(dot, _mm512_and_si512(_mm512_srli_epi16(packed, 4), low), _mm512_loadu_si512(xp + 64));
+}
+
+// One activation row with groups of 64, 512 bits at a time: 64 bytes (two groups) are one load;
+// their low nibbles and their high nibbles are two registers, multiplied by the activations
+// permuted once into that order (`xp`, see int4_linear_impl), so a register's lanes 0-7 sum one
+// group and lanes 8-15 the next. Eight groups' sums are then reduced together.
+SC_VNNI float int4_vector_vnni(const uint8_t* row, const c10::Half* ws, const c10::Half* wm, const int8_t* xp,
+                               const int8_t* xq, const float* xg, int64_t K) {
+  const int64_t groups = K / 64;
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  auto pair_dot = [&](int64_t pair) SC_VNNI { return int4_pair_dot(row + pair * 64, xp + pair * 128, low); };
+  const __m512i natural = _mm512_castsi256_si512(_mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  __m256 acc = _mm256_setzero_ps();
+  int64_t g0 = 0;
+  for (; g0 + 8 <= groups; g0 += 8) {
+    const __m512i s01 = pair_dot(g0 / 2), s23 = pair_dot(g0 / 2 + 1), s45 = pair_dot(g0 / 2 + 2),
+                  s67 = pair_dot(g0 / 2 + 3);
+    // Within each 128-bit quarter: quarters 0-1 hold groups (0, 2 | 4, 6), quarters 2-3 (1, 3 | 5, 7).
+    const __m512i t0 = _mm512_add_epi32(_mm512_unpacklo_epi32(s01, s23), _mm512_unpackhi_epi32(s01, s23));
+    const __m512i t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(s45, s67), _mm512_unpackhi_epi32(s45, s67));
+    const __m512i u = _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
+    const __m512i paired = _mm512_shuffle_i64x2(u, u, _MM_SHUFFLE(3, 1, 2, 0));
+    const __m256i sums = _mm256_add_epi32(_mm512_castsi512_si256(paired), _mm512_extracti64x4_epi64(paired, 1));
+    // sums = groups 0, 2, 4, 6, 1, 3, 5, 7 → in order
+    const __m256i ordered = _mm512_castsi512_si256(_mm512_permutexvar_epi32(natural, _mm512_castsi256_si512(sums)));
+    acc = add_groups(acc, ordered, ws + g0, wm + g0, xg + g0);
+  }
+  if (g0 < groups) {  // fewer than 8 groups left: one at a time, from the natural-order activations
+    int32_t dots[8];
+    for (int64_t g = g0; g < groups; ++g) {
+      __m256i dot = _mm256_setzero_si256();
+      for (int64_t k = g * 64; k < (g + 1) * 64; k += kBlock)
+        dot = dpbusd(dot, unpack_u4(row + k / 2), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k)));
+      dots[g - g0] = hsum_epi32(dot);
+    }
+    acc = add_groups_tail(acc, dots, groups - g0, ws + g0, wm + g0, xg + g0);
+  }
+  return hsum(acc);
 }
 #endif
 
@@ -428,15 +531,45 @@ void int4_linear_impl(const RowQuantized& a, const torch::Tensor& weight, const 
   const int64_t M = a.q.size(0), K = a.q.size(1), N = weight.size(0), groups = K / group_size;
   const int8_t* xq = a.q.data_ptr<int8_t>();
   const float* xs = a.scale.data_ptr<float>();
-  // Sum of the quantized activations per weight group: multiplies each group's minimum.
-  std::vector<int32_t> group_sums(M * groups, 0);
+  // Sum of the quantized activations per weight group (exact in fp32): multiplies each group's minimum.
+  std::vector<float> group_sums(M * groups, 0.f);
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) group_sums[m * groups + k / group_size] += xq[m * K + k];
-  const int32_t* xg = group_sums.data();
+    for (int64_t g = 0; g < groups; ++g) {
+      int32_t sum = 0;
+      for (int64_t k = g * group_size; k < (g + 1) * group_size; ++k) sum += xq[m * K + k];
+      group_sums[m * groups + g] = static_cast<float>(sum);
+    }
+  const float* xg = group_sums.data();
   const uint8_t* w = weight.data_ptr<uint8_t>();
   const c10::Half* ws = scale.data_ptr<c10::Half>();
   const c10::Half* wm = minimum.data_ptr<c10::Half>();
   T* y = out.data_ptr<T>();
+#if SC_AVX2
+  if (M == 1 && group_size == 64) {
+    // Per 128 values (two groups, 64 bytes): the activations of their low nibbles, then of their
+    // high ones; byte b of 64 is value (b / 32)·64 + (b % 32 / 16)·32 + b % 16, and that plus 16.
+    std::vector<int8_t> permuted(vnni ? K : 0);
+    for (int64_t base = 0; base < (vnni ? K : 0); base += 128)
+      for (int64_t b = 0; b < 64 && base + (b / 32) * 64 < K; ++b) {
+        const int64_t v = base + (b / 32) * 64 + (b % 32 / 16) * 32 + b % 16;
+        permuted[base + b] = xq[v], permuted[base + 64 + b] = xq[v + 16];
+      }
+    const int8_t* xp = permuted.data();
+    at::parallel_for(0, N, grain_rows(K / 2), [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        const uint8_t* row = w + n * (K / 2);
+#if SC_VNNI_DECODE
+        const float total = vnni ? int4_vector_vnni(row, ws + n * groups, wm + n * groups, xp, xq, xg, K)
+                                 : int4_vector(row, ws + n * groups, wm + n * groups, xq, xg, K);
+#else
+        const float total = int4_vector(row, ws + n * groups, wm + n * groups, xq, xg, K);
+#endif
+        store(y, n, std::fma(total, xs[0], bias ? bias[n] : 0.f));
+      }
+    });
+    return;
+  }
+#endif
   at::parallel_for(0, N, grain_rows(K / 2), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const float b = bias ? bias[n] : 0.f;
@@ -648,12 +781,38 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& weight, c
   return out;
 }
 
+#if SC_AMX_BUILD
+bool bf16_dot_available();
+template <typename T>
+void bf16_linear_dpbf16(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias,
+                        torch::Tensor& out);
+#endif
+
+inline bool bf16_kernel_available() {  // vdpbf16ps: the bf16 linear and the prefill attention
+#if SC_AMX_BUILD
+  return bf16_dot_available();
+#else
+  return false;
+#endif
+}
+
+// isa "avx512-bf16" (vdpbf16ps: bf16 activations only) or "avx2" (weights widened to fp32); by
+// default the first this CPU and the activations' dtype allow.
 torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& weight,
-                          const c10::optional<torch::Tensor>& bias) {
+                          const c10::optional<torch::Tensor>& bias, const std::string& isa) {
   check_common(x, weight, bias, weight.size(0));
   TORCH_CHECK(weight.scalar_type() == torch::kBFloat16 && weight.size(1) == x.size(1), "weight must be bf16 [N, K]");
+  TORCH_CHECK(isa.empty() || isa == "avx2" || isa == "avx512-bf16", "isa must be '', 'avx2' or 'avx512-bf16'");
+  TORCH_CHECK(isa != "avx512-bf16" || (bf16_kernel_available() && x.scalar_type() == torch::kBFloat16),
+              "the avx512-bf16 kernel needs AVX512-BF16 and bf16 activations");
   torch::Tensor out = torch::empty({x.size(0), weight.size(0)}, x.options());
   const torch::Tensor b = bias.has_value() ? *bias : torch::Tensor();
+#if SC_AMX_BUILD
+  if (x.scalar_type() == torch::kBFloat16 && bf16_kernel_available() && isa != "avx2") {
+    bf16_linear_dpbf16<c10::BFloat16>(x, weight, b, out);
+    return out;
+  }
+#endif
   if (x.scalar_type() == torch::kBFloat16) bf16_linear_impl<c10::BFloat16>(x, weight, b, out);
   else bf16_linear_impl<float>(x, weight, b, out);
   return out;
@@ -715,6 +874,54 @@ SC_BF16 inline __m512 dpbf16(__m512 acc, __m512i a, __m512i b) {
   return acc;
 }
 
+// bf16 weights times bf16 activations on vdpbf16ps: 32 products per instruction straight from the
+// weights as stored (no widening to fp32), and activations kept in bf16, so a K = 10240 row of the
+// MLP's down projection (20 KB) stays in L1 where its fp32 copy (40 KB) would not. Products of two
+// bf16 values are exact in fp32; the sums run in fp32 as in bf16_row.
+template <int ROWS, typename T>
+SC_BF16 void bf16_rows_dpbf16(const uint16_t* w, const uint16_t* x, const float* bias, int64_t K, int64_t N,
+                              int64_t n, int64_t m0, T* y) {
+  __m512 acc[ROWS][2];
+  for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  const uint16_t* row = w + n * K;
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) {  // two accumulators per row: consecutive steps do not wait on each other
+    const __m512i w0 = _mm512_loadu_si512(row + k), w1 = _mm512_loadu_si512(row + k + 32);
+    for (int r = 0; r < ROWS; ++r) {
+      acc[r][0] = dpbf16(acc[r][0], w0, _mm512_loadu_si512(x + r * K + k));
+      acc[r][1] = dpbf16(acc[r][1], w1, _mm512_loadu_si512(x + r * K + k + 32));
+    }
+  }
+  for (; k < K; k += 32) {  // the rest, zero-filled past K
+    const __mmask32 mask = K - k >= 32 ? ~__mmask32(0) : (__mmask32(1) << (K - k)) - 1;
+    const __m512i w0 = _mm512_maskz_loadu_epi16(mask, row + k);
+    for (int r = 0; r < ROWS; ++r) acc[r][0] = dpbf16(acc[r][0], w0, _mm512_maskz_loadu_epi16(mask, x + r * K + k));
+  }
+  for (int r = 0; r < ROWS; ++r)
+    store(y, (m0 + r) * N + n, _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1])) + (bias ? bias[n] : 0.f));
+}
+
+template <typename T>
+void bf16_linear_dpbf16(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias,
+                        torch::Tensor& out) {
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  const torch::Tensor xc = x.contiguous();
+  const torch::Tensor b = bias.defined() ? bias.to(torch::kFloat32).contiguous() : torch::Tensor();
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<c10::BFloat16>());
+  const uint16_t* w = reinterpret_cast<const uint16_t*>(weight.data_ptr<c10::BFloat16>());
+  T* y = out.data_ptr<T>();
+  at::parallel_for(0, N, grain_rows(2 * K), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t m0 = 0; m0 < M; m0 += kRowTile)
+        dispatch_rows<kRowTile>(M - m0, [&](auto rows) {
+          bf16_rows_dpbf16<rows()>(w, xp + m0 * K, bp, K, N, n, m0, y);
+        });
+  });
+}
+#endif
+
+#if SC_AMX_BUILD
 // e^x for x <= 0 (scores minus their running maximum): 2^n · p(f), degree-6 polynomial.
 SC_BF16 inline __m512 exp_nonpositive(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
@@ -1423,19 +1630,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_linear", &int4_linear, "y = x @ dequant(int4 W).T + b with int8-quantized activations",
         py::arg("x"), py::arg("weight"), py::arg("scale"), py::arg("minimum"), py::arg("group_size"),
         py::arg("bias"), py::arg("isa") = "");
-  m.def("bf16_linear", &bf16_linear, "y = x @ W.T + b for bf16 W, fp32 accumulation");
+  m.def("bf16_linear", &bf16_linear, "y = x @ W.T + b for bf16 W, fp32 accumulation",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("isa") = "");
   m.def("decode_attention", &decode_attention, "softmax(q k^T / sqrt(D)) v for one query per row and head",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("rows") = py::none(), py::arg("lengths") = py::none());
   m.def("read_bytes", &read_bytes, "sum of all bytes (a memory-bandwidth probe)");
   m.def("prefill_attention", &prefill_attention, "causal attention of a prompt over keys from slot 0 (bf16)",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("start"));
-  m.def("bf16_attention_available", []() {
-#if SC_AMX_BUILD
-    return bf16_dot_available();
-#else
-    return false;
-#endif
-  }, "whether this CPU runs prefill_attention (AVX512-BF16)");
+  m.def("bf16_attention_available", &bf16_kernel_available, "whether this CPU runs prefill_attention (AVX512-BF16)");
   m.def("int8_peak", &int8_peak, "int8 multiply-add ops/s from registers on all threads, and the instruction set");
   m.def("simd", []() { return SC_AVX2 ? "avx2" : "generic"; });
   m.def("prompt_isa", &prompt_isa, "the prompt GEMM this CPU runs: amx, avx512-vnni or '' (none)");

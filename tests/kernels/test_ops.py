@@ -67,6 +67,23 @@ def test_int8_and_int4_kernels_give_the_same_bits_on_avx2_and_vnni(ext, dtype):
         assert torch.equal(ext.int4_linear(x, packed, s4, m4, 64, b, "avx2"), ext.int4_linear(x, packed, s4, m4, 64, b))
 
 
+@pytest.mark.parametrize("K", [384, 640, 1024])  # 6, 10 and 16 groups: the 8-group steps and the rest
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_int4_rows_give_the_same_bits_alone_or_together_on_either_isa(ext, K, group_size):
+    """A decode step (one row, its own loops) and the same row inside a batch agree bit for bit."""
+    torch.manual_seed(K + group_size)
+    w, b = torch.randn(67, K), torch.randn(67)
+    packed, s4, m4 = Q.quantize_int4(w, group_size)
+    x = torch.randn(5, K).bfloat16()
+    for isa in ("avx2", ""):
+        together = ext.int4_linear(x, packed, s4, m4, group_size, b, isa)
+        for row in range(5):
+            alone = ext.int4_linear(x[row:row + 1], packed, s4, m4, group_size, b, isa)
+            assert torch.equal(alone, together[row:row + 1]), (isa, row)
+    assert torch.equal(ext.int4_linear(x[:1], packed, s4, m4, group_size, b, "avx2"),
+                       ext.int4_linear(x[:1], packed, s4, m4, group_size, b))
+
+
 @pytest.mark.parametrize("rows", [1, 5, 16])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -93,15 +110,31 @@ def test_kernels_without_bias_and_with_zero_input(ext):
     assert torch.allclose(ext.int4_linear(x, packed, s4, m4, 32, None).double(), expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [1, 6])
-def test_bf16_kernel_matches_fp32_math(ext, rows):
+def bf16_isas(ext):
+    return ["avx2"] + (["avx512-bf16"] if ext.bf16_attention_available() else [])
+
+
+@pytest.mark.parametrize("rows", [1, 3, 6])
+@pytest.mark.parametrize("K", [200, 2560])  # 200: a tail past the 64-wide steps
+def test_bf16_kernel_matches_fp32_math(ext, rows, K):
     torch.manual_seed(1)
-    w, b, x = torch.randn(50, 200).bfloat16(), torch.randn(50).bfloat16(), torch.randn(rows, 200).bfloat16()
+    w, b, x = torch.randn(50, K).bfloat16(), torch.randn(50).bfloat16(), torch.randn(rows, K).bfloat16()
     expected = F.linear(x.double(), w.double(), b.double())
-    y = ext.bf16_linear(x, w, b)
-    assert y.dtype == torch.bfloat16
-    assert ((y.double() - expected).abs() <= 2 ** -8 * expected.abs() + 1e-3).all()  # one bf16 rounding
-    assert torch.allclose(ext.bf16_linear(x.float(), w, None).double(), F.linear(x.double(), w.double()), atol=1e-4)
+    for isa in bf16_isas(ext):
+        y = ext.bf16_linear(x, w, b, isa)
+        assert y.dtype == torch.bfloat16
+        assert ((y.double() - expected).abs() <= 2 ** -8 * expected.abs() + 1e-3).all(), isa  # one bf16 rounding
+    # fp32 activations are never rounded to bf16: they take the widening loop
+    assert torch.allclose(ext.bf16_linear(x.float() + 1e-3, w, None).double(),
+                          F.linear(x.double() + 1e-3, w.double()), atol=1e-4)
+
+
+def test_the_bf16_dot_kernel_refuses_what_it_cannot_run(ext):
+    w, x = torch.randn(8, 64).bfloat16(), torch.randn(1, 64)
+    with pytest.raises(RuntimeError, match="avx512-bf16 kernel needs"):
+        ext.bf16_linear(x, w, None, "avx512-bf16")  # fp32 activations (and, on some CPUs, no AVX512-BF16)
+    with pytest.raises(RuntimeError, match="isa must be"):
+        ext.bf16_linear(x, w, None, "amx")
 
 
 def test_kernels_refuse_bad_shapes(ext):
