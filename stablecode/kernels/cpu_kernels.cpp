@@ -681,6 +681,66 @@ float dot_row(const float* q, const T* k, int64_t D) {
   return total;
 }
 
+#if SC_AVX2
+// Lane i = the sum of a[i]'s lanes.
+inline __m256 transpose_sum8(const __m256 a[8]) {
+  const __m256 s0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 s1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0, s1, 0x20), _mm256_permute2f128_ps(s0, s1, 0x31));
+}
+
+// Scores of 8 consecutive keys: each key sums in its own register, because one key's sum alone
+// (D / 8 dependent FMAs, then a horizontal sum) waits on the FMA latency rather than on memory.
+template <typename T>
+inline __m256 dot_rows8(const float* q, const T* k, int64_t stride, int64_t D) {
+  __m256 acc[8];
+  for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + d);
+    for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(qv, load8(k + i * stride + d), acc[i]);
+  }
+  __m256 scores = transpose_sum8(acc);
+  if (d < D) {
+    alignas(32) float rest[8];
+    _mm256_store_ps(rest, scores);
+    for (int i = 0; i < 8; ++i)
+      for (int64_t e = d; e < D; ++e) rest[i] += q[e] * to_float(k + i * stride, e);
+    scores = _mm256_load_ps(rest);
+  }
+  return scores;
+}
+
+// e^x for x <= 0 (scores minus their maximum): 2^n · p(f), degree-6 polynomial, as the prefill kernel.
+inline __m256 exp8_nonpositive(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 f = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x);
+  f = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-6f), f);
+  __m256 p = _mm256_set1_ps(1.0f / 720);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));  // n >= -126: a normal 2^n
+}
+
+// acc (CHUNKS × 8 floats, in registers) += p_j v_j over the keys: one pass over the values.
+template <int CHUNKS, typename T>
+void weighted_values(const float* p, const T* v, int64_t stride, int64_t length, float* out) {
+  __m256 acc[CHUNKS];
+  for (int c = 0; c < CHUNKS; ++c) acc[c] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < length; ++j) {
+    const __m256 pj = _mm256_set1_ps(p[j]);
+    for (int c = 0; c < CHUNKS; ++c) acc[c] = _mm256_fmadd_ps(pj, load8(v + j * stride + 8 * c), acc[c]);
+  }
+  for (int c = 0; c < CHUNKS; ++c) _mm256_storeu_ps(out + 8 * c, acc[c]);
+}
+#endif
+
 template <typename T>
 void add_scaled_row(float* acc, const T* v, float p, int64_t D) {
   int64_t d = 0;
@@ -702,7 +762,7 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k, const
   // Each task reads at least ~64 K elements of cache, so tiny models stay on one thread.
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(2 * L * D, 1));
   at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> query(D), acc(D), scores(L);
+    std::vector<float> query(D), acc(D), scores(L + 8);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       const int64_t row = rows ? rows[b] : b, length = lengths ? lengths[b] : L;
@@ -710,16 +770,52 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k, const
       for (int64_t d = 0; d < D; ++d) query[d] = to_float(qrow, d) * scale;
       const T* keys = kp + row * k.stride(0) + h * k.stride(1);
       const T* values = vp + row * v.stride(0) + h * v.stride(1);
-      float highest = -INFINITY;
-      for (int64_t j = 0; j < length; ++j) {
+      float highest = -INFINITY, total = 0.f;
+      int64_t j = 0;
+#if SC_AVX2
+      __m256 top = _mm256_set1_ps(-INFINITY);
+      for (; j + 8 <= length; j += 8) {
+        const __m256 s = dot_rows8(query.data(), keys + j * k.stride(2), k.stride(2), D);
+        _mm256_storeu_ps(scores.data() + j, s);
+        top = _mm256_max_ps(top, s);
+      }
+      alignas(32) float tops[8];
+      _mm256_store_ps(tops, top);
+      for (float t : tops) highest = std::max(highest, t);
+#endif
+      for (; j < length; ++j) {
         scores[j] = dot_row(query.data(), keys + j * k.stride(2), D);
         highest = std::max(highest, scores[j]);
       }
-      float total = 0.f;
-      for (int64_t j = 0; j < length; ++j) total += (scores[j] = std::exp(scores[j] - highest));
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t j = 0; j < length; ++j) add_scaled_row(acc.data(), values + j * v.stride(2), scores[j] / total, D);
-      for (int64_t d = 0; d < D; ++d) store(op, bh * D + d, acc[d]);
+      j = 0;
+#if SC_AVX2
+      const __m256 top8 = _mm256_set1_ps(highest);
+      __m256 sum8 = _mm256_setzero_ps();
+      for (; j + 8 <= length; j += 8) {
+        const __m256 e = exp8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(scores.data() + j), top8));
+        _mm256_storeu_ps(scores.data() + j, e);
+        sum8 = _mm256_add_ps(sum8, e);
+      }
+      total = hsum(sum8);
+#endif
+      for (; j < length; ++j) total += (scores[j] = std::exp(scores[j] - highest));
+      bool done = false;
+#if SC_AVX2
+      const int64_t vs = v.stride(2);
+      switch (D) {  // the head sizes of the family's shapes keep their sums in registers
+        case 32: weighted_values<4>(scores.data(), values, vs, length, acc.data()); done = true; break;
+        case 64: weighted_values<8>(scores.data(), values, vs, length, acc.data()); done = true; break;
+        case 80: weighted_values<10>(scores.data(), values, vs, length, acc.data()); done = true; break;
+        case 96: weighted_values<12>(scores.data(), values, vs, length, acc.data()); done = true; break;
+        default: break;
+      }
+#endif
+      if (!done) {
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t i = 0; i < length; ++i) add_scaled_row(acc.data(), values + i * v.stride(2), scores[i], D);
+      }
+      const float inverse = 1.0f / total;  // the softmax's normalisation, once per output, not per key
+      for (int64_t d = 0; d < D; ++d) store(op, bh * D + d, acc[d] * inverse);
     }
   });
 }

@@ -147,7 +147,8 @@ def test_kernels_refuse_bad_shapes(ext):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("batch, heads, length, head_dim", [(1, 32, 300, 80), (3, 4, 37, 64), (2, 2, 1, 12)])
+@pytest.mark.parametrize("batch, heads, length, head_dim",
+                         [(1, 32, 300, 80), (3, 4, 37, 64), (2, 2, 1, 12), (1, 8, 45, 32), (1, 2, 19, 20), (1, 2, 16, 96)])
 def test_decode_attention_kernel_matches_sdpa_on_cache_slices(ext, dtype, batch, heads, length, head_dim):
     # As the model calls it: q a strided view of the fused projection, k and v slices of a bigger cache.
     torch.manual_seed(2)
