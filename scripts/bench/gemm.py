@@ -146,6 +146,11 @@ def candidates(K: int, N: int, M: int, only: set[str] | None):
     if M > ops.DECODE_MAX_ROWS and ops.prompt_isa() == "amx" and "avx512_vnni" in cpu_flags():
         add("ours prompt GEMM forced to avx512-vnni (the path of VNNI CPUs without AMX), bf16 input", "int8",
             lambda: library.prompt_int8_linear(xb, wq, wq_scale, bb, "avx512-vnni"))
+    if M > ops.DECODE_MAX_ROWS and ops.prompt_isa() in ("amx", "avx512-vnni"):
+        add("ours prompt GEMM forced to avx2 (the path of AVX2-only CPUs), bf16 input", "int8",
+            lambda: library.prompt_int8_linear(xb, wq, wq_scale, bb, "avx2"))
+        add("ours int4 prompt GEMM forced to avx2 (the path of AVX2-only CPUs), bf16 input", "int4",
+            lambda: library.prompt_int4_linear(xb, i4.weight, i4.scale, i4.min, i4.group_size, bb, "avx2"))
     if M > ops.DECODE_MAX_ROWS:
         add("ours Int8Linear prompt_precision=float (dequantize + bf16 GEMM)", "int8", lambda: i8f(xb))
         add("ours Int4Linear prompt_precision=float (dequantize + bf16 GEMM)", "int4", lambda: i4f(xb))
@@ -183,6 +188,14 @@ def main() -> None:
                     print(f"  M={M} {shape} {name}: {seconds * 1e3:.2f} ms, {results[-1]['gops']:.0f} GOP/s",
                           file=sys.stderr, flush=True)
     print(report(results))
+    from stablecode import kernels
+
+    library = kernels.load()
+    if library is not None:  # the multiply-add ceilings from registers, both instruction sets
+        for isa in ("", "avx2"):
+            ops_per_s, timed = max(library.int8_peak(20_000_000, isa) for _ in range(3))
+            if timed:
+                print(f"int8 multiply-add from registers ({timed}): {ops_per_s / 1e9:.0f} GOP/s")
     if args.output:
         args.output.write_text(json.dumps(dict(cpu=describe_cpu(), threads=args.threads, results=results), indent=2))
 

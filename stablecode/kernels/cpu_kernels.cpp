@@ -820,6 +820,156 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k, const
   });
 }
 
+// ---- prompt GEMM on AVX2 (the Zen 1-3 machines) ------------------------------------------------
+// Activations quantized per row as everywhere (so a row's sums are the exact integers the VNNI and
+// AMX GEMMs compute, and the outputs the same bits). One register holds 8 activation rows × 4
+// consecutive inputs; 4 weights of one output channel are broadcast against it. vpmaddubsw needs
+// one unsigned operand, and x + 128 against w would overflow its int16 pair sums, so it multiplies
+// |x| by w with x's sign (≤ 2 · 127 · 127, no saturation), and vpmaddwd by ones sums the pairs into
+// int32. That uses both of the multiply pipes; vpmaddwd alone on int16 runs on one of them and
+// reached half this speed. Activations go in chunks of 64 rows, so a chunk stays in L2 while every
+// weight block passes over it.
+#if SC_AVX2
+constexpr int kAvx2WeightRows = 4;    // 2 × 4 accumulators, 4 activation registers, weight, ones: 15 of 16
+constexpr int64_t kAvx2ChunkRows = 64;
+
+// x → int8 blocks of 8 rows, [block][K / 4][8 rows][4], zero rows past M, as signed values and as
+// magnitudes, and each row's scale.
+template <typename T>
+void pack_activations_avx2(const T* x, int64_t M, int64_t K, int8_t* q, uint8_t* magnitude, float* scale) {
+  const int64_t blocks = (M + 7) / 8;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk)
+      for (int64_t r = 0; r < 8; ++r) {
+        const int64_t m = blk * 8 + r;
+        const int64_t base = blk * K * 8 + r * 4;
+        float amax = 0.f;
+        if (m < M)
+          for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(to_float(x, m * K + k)));
+        const float inv = amax > 0.f ? 127.f / amax : 0.f;
+        for (int64_t k = 0; k < K; ++k) {
+          const int32_t v = m < M ? std::clamp(static_cast<int32_t>(std::nearbyint(to_float(x, m * K + k) * inv)), -128, 127) : 0;
+          q[base + (k / 4) * 32 + k % 4] = static_cast<int8_t>(v);
+          magnitude[base + (k / 4) * 32 + k % 4] = static_cast<uint8_t>(std::abs(v));
+        }
+        if (m < M) scale[m] = amax / 127.f;
+      }
+  });
+}
+
+// RB blocks of 8 activation rows × NW weight rows (int8 [NW][K]), over all of K.
+template <int NW, int RB, typename T>
+void avx2_gemm_tile(const int8_t* w, const int8_t* xq, const uint8_t* xa, int64_t K, const float* sx,
+                    const float* sw, const float* b, int64_t m0, int64_t n0, int64_t M, int64_t N, T* y) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[RB][NW];
+  for (int r = 0; r < RB; ++r)
+    for (int n = 0; n < NW; ++n) acc[r][n] = _mm256_setzero_si256();
+  for (int64_t p = 0; p < K / 4; ++p) {
+    __m256i xs[RB], xm[RB];
+    for (int r = 0; r < RB; ++r) {
+      xs[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + (r * K / 4 + p) * 32));
+      xm[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa + (r * K / 4 + p) * 32));
+    }
+    for (int n = 0; n < NW; ++n) {
+      int32_t four;
+      std::memcpy(&four, w + n * K + 4 * p, 4);
+      const __m256i wv = _mm256_set1_epi32(four);
+      for (int r = 0; r < RB; ++r)
+        acc[r][n] = _mm256_add_epi32(acc[r][n],
+                                     _mm256_madd_epi16(_mm256_maddubs_epi16(xm[r], _mm256_sign_epi8(wv, xs[r])), ones));
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int n = 0; n < NW; ++n) {
+      alignas(32) int32_t sums[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(sums), acc[r][n]);
+      for (int i = 0; i < 8; ++i) {
+        const int64_t m = m0 + r * 8 + i;
+        if (m < M) store(y, m * N + n0 + n, rescale(sums[i], sx[m], sw[n0 + n], b ? b[n0 + n] : 0.f));
+      }
+    }
+}
+
+template <int NW, typename T>
+void avx2_weight_block(const int8_t* w, const int8_t* xq, const uint8_t* xa, int64_t blocks, int64_t K,
+                       const float* sx, const float* sw, const float* b, int64_t m0, int64_t n0, int64_t M, int64_t N,
+                       T* y) {
+  int64_t blk = 0;
+  for (; blk + 2 <= blocks; blk += 2)
+    avx2_gemm_tile<NW, 2>(w, xq + blk * K * 8, xa + blk * K * 8, K, sx, sw, b, m0 + blk * 8, n0, M, N, y);
+  if (blk < blocks) avx2_gemm_tile<NW, 1>(w, xq + blk * K * 8, xa + blk * K * 8, K, sx, sw, b, m0 + blk * 8, n0, M, N, y);
+}
+
+// y = x · (w · sw)ᵀ + b for int8 weights [N, K] given row by row: `weight_rows(n0, rows, int8_out)`
+// fills `rows` weight rows starting at n0 (int4 weights are re-gridded to int8 there) and returns
+// their scales through `sw` (indexed by output channel).
+template <typename T, typename Rows>
+void avx2_prompt_gemm(const torch::Tensor& x, int64_t N, const float* sw, const float* b, Rows&& weight_rows,
+                      T* y) {
+  const int64_t M = x.size(0), K = x.size(1), blocks = (M + 7) / 8;
+  std::vector<int8_t> xq(blocks * 8 * K);
+  std::vector<uint8_t> xa(blocks * 8 * K);
+  std::vector<float> sx(blocks * 8);
+  if (x.scalar_type() == torch::kBFloat16)
+    pack_activations_avx2(x.data_ptr<c10::BFloat16>(), M, K, xq.data(), xa.data(), sx.data());
+  else
+    pack_activations_avx2(x.data_ptr<float>(), M, K, xq.data(), xa.data(), sx.data());
+  const int64_t weight_blocks = (N + kAvx2WeightRows - 1) / kAvx2WeightRows;
+  const int64_t chunk_blocks = kAvx2ChunkRows / 8;
+  for (int64_t c0 = 0; c0 < blocks; c0 += chunk_blocks) {
+    const int64_t chunk = std::min(chunk_blocks, blocks - c0);
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+      std::vector<int8_t> w8(kAvx2WeightRows * K);
+      for (int64_t wb; (wb = next.fetch_add(1)) < weight_blocks;) {
+        const int64_t n0 = wb * kAvx2WeightRows, rows = std::min<int64_t>(kAvx2WeightRows, N - n0);
+        weight_rows(n0, rows, w8.data());
+        const int8_t* q = xq.data() + c0 * 8 * K;
+        const uint8_t* a = xa.data() + c0 * 8 * K;
+        const int64_t m0 = c0 * 8;
+        switch (rows) {
+          case 4: avx2_weight_block<4>(w8.data(), q, a, chunk, K, sx.data(), sw, b, m0, n0, M, N, y); break;
+          case 3: avx2_weight_block<3>(w8.data(), q, a, chunk, K, sx.data(), sw, b, m0, n0, M, N, y); break;
+          case 2: avx2_weight_block<2>(w8.data(), q, a, chunk, K, sx.data(), sw, b, m0, n0, M, N, y); break;
+          default: avx2_weight_block<1>(w8.data(), q, a, chunk, K, sx.data(), sw, b, m0, n0, M, N, y); break;
+        }
+      }
+    });
+  }
+}
+#endif
+
+// int4 rows → int8 on one grid per output channel (c = its largest |w| / 127), as the prompt GEMMs
+// take them: value v of a group is round(v · s / c + min / c), the same float steps as the AVX-512
+// conversion (int4_rows_to_int8), so every prompt GEMM multiplies the same int8 weights.
+void int4_rows_to_int8_portable(const uint8_t* w, const c10::Half* scale, const c10::Half* minimum, int64_t K,
+                                int64_t group_size, int64_t rows, int8_t* out, float* c) {
+  const int64_t groups = K / group_size;
+  for (int64_t r = 0; r < rows; ++r) {
+    float bound = 0.f;
+    for (int64_t g = 0; g < groups; ++g) {
+      const float lo = half_to_float(minimum + r * groups, g), hi = lo + 15.f * half_to_float(scale + r * groups, g);
+      bound = std::max(bound, std::max(std::fabs(lo), std::fabs(hi)));
+    }
+    const float inv = bound > 0.f ? 127.f / bound : 0.f;
+    c[r] = bound / 127.f;
+    const uint8_t* row = w + r * (K / 2);
+    for (int64_t g = 0; g < groups; ++g) {
+      int8_t table[16];
+      const float step = half_to_float(scale + r * groups, g) * inv, base = half_to_float(minimum + r * groups, g) * inv;
+      for (int v = 0; v < 16; ++v)
+        table[v] = static_cast<int8_t>(std::clamp(static_cast<int32_t>(std::nearbyint(std::fma(float(v), step, base))), -128, 127));
+      for (int64_t k = g * group_size; k < (g + 1) * group_size; k += kBlock)
+        for (int64_t i = 0; i < kBlock / 2; ++i) {
+          const uint8_t byte = row[k / 2 + i];
+          out[r * K + k + i] = table[byte & 0x0F];
+          out[r * K + k + i + kBlock / 2] = table[byte >> 4];
+        }
+    }
+  }
+}
+
 // ---- entry points -----------------------------------------------------------------------------
 
 void check_common(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias,
@@ -1209,8 +1359,9 @@ int64_t int8_peak_avx2(int64_t iterations) {
 }
 
 // (ops per second on all of torch's threads, the instruction set it used)
-std::pair<double, std::string> int8_peak(int64_t iterations) {
-  const bool vnni = vnni_available();
+std::pair<double, std::string> int8_peak(int64_t iterations, const std::string& isa) {
+  TORCH_CHECK(isa.empty() || isa == "avx2", "isa must be '' (the best this CPU has) or 'avx2'");
+  const bool vnni = vnni_available() && isa.empty();
   const int64_t threads = at::get_num_threads();
   std::atomic<int64_t> sink{0};
   const auto start = std::chrono::steady_clock::now();
@@ -1619,15 +1770,19 @@ std::pair<torch::Tensor, torch::Tensor> pack_activations(const torch::Tensor& x)
 }
 
 // Which prompt GEMM this CPU runs: "amx", "avx512-vnni", or "" (none: prompts take the float path).
-std::string prompt_isa() { return amx_available() ? "amx" : vnni_available() ? "avx512-vnni" : ""; }
+std::string prompt_isa() {
+  return amx_available() ? "amx" : vnni_available() ? "avx512-vnni" : SC_AVX2 ? "avx2" : "";
+}
 
 // isa: "" picks the best this CPU has; "amx" or "avx512-vnni" ask for one (tests compare them).
-bool use_amx(const std::string& isa) {
+// The prompt GEMM to run: `isa` ("amx", "avx512-vnni", "avx2"), or by default the best this CPU has.
+std::string prompt_kernel(const std::string& isa) {
   const std::string chosen = isa.empty() ? prompt_isa() : isa;
-  TORCH_CHECK(chosen == "amx" || chosen == "avx512-vnni",
-              "the prompt GEMM kernels need AMX-INT8 or AVX-512 VNNI (this CPU has neither)");
-  TORCH_CHECK(chosen == "amx" ? amx_available() : vnni_available(), "this CPU cannot run the ", chosen, " kernel");
-  return chosen == "amx";
+  TORCH_CHECK(chosen == "amx" || chosen == "avx512-vnni" || chosen == "avx2",
+              "the prompt GEMM kernels need AMX-INT8, AVX-512 VNNI or AVX2 (this CPU has none of them)");
+  TORCH_CHECK(chosen == "amx" ? amx_available() : chosen == "avx512-vnni" ? vnni_available() : bool(SC_AVX2),
+              "this CPU cannot run the ", chosen, " kernel");
+  return chosen;
 }
 
 void check_prompt(const torch::Tensor& x, int64_t N, const c10::optional<torch::Tensor>& bias) {
@@ -1650,15 +1805,24 @@ torch::Tensor prompt_int8_linear(const torch::Tensor& x, const torch::Tensor& we
               "weight must be contiguous int8 [N, K]");
   TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == N,
               "scale must be fp32 [N]");
-  const bool amx = use_amx(isa);
+  const std::string kernel = prompt_kernel(isa);
+  const bool amx = kernel == "amx";
   torch::Tensor y = torch::empty({M, N}, x.options());
+  const torch::Tensor b = float_bias(bias);
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  const int8_t* w = weight.data_ptr<int8_t>();
+#if SC_AVX2
+  if (kernel == "avx2") {
+    auto rows = [&](int64_t n0, int64_t count, int8_t* out) { std::memcpy(out, w + n0 * K, count * K); };
+    if (x.scalar_type() == torch::kBFloat16) avx2_prompt_gemm(x, N, scale.data_ptr<float>(), bp, rows, y.data_ptr<c10::BFloat16>());
+    else avx2_prompt_gemm(x, N, scale.data_ptr<float>(), bp, rows, y.data_ptr<float>());
+    return y;
+  }
+#endif
 #if SC_AMX_BUILD
   const auto [packed_x, scale_x] = pack_activations(x);
   const torch::Tensor packed = packed_x, sx = scale_x;  // lambdas cannot capture structured bindings in C++17
-  const torch::Tensor b = float_bias(bias);
-  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   const int8_t* xp = packed.data_ptr<int8_t>();
-  const int8_t* w = weight.data_ptr<int8_t>();
   // Blocks of 32 output channels go to whichever thread is free next: on a shared machine a thread
   // that loses its core does not hold the other back at the join, as an even split would.
   std::atomic<int64_t> next{0};
@@ -1689,17 +1853,31 @@ torch::Tensor prompt_int4_linear(const torch::Tensor& x, const torch::Tensor& we
   TORCH_CHECK(scale.scalar_type() == torch::kHalf && minimum.scalar_type() == torch::kHalf && scale.is_contiguous() &&
               minimum.is_contiguous() && scale.numel() == N * (K / group_size) && minimum.numel() == scale.numel(),
               "scale and min must be fp16 [N, K / group_size]");
-  const bool amx = use_amx(isa);
+  const std::string kernel = prompt_kernel(isa);
+  const bool amx = kernel == "amx";
   torch::Tensor y = torch::empty({M, N}, x.options());
-#if SC_AMX_BUILD
-  const auto [packed_x, scale_x] = pack_activations(x);
-  const torch::Tensor packed = packed_x, sx = scale_x;
   const torch::Tensor b = float_bias(bias);
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-  const int8_t* xp = packed.data_ptr<int8_t>();
   const uint8_t* w = weight.data_ptr<uint8_t>();
   const c10::Half* s = scale.data_ptr<c10::Half>();
   const c10::Half* mn = minimum.data_ptr<c10::Half>();
+#if SC_AVX2
+  if (kernel == "avx2") {
+    const int64_t groups = K / group_size;
+    std::vector<float> grid(N);  // each output channel's int8 scale, set as its rows are converted
+    auto rows = [&](int64_t n0, int64_t count, int8_t* out) {
+      int4_rows_to_int8_portable(w + n0 * (K / 2), s + n0 * groups, mn + n0 * groups, K, group_size, count, out,
+                                 grid.data() + n0);
+    };
+    if (x.scalar_type() == torch::kBFloat16) avx2_prompt_gemm(x, N, grid.data(), bp, rows, y.data_ptr<c10::BFloat16>());
+    else avx2_prompt_gemm(x, N, grid.data(), bp, rows, y.data_ptr<float>());
+    return y;
+  }
+#endif
+#if SC_AMX_BUILD
+  const auto [packed_x, scale_x] = pack_activations(x);
+  const torch::Tensor packed = packed_x, sx = scale_x;
+  const int8_t* xp = packed.data_ptr<int8_t>();
   // Blocks of 32 output channels go to whichever thread is free next: on a shared machine a thread
   // that loses its core does not hold the other back at the join, as an even split would.
   std::atomic<int64_t> next{0};
@@ -1734,9 +1912,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("prefill_attention", &prefill_attention, "causal attention of a prompt over keys from slot 0 (bf16)",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("start"));
   m.def("bf16_attention_available", &bf16_kernel_available, "whether this CPU runs prefill_attention (AVX512-BF16)");
-  m.def("int8_peak", &int8_peak, "int8 multiply-add ops/s from registers on all threads, and the instruction set");
+  m.def("int8_peak", &int8_peak, "int8 multiply-add ops/s from registers on all threads, and the instruction set",
+        py::arg("iterations"), py::arg("isa") = "");
   m.def("simd", []() { return SC_AVX2 ? "avx2" : "generic"; });
-  m.def("prompt_isa", &prompt_isa, "the prompt GEMM this CPU runs: amx, avx512-vnni or '' (none)");
+  m.def("prompt_isa", &prompt_isa, "the prompt GEMM this CPU runs: amx, avx512-vnni, avx2 or '' (none)");
   m.def("prompt_int8_linear", &prompt_int8_linear, "x @ dequant(int8 W).T + b, activations int8 per row",
         py::arg("x"), py::arg("weight"), py::arg("scale"), py::arg("bias"), py::arg("isa") = "");
   m.def("prompt_int4_linear", &prompt_int4_linear, "x @ dequant(int4 W).T + b, activations int8 per row",

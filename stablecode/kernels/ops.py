@@ -63,7 +63,7 @@ def _int4_linear_shape(x, weight, scale, minimum, group_size, bias):
 def prompt_int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                        bias: Optional[torch.Tensor]) -> torch.Tensor:
     """x [M, K] @ (scale[n] * weight[n, k]).T + bias for many rows: x quantized to int8 per row, int8 x int8
-    products summed in int32 (AMX tiles, else AVX-512 VNNI), rescaled to x's dtype."""
+    products summed in int32 (AMX tiles, else AVX-512 VNNI, else AVX2), rescaled to x's dtype."""
     return _library().prompt_int8_linear(x, weight, scale, bias)
 
 
@@ -166,9 +166,9 @@ def use_linear_kernels(rows: torch.Tensor) -> bool:
 
 def use_prompt_kernels(rows: torch.Tensor, out_features: int) -> bool:
     """Whether the int8 x int8 prompt GEMMs apply to these activation rows [M, K]: more rows than the
-    matrix-vector kernels take, no gradients, and a CPU with AMX-INT8 or AVX-512 VNNI (`prompt_isa`).
+    matrix-vector kernels take, no gradients, and a CPU with AMX-INT8, AVX-512 VNNI or AVX2 (`prompt_isa`).
 
-    Elsewhere (AVX2-only CPUs among them) prompts dequantize the weights and run PyTorch's float GEMM."""
+    Elsewhere (or for shapes the GEMMs do not tile) prompts dequantize the weights and run PyTorch's float GEMM."""
     if (rows.device.type != "cpu" or rows.shape[0] <= DECODE_MAX_ROWS or rows.requires_grad
             or rows.dtype not in (torch.float32, torch.bfloat16) or rows.shape[1] % 64 or out_features % 32):
         return False
@@ -176,7 +176,7 @@ def use_prompt_kernels(rows: torch.Tensor, out_features: int) -> bool:
 
 
 def prompt_isa() -> str:
-    """The prompt GEMM this CPU runs: "amx", "avx512-vnni", or "" (none, or the kernels not loaded)."""
+    """The prompt GEMM this CPU runs: "amx", "avx512-vnni", "avx2", or "" (none, or the kernels not loaded)."""
     library = build.loaded()
     return library.prompt_isa() if library is not None else ""
 

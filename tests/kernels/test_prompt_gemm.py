@@ -1,5 +1,6 @@
-"""The prompt GEMMs (int8 x int8 on AMX tiles or with AVX-512 VNNI, activations quantized per token)
-against reference math, and the layers' choice between them and the dequantize-then-float path."""
+"""The prompt GEMMs (int8 x int8 on AMX tiles, with AVX-512 VNNI, or with AVX2's vpmaddwd; activations
+quantized per token) against reference math and against each other, and the layers' choice between them
+and the dequantize-then-float path."""
 
 import pytest
 import torch
@@ -20,14 +21,15 @@ def ext():
 @pytest.fixture(scope="module")
 def amx(ext):
     if not ext.prompt_isa():
-        pytest.skip("this CPU has neither AMX-INT8 nor AVX-512 VNNI: prompts take the float path (tested below)")
+        pytest.skip("this CPU has none of AMX-INT8, AVX-512 VNNI, AVX2: prompts take the float path (tested below)")
     return ext
 
 
 def available_isas(ext) -> list[str]:
-    """Every prompt kernel this CPU can run (an AMX CPU also runs the VNNI one)."""
+    """Every prompt kernel this CPU can run, best first (an AMX CPU also runs the VNNI and AVX2 ones)."""
     flags = open("/proc/cpuinfo").read()
-    return [isa for isa, flag in (("amx", "amx_int8"), ("avx512-vnni", "avx512_vnni")) if f" {flag}" in flags]
+    isas = [isa for isa, flag in (("amx", "amx_int8"), ("avx512-vnni", "avx512_vnni")) if f" {flag}" in flags]
+    return isas + (["avx2"] if ext.simd() == "avx2" else [])
 
 
 def per_token(x: torch.Tensor) -> torch.Tensor:
@@ -42,7 +44,7 @@ def relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:
     return float((y.double() - reference).abs().max() / reference.abs().max())
 
 
-@pytest.mark.parametrize("rows", [17, 32, 45, 128])
+@pytest.mark.parametrize("rows", [17, 32, 45, 128, 150])  # 150: more than one 64-row chunk of the AVX2 kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_prompt_gemm_is_per_token_int8_math(amx, rows, dtype):
     torch.manual_seed(rows)
@@ -83,9 +85,13 @@ def test_int4_prompt_gemm_stays_close_to_the_int4_weights(amx, group_size):
     exact = per_token(x) @ dequantized.t()
     # The 4-bit weights are re-gridded to int8 per output channel: an error far below int4's own.
     int4_error = relative_error(x.double() @ w.double().t(), exact)
-    for isa in available_isas(amx):
-        y = amx.prompt_int4_linear(x, packed, scale, minimum, group_size, None, isa)
+    outputs = {isa: amx.prompt_int4_linear(x, packed, scale, minimum, group_size, None, isa)
+               for isa in available_isas(amx)}
+    for isa, y in outputs.items():
         assert relative_error(y, exact) < 0.25 * int4_error, isa
+    # every kernel re-grids to the same int8 weights and sums exactly: the same bits
+    first = next(iter(outputs.values()))
+    assert all(torch.equal(y, first) for y in outputs.values()), list(outputs)
 
 
 def test_prompt_gemm_rejects_shapes_it_cannot_tile(amx):
@@ -136,8 +142,8 @@ def test_prompt_kernels_apply_only_to_prompts(ext):
     assert not ops.use_prompt_kernels(torch.randn(64, 256, requires_grad=True), 128)
 
 
-def test_without_amx_prompts_take_the_dequantized_gemm(ext, monkeypatch):
-    """What an AVX2-only CPU does: the same layer, the float path, no call into the AMX kernels."""
+def test_without_prompt_kernels_prompts_take_the_dequantized_gemm(ext, monkeypatch):
+    """What a CPU without AVX2 does (or a layer whose shape the GEMMs cannot tile): the float path."""
     monkeypatch.setattr(ops, "use_prompt_kernels", lambda rows, n: False)
     monkeypatch.setattr(Q, "use_prompt_kernels", lambda rows, n: False)
     torch.manual_seed(1)
