@@ -711,7 +711,7 @@ inline __m256 dot_rows8(const float* q, const T* k, int64_t stride, int64_t D) {
   return scores;
 }
 
-// e^x for x <= 0 (scores minus their maximum): 2^n · p(f), degree-6 polynomial, as the prefill kernel.
+// e^x for x <= 0 (scores minus their maximum): 2^n · p(f), degree-6 polynomial (the prefill kernel's too).
 inline __m256 exp8_nonpositive(__m256 x) {
   x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -1168,20 +1168,11 @@ void bf16_linear_dpbf16(const torch::Tensor& x, const torch::Tensor& weight, con
 #endif
 
 #if SC_AMX_BUILD
-// e^x for x <= 0 (scores minus their running maximum): 2^n · p(f), degree-6 polynomial.
+// e^x for x <= 0 on 16 lanes: the decode kernel's 8-lane function on each half (one polynomial).
 SC_BF16 inline __m512 exp_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
-  f = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), f);
-  __m512 p = _mm512_set1_ps(1.0f / 720);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
+  const __m256 low = exp8_nonpositive(_mm512_castps512_ps256(x));
+  const __m256 high = exp8_nonpositive(_mm512_extractf32x8_ps(x, 1));
+  return _mm512_insertf32x8(_mm512_castps256_ps512(low), high, 1);
 }
 
 constexpr int kKeyBlock = 64;   // keys per softmax step: 4 vectors of 16 scores
