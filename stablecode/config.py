@@ -227,10 +227,11 @@ PRESETS: dict[str, ModelConfig] = {
     for c in (
         # Exactly the released StableCode-Completion-Alpha-3B-4K checkpoint.
         ModelConfig(name="stablecode-completion-alpha-3b-4k"),
-        # The embedded default model's shape (configs/nano/model.json): same family, sized by the
-        # sweep in docs/training.md for what 2 CPU cores can train, fill-in-the-middle trained.
-        ModelConfig(name="stablecode-nano", vocab_size=8192, hidden_size=128, num_layers=4,
-                    num_heads=4, intermediate_size=512, max_position_embeddings=512, fim=True),
+        # The embedded default model's shape (configs/nano/wide-h256.json): same family, trained
+        # at hidden 128 (configs/nano/model.json, sized by the sweep in docs/training.md) and then
+        # widened twofold (stablecode.train.growth), fill-in-the-middle trained.
+        ModelConfig(name="stablecode-nano", vocab_size=8192, hidden_size=256, num_layers=4,
+                    num_heads=8, intermediate_size=1024, max_position_embeddings=512, fim=True),
         # Tiny shapes for tests and smoke runs.
         ModelConfig(name="tiny", vocab_size=512, hidden_size=64, num_layers=2, num_heads=4,
                     intermediate_size=256, max_position_embeddings=256),

@@ -156,6 +156,10 @@ def test_the_nano_preset_is_the_shipped_embedded_model():
     assert ModelConfig.from_preset("stablecode-nano") == shipped
     from pathlib import Path
 
-    recipe = ModelConfig.from_json_file(Path(__file__).parents[1] / "configs" / "nano" / "model.json")
-    assert (recipe.hidden_size, recipe.num_layers, recipe.vocab_size) == (128, 4, 8192) == (
-        shipped.hidden_size, shipped.num_layers, shipped.vocab_size)
+    configs = Path(__file__).parents[1] / "configs" / "nano"
+    first = ModelConfig.from_json_file(configs / "model.json")  # the recipe's first stages
+    widened = ModelConfig.from_json_file(configs / "wide-h256.json")  # its last, widened from those
+    assert (first.hidden_size, first.num_layers, first.vocab_size) == (128, 4, 8192)
+    assert (widened.hidden_size, widened.num_heads, widened.intermediate_size, widened.num_layers,
+            widened.vocab_size) == (shipped.hidden_size, shipped.num_heads, shipped.intermediate_size,
+                                    shipped.num_layers, shipped.vocab_size) == (256, 8, 1024, 4, 8192)

@@ -27,6 +27,9 @@ HOME = Path.home() / ".cache" / "stablecode"
 RECIPE = ("scripts/nano/corpus.sh && scripts/nano/train.sh --foreground && "
           "RUN=nano-fim CONFIG=configs/nano-fim.json scripts/nano/train.sh --foreground && "
           "python scripts/nano/export.py --run ~/.cache/stablecode/runs/nano-fim "
+          "--require-better ~/.cache/stablecode/corpus/tree/heldout && "
+          "RUN=nano-wide CONFIG=configs/nano-wide.json scripts/nano/train.sh --foreground && "
+          "python scripts/nano/export.py --run ~/.cache/stablecode/runs/nano-wide "
           "--require-better ~/.cache/stablecode/corpus/tree/heldout && scripts/nano/evaluate.sh")
 
 
