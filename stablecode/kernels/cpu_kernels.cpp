@@ -373,12 +373,14 @@ inline __m256i reduce8(const __m256i d[8]) {
 }
 #endif
 
-template <int ROWS>
-void int4_row(const uint8_t* row, const c10::Half* ws, const c10::Half* wm, const int8_t* xq, const float* xg,
-              int64_t K, int64_t group_size, float* total) {
-  const int64_t groups = K / group_size;
 #if SC_AVX2
-  const __m256i ones = _mm256_set1_epi16(1);
+// The loop of int4_row and int4_row_vnni: `block_dot(q, x, dot)` adds 32 products of 4-bit values q
+// and activations x into dot's 8 lanes, with whichever instruction the caller has.
+template <int ROWS, typename BlockDot>
+__attribute__((always_inline)) inline void int4_rows_with(const uint8_t* row, const c10::Half* ws, const c10::Half* wm,
+                                                          const int8_t* xq, const float* xg, int64_t K,
+                                                          int64_t group_size, float* total, BlockDot block_dot) {
+  const int64_t groups = K / group_size;
   __m256 acc[ROWS];
   alignas(32) int32_t dots[ROWS][8];
   for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_ps();
@@ -389,10 +391,8 @@ void int4_row(const uint8_t* row, const c10::Half* ws, const c10::Half* wm, cons
       for (int r = 0; r < ROWS; ++r) dot[r] = _mm256_setzero_si256();
       for (int64_t k = (g0 + i) * group_size; k < (g0 + i + 1) * group_size; k += kBlock) {
         const __m256i q = unpack_u4(row + k / 2);
-        for (int r = 0; r < ROWS; ++r) {
-          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + k));
-          dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones));  // ≤ 2·15·128
-        }
+        for (int r = 0; r < ROWS; ++r)
+          dot[r] = block_dot(q, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + k)), dot[r]);
       }
       for (int r = 0; r < ROWS; ++r) dots[r][i] = hsum_epi32(dot[r]);
     }
@@ -402,7 +402,19 @@ void int4_row(const uint8_t* row, const c10::Half* ws, const c10::Half* wm, cons
                           : add_groups_tail(acc[r], dots[r], count, ws + g0, wm + g0, xg + r * groups + g0);
   }
   for (int r = 0; r < ROWS; ++r) total[r] = hsum(acc[r]);
+}
+#endif
+
+template <int ROWS>
+void int4_row(const uint8_t* row, const c10::Half* ws, const c10::Half* wm, const int8_t* xq, const float* xg,
+              int64_t K, int64_t group_size, float* total) {
+#if SC_AVX2
+  const __m256i ones = _mm256_set1_epi16(1);
+  int4_rows_with<ROWS>(row, ws, wm, xq, xg, K, group_size, total, [&](__m256i q, __m256i x, __m256i dot) {
+    return _mm256_add_epi32(dot, _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), ones));  // ≤ 2·15·128
+  });
 #else
+  const int64_t groups = K / group_size;
   for (int r = 0; r < ROWS; ++r) {
     float t = 0.f;
     for (int64_t g = 0; g < groups; ++g) {
@@ -454,28 +466,8 @@ inline float int4_vector(const uint8_t* row, const c10::Half* ws, const c10::Hal
 template <int ROWS>
 SC_VNNI void int4_row_vnni(const uint8_t* row, const c10::Half* ws, const c10::Half* wm, const int8_t* xq,
                            const float* xg, int64_t K, int64_t group_size, float* total) {
-  const int64_t groups = K / group_size;
-  __m256 acc[ROWS];
-  alignas(32) int32_t dots[ROWS][8];
-  for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_ps();
-  for (int64_t g0 = 0; g0 < groups; g0 += 8) {
-    const int64_t count = std::min<int64_t>(8, groups - g0);
-    for (int64_t i = 0; i < count; ++i) {
-      __m256i dot[ROWS];
-      for (int r = 0; r < ROWS; ++r) dot[r] = _mm256_setzero_si256();
-      for (int64_t k = (g0 + i) * group_size; k < (g0 + i + 1) * group_size; k += kBlock) {
-        const __m256i q = unpack_u4(row + k / 2);
-        for (int r = 0; r < ROWS; ++r)
-          dot[r] = dpbusd(dot[r], q, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + k)));
-      }
-      for (int r = 0; r < ROWS; ++r) dots[r][i] = hsum_epi32(dot[r]);
-    }
-    for (int r = 0; r < ROWS; ++r)
-      acc[r] = count == 8 ? add_groups(acc[r], _mm256_load_si256(reinterpret_cast<const __m256i*>(dots[r])), ws + g0,
-                                       wm + g0, xg + r * groups + g0)
-                          : add_groups_tail(acc[r], dots[r], count, ws + g0, wm + g0, xg + r * groups + g0);
-  }
-  for (int r = 0; r < ROWS; ++r) total[r] = hsum(acc[r]);
+  int4_rows_with<ROWS>(row, ws, wm, xq, xg, K, group_size, total,
+                       [](__m256i q, __m256i x, __m256i dot) SC_VNNI { return dpbusd(dot, q, x); });
 }
 
 // Groups 2i and 2i + 1 (64 bytes) against their permuted activations (128 bytes): lanes 0-7 and 8-15.
