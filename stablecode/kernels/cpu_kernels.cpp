@@ -932,14 +932,14 @@ void avx2_prompt_gemm(const torch::Tensor& x, int64_t N, const float* sw, const 
 }
 #endif
 
-// int4 rows → int8 on one grid per output channel (c = its largest |w| / 127), as the prompt GEMMs
-// take them: value v of a group is round(v · s / c + min / c), the same float steps as the AVX-512
-// conversion (int4_rows_to_int8), so every prompt GEMM multiplies the same int8 weights.
-void int4_rows_to_int8_portable(const uint8_t* w, const c10::Half* scale, const c10::Half* minimum, int64_t K,
-                                int64_t group_size, int64_t rows, int8_t* out, float* c) {
+// int4 rows → int8 on one grid per output channel (c = its largest |w| / 127), as every prompt GEMM
+// takes them: value v of a group is round(v · s / c + min / c), looked up from a 16-entry table per
+// group, so the AMX, VNNI and AVX2 GEMMs multiply the same int8 weights.
+void int4_rows_to_int8(const uint8_t* w, const c10::Half* scale, const c10::Half* minimum, int64_t K,
+                       int64_t group_size, int64_t rows, int8_t* out, float* c) {
   const int64_t groups = K / group_size;
   for (int64_t r = 0; r < rows; ++r) {
-    float bound = 0.f;
+    float bound = 0.f;  // the largest |w| the row can hold
     for (int64_t g = 0; g < groups; ++g) {
       const float lo = half_to_float(minimum + r * groups, g), hi = lo + 15.f * half_to_float(scale + r * groups, g);
       bound = std::max(bound, std::max(std::fabs(lo), std::fabs(hi)));
@@ -948,16 +948,22 @@ void int4_rows_to_int8_portable(const uint8_t* w, const c10::Half* scale, const 
     c[r] = bound / 127.f;
     const uint8_t* row = w + r * (K / 2);
     for (int64_t g = 0; g < groups; ++g) {
-      int8_t table[16];
+      alignas(16) int8_t table[16];
       const float step = half_to_float(scale + r * groups, g) * inv, base = half_to_float(minimum + r * groups, g) * inv;
       for (int v = 0; v < 16; ++v)
         table[v] = static_cast<int8_t>(std::clamp(static_cast<int32_t>(std::nearbyint(std::fma(float(v), step, base))), -128, 127));
-      for (int64_t k = g * group_size; k < (g + 1) * group_size; k += kBlock)
+      for (int64_t k = g * group_size; k < (g + 1) * group_size; k += kBlock) {
+#if SC_AVX2
+        const __m256i lookup = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(table)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * K + k), _mm256_shuffle_epi8(lookup, unpack_u4(row + k / 2)));
+#else
         for (int64_t i = 0; i < kBlock / 2; ++i) {
           const uint8_t byte = row[k / 2 + i];
           out[r * K + k + i] = table[byte & 0x0F];
           out[r * K + k + i + kBlock / 2] = table[byte >> 4];
         }
+#endif
+      }
     }
   }
 }
@@ -1581,37 +1587,6 @@ SC_AMX void amx_int8_blocks(std::atomic<int64_t>& next, int64_t blocks, const in
   _tile_release();
 }
 
-// 32 rows of 4-bit weights -> int8 rows with one scale each (c): the 16 values a group can take,
-// rescaled to the row's int8 grid, become a table that one byte shuffle looks 32 weights up in.
-SC_AVX512 void int4_rows_to_int8(const uint8_t* w, const c10::Half* scale, const c10::Half* minimum, int64_t K,
-                              int64_t group_size, int8_t* out, float* c) {
-  const int64_t groups = K / group_size;
-  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m256i low_nibbles = _mm256_set1_epi8(0x0F);
-  for (int64_t r = 0; r < 32; ++r) {
-    const uint16_t* s = reinterpret_cast<const uint16_t*>(scale + r * groups);
-    const uint16_t* mn = reinterpret_cast<const uint16_t*>(minimum + r * groups);
-    float bound = 0.f;  // the largest |w| the row can hold
-    for (int64_t g = 0; g < groups; ++g) {
-      const float lo = _cvtsh_ss(mn[g]), hi = lo + 15.f * _cvtsh_ss(s[g]);
-      bound = std::max(bound, std::max(std::fabs(lo), std::fabs(hi)));
-    }
-    const float inv = bound > 0.f ? 127.f / bound : 0.f;
-    c[r] = bound / 127.f;
-    const uint8_t* row = w + r * (K / 2);
-    int8_t* o = out + r * K;
-    for (int64_t g = 0; g < groups; ++g) {
-      const __m512 values = _mm512_fmadd_ps(iota, _mm512_set1_ps(_cvtsh_ss(s[g]) * inv), _mm512_set1_ps(_cvtsh_ss(mn[g]) * inv));
-      const __m256i table = _mm256_broadcastsi128_si256(_mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(values)));
-      for (int64_t k = g * group_size; k < (g + 1) * group_size; k += 32) {
-        const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2));
-        const __m256i index = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low_nibbles);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + k), _mm256_shuffle_epi8(table, index));
-      }
-    }
-  }
-}
-
 template <typename T>
 SC_AMX void amx_int4_blocks(std::atomic<int64_t>& next, int64_t blocks, const int8_t* xp, const float* sx, int64_t M,
                             const uint8_t* w, const c10::Half* scale, const c10::Half* minimum, int64_t group_size,
@@ -1622,7 +1597,7 @@ SC_AMX void amx_int4_blocks(std::atomic<int64_t>& next, int64_t blocks, const in
   load_tile_config();
   for (int64_t nb; (nb = next.fetch_add(1)) < blocks;) {
     int4_rows_to_int8(w + nb * 32 * (K / 2), scale + nb * 32 * groups, minimum + nb * 32 * groups, K, group_size,
-                      rows.data(), c);
+                      32, rows.data(), c);
     amx_weight_block(rows.data(), K, c, b, nb * 32, xp, sx, M, N, K, y);
   }
   _tile_release();
@@ -1724,7 +1699,7 @@ SC_VNNI void vnni_int4_blocks(std::atomic<int64_t>& next, int64_t blocks, const 
   const int64_t groups = K / group_size;
   for (int64_t nb; (nb = next.fetch_add(1)) < blocks;) {
     int4_rows_to_int8(w + nb * 32 * (K / 2), scale + nb * 32 * groups, minimum + nb * 32 * groups, K, group_size,
-                      rows.data(), c);
+                      32, rows.data(), c);
     for (int64_t part = 0; part < 4; ++part)
       vnni_weight_block(rows.data() + part * 8 * K, K, c + part * 8, b, nb * 32 + part * 8, xp, sx, M, N, K, y);
   }
@@ -1849,8 +1824,8 @@ torch::Tensor prompt_int4_linear(const torch::Tensor& x, const torch::Tensor& we
     const int64_t groups = K / group_size;
     std::vector<float> grid(N);  // each output channel's int8 scale, set as its rows are converted
     auto rows = [&](int64_t n0, int64_t count, int8_t* out) {
-      int4_rows_to_int8_portable(w + n0 * (K / 2), s + n0 * groups, mn + n0 * groups, K, group_size, count, out,
-                                 grid.data() + n0);
+      int4_rows_to_int8(w + n0 * (K / 2), s + n0 * groups, mn + n0 * groups, K, group_size, count, out,
+                        grid.data() + n0);
     };
     if (x.scalar_type() == torch::kBFloat16) avx2_prompt_gemm(x, N, grid.data(), bp, rows, y.data_ptr<c10::BFloat16>());
     else avx2_prompt_gemm(x, N, grid.data(), bp, rows, y.data_ptr<float>());
