@@ -1403,10 +1403,14 @@ int64_t read_bytes(const torch::Tensor& data) {
     __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
     const __m256i zero = _mm256_setzero_si256();
     int64_t i = begin;
-    for (; i + 4 <= end; i += 4)
+    // Prefetched as the decode loops are, so this ceiling is read the way they read.
+    for (; i + 4 <= end; i += 4) {
+      prefetch_ahead(p + i * 32);
+      prefetch_ahead(p + i * 32 + 64);
       for (int j = 0; j < 4; ++j)
         acc[j] = _mm256_add_epi64(acc[j], _mm256_sad_epu8(
             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + (i + j) * 32)), zero));
+    }
     for (; i < end; ++i)
       acc[0] = _mm256_add_epi64(acc[0], _mm256_sad_epu8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i * 32)), zero));
     const __m256i sum = _mm256_add_epi64(_mm256_add_epi64(acc[0], acc[1]), _mm256_add_epi64(acc[2], acc[3]));
