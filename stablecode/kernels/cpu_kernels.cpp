@@ -559,9 +559,11 @@ void int4_linear_impl(const RowQuantized& a, const torch::Tensor& weight, const 
   if (M == 1 && group_size == 64) {
     // Per 128 values (two groups, 64 bytes): the activations of their low nibbles, then of their
     // high ones; byte b of 64 is value (b / 32)·64 + (b % 32 / 16)·32 + b % 16, and that plus 16.
-    std::vector<int8_t> permuted(vnni ? K : 0);
-    for (int64_t base = 0; base < (vnni ? K : 0); base += 128)
-      for (int64_t b = 0; b < 64 && base + (b / 32) * 64 < K; ++b) {
+    // Only whole runs of 8 groups take this path (the rest read xq in its natural order).
+    const int64_t paired = vnni ? K / 512 * 512 : 0;
+    std::vector<int8_t> permuted(paired);
+    for (int64_t base = 0; base < paired; base += 128)
+      for (int64_t b = 0; b < 64; ++b) {
         const int64_t v = base + (b / 32) * 64 + (b % 32 / 16) * 32 + b % 16;
         permuted[base + b] = xq[v], permuted[base + 64 + b] = xq[v + 16];
       }
