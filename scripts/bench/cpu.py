@@ -375,6 +375,10 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="only print the table of --work/results.json")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="decode measurements per engine (median); one prefill")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the engine list this many times in turn; figures are medians over rounds and "
+                             "each ratio the median of the ratios within a round (this VM's speed drifts by tens "
+                             "of percent over minutes, so engines compared should run close in time)")
     parser.add_argument("--long-prompt-tokens", type=int, default=2000)
     parser.add_argument("--edits", type=int, default=20)
     parser.add_argument("--edits-without-reuse", type=int, default=20)
@@ -418,10 +422,11 @@ def main() -> None:
     if args.llamacpp:
         for q in ("q8_0", "q4_0", "bf16"):
             where[f"llamacpp-{q}"] = ("llamacpp", args.llamacpp / f"model-{q}.gguf")
-    for engine in engines:
-        if engine not in where:
-            print(f"{engine}: not available in this run (llama.cpp needs --llamacpp)", file=sys.stderr)
-            continue
+    missing = [e for e in engines if e not in where]
+    for engine in missing:
+        print(f"{engine}: not available in this run (llama.cpp needs --llamacpp)", file=sys.stderr)
+    rounds: dict[str, list[dict]] = {}
+    for round_number, engine in [(r, e) for r in range(args.rounds) for e in engines if e in where]:
         kind, model = where[engine]
         if not model.exists():
             continue
@@ -434,8 +439,12 @@ def main() -> None:
         env = None
         if kind == "torch":  # our layers on PyTorch's weight-only kernels (the prefill path is the same)
             env = {"STABLECODE_KERNELS": "torch"}
-        results[engine] = run_worker(kind, model, args, extra, env, name=engine)
-        print(engine, results[engine], file=sys.stderr, flush=True)
+        name = engine if args.rounds == 1 else f"{engine}-round{round_number + 1}"
+        result = run_worker(kind, model, args, extra, env, name=name)
+        print(name, result, file=sys.stderr, flush=True)
+        if result is not None:
+            rounds.setdefault(engine, []).append(result)
+            results[engine] = merge_rounds(rounds[engine])
         (args.work / "results.json").write_text(json.dumps(results, indent=2))
     skip = set(args.skip.split(","))
     if "prefix" not in skip:
@@ -454,6 +463,20 @@ def main() -> None:
             "--code-prompts", str(args.code_prompts), "--code-prompt-tokens", str(args.code_prompt_tokens)])
     (args.work / "results.json").write_text(json.dumps(results, indent=2))
     print(report(json.loads(json.dumps(results))))  # as read back: prefill lengths are strings
+
+
+def merge_rounds(runs: list[dict]) -> dict:
+    """One engine's rounds as one result: median times and rates, the largest RSS, every round kept."""
+    if len(runs) == 1:
+        return runs[0]
+    merged = dict(runs[0])
+    merged["prefill_s"] = {n: statistics.median(r["prefill_s"][n] for r in runs) for n in runs[0]["prefill_s"]}
+    merged["decode_tok_s"] = statistics.median(r["decode_tok_s"] for r in runs)
+    merged["load_s"] = statistics.median(r["load_s"] for r in runs)
+    rss = [r["peak_rss"] for r in runs if r.get("peak_rss")]
+    merged["peak_rss"] = max(rss) if rss else None
+    merged["rounds"] = [{"prefill_s": r["prefill_s"], "decode_tok_s": r["decode_tok_s"]} for r in runs]
+    return merged
 
 
 def linear_params(checkpoint: Path) -> int:
@@ -583,9 +606,17 @@ def ratios(results: dict, lengths: list[int], context: int) -> list[str]:
         a, b = results.get(ours), results.get(peer)
         if not (a and b):
             continue
-        cells = [f"prefill {n}: {b['prefill_s'][str(n)] / a['prefill_s'][str(n)]:.2f}x" for n in lengths
-                 if str(n) in a["prefill_s"] and str(n) in b["prefill_s"]]
-        cells.append(f"decode: {a['decode_tok_s'] / b['decode_tok_s']:.2f}x")
+        # Within a round the two engines ran minutes apart: the ratio is taken there, then the median.
+        paired = list(zip(a.get("rounds", [a]), b.get("rounds", [b])))
+
+        def ratio(of) -> str:
+            values = sorted(of(x, y) for x, y in paired)
+            spread = f" (rounds {values[0]:.2f}-{values[-1]:.2f})" if len(values) > 1 else ""
+            return f"{statistics.median(values):.2f}x{spread}"
+
+        cells = [f"prefill {n}: " + ratio(lambda x, y: y["prefill_s"][str(n)] / x["prefill_s"][str(n)])
+                 for n in lengths if str(n) in a["prefill_s"] and str(n) in b["prefill_s"]]
+        cells.append("decode: " + ratio(lambda x, y: x["decode_tok_s"] / y["decode_tok_s"]))
         lines.append(f"{ours} vs {peer}: " + ", ".join(cells))
     return ([""] + lines) if lines else []
 
