@@ -90,6 +90,11 @@ inline void prefetch_ahead(const void* p) {
 #endif
 }
 
+// The same for every cache line of bytes [p, p + bytes).
+inline void prefetch_span_ahead(const void* p, int64_t bytes) {
+  for (int64_t offset = 0; offset < bytes; offset += 64) prefetch_ahead(static_cast<const char*>(p) + offset);
+}
+
 float to_float(const float* p, int64_t i) { return p[i]; }
 float to_float(const c10::BFloat16* p, int64_t i) { return static_cast<float>(p[i]); }
 
@@ -748,6 +753,7 @@ void weighted_values(const float* p, const T* v, int64_t stride, int64_t length,
   __m256 acc[CHUNKS];
   for (int c = 0; c < CHUNKS; ++c) acc[c] = _mm256_setzero_ps();
   for (int64_t j = 0; j < length; ++j) {
+    prefetch_span_ahead(v + j * stride, CHUNKS * 8 * sizeof(T));
     const __m256 pj = _mm256_set1_ps(p[j]);
     for (int c = 0; c < CHUNKS; ++c) acc[c] = _mm256_fmadd_ps(pj, load8(v + j * stride + 8 * c), acc[c]);
   }
@@ -789,6 +795,7 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k, const
 #if SC_AVX2
       __m256 top = _mm256_set1_ps(-INFINITY);
       for (; j + 8 <= length; j += 8) {
+        prefetch_span_ahead(keys + j * k.stride(2), 8 * k.stride(2) * sizeof(T));
         const __m256 s = dot_rows8(query.data(), keys + j * k.stride(2), k.stride(2), D);
         _mm256_storeu_ps(scores.data() + j, s);
         top = _mm256_max_ps(top, s);
