@@ -29,6 +29,7 @@ RECIPE = ("scripts/nano/corpus.sh && scripts/nano/train.sh --foreground && "
           "python scripts/nano/export.py --run ~/.cache/stablecode/runs/nano-fim "
           "--require-better ~/.cache/stablecode/corpus/tree/heldout && "
           "RUN=nano-wide CONFIG=configs/nano-wide.json scripts/nano/train.sh --foreground && "
+          "RUN=nano-wide CONFIG=configs/nano-wide.json scripts/nano/train.sh --foreground --max-steps 12000 --lr 0.0004 && "
           "python scripts/nano/export.py --run ~/.cache/stablecode/runs/nano-wide "
           "--require-better ~/.cache/stablecode/corpus/tree/heldout && scripts/nano/evaluate.sh")
 
