@@ -175,6 +175,25 @@ def generate(completer, prompts: list[str], batch: int, **options) -> list[str]:
     return texts
 
 
+def line_reproduction(completer, sources: list[tuple[str, str]], count: int, where: str, exact, shipped) -> dict:
+    """Reproduction figures of the predicted next line and of a 128-token continuation, on lines
+    sampled from `sources`."""
+    from stablecode.eval.lines import sample_lines
+
+    examples = sample_lines(sources, count)
+    texts = generate(completer, [e.prompt for e in examples], 16, max_new_tokens=128)
+    return {"source": f"lines sampled from {where} (stablecode.eval.lines.sample_lines)",
+            "next_line": reproduction([t.lstrip("\n").split("\n")[0] for t in texts], exact, shipped),
+            "128_tokens": reproduction(texts, exact, shipped)}
+
+
+def write_results(results: dict, json_out: Path | None) -> None:
+    results["load_average_at_end"] = os.getloadavg()
+    print(json.dumps(results, indent=1))
+    if json_out:
+        json_out.write_text(json.dumps(results, indent=1) + "\n")
+
+
 def completions_against_index(args) -> None:
     """The completion figures of main(), against a prebuilt index (see the module's docstring)."""
     import torch
@@ -182,7 +201,7 @@ def completions_against_index(args) -> None:
 
     from stablecode.api import Completer
     from stablecode.attribution import Attributor
-    from stablecode.eval.lines import collect_sources, sample_lines
+    from stablecode.eval.lines import collect_sources
 
     torch.set_num_threads(2)
     rng = random.Random(0)
@@ -197,17 +216,9 @@ def completions_against_index(args) -> None:
     training = [content for _, _, content in read_corpus(args.data, None)]
     results["control_training_excerpts"] = reproduction(excerpts(training, 50, 200, rng), index, index)
     if args.heldout_dir:
-        examples = sample_lines(collect_sources([args.heldout_dir]), args.lines)
-        texts = generate(completer, [e.prompt for e in examples], 16, max_new_tokens=128)
-        results["line_completion"] = {
-            "source": f"lines sampled from {args.heldout_dir} (stablecode.eval.lines.sample_lines)",
-            "next_line": reproduction([t.lstrip("\n").split("\n")[0] for t in texts], index, index),
-            "128_tokens": reproduction(texts, index, index),
-        }
-    results["load_average_at_end"] = os.getloadavg()
-    print(json.dumps(results, indent=1))
-    if args.json_out:
-        args.json_out.write_text(json.dumps(results, indent=1) + "\n")
+        results["line_completion"] = line_reproduction(completer, collect_sources([args.heldout_dir]), args.lines,
+                                                       str(args.heldout_dir), index, index)
+    write_results(results, args.json_out)
 
 
 def main() -> None:
@@ -318,19 +329,10 @@ def main() -> None:
                 results["control_training_excerpts"] = reproduction(
                     excerpts([c for _, _, c in indexed], 50, 200, rng), exact, attributor)
                 if held_out:
-                    from stablecode.eval.lines import sample_lines
-
-                    examples = sample_lines([(k, c) for _, k, c in held_out if k.endswith(".py")], args.lines)
-                    texts = generate(completer, [e.prompt for e in examples], 16, max_new_tokens=128)
-                    results["line_completion"] = {
-                        "source": "lines sampled from the held-out files (stablecode.eval.lines.sample_lines)",
-                        "next_line": reproduction([t.lstrip("\n").split("\n")[0] for t in texts], exact, attributor),
-                        "128_tokens": reproduction(texts, exact, attributor),
-                    }
-    results["load_average_at_end"] = os.getloadavg()
-    print(json.dumps(results, indent=1))
-    if args.json_out:
-        args.json_out.write_text(json.dumps(results, indent=1) + "\n")
+                    results["line_completion"] = line_reproduction(
+                        completer, [(k, c) for _, k, c in held_out if k.endswith(".py")], args.lines,
+                        "the held-out files", exact, attributor)
+    write_results(results, args.json_out)
 
 
 if __name__ == "__main__":
