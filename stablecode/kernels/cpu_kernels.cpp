@@ -997,6 +997,29 @@ void int4_rows_to_int8(const uint8_t* w, const c10::Half* scale, const c10::Half
   }
 }
 
+// The bias as fp32 for the kernels' epilogues. A bf16 bias is widened here, in one loop, rather than
+// by a `.to()` per call: that costs a tensor allocation and an operator dispatch on every linear.
+class FloatBias {
+ public:
+  explicit FloatBias(const c10::optional<torch::Tensor>& bias) {
+    if (!bias.has_value() || !bias->defined()) return;
+    if (bias->scalar_type() == torch::kFloat32 && bias->is_contiguous()) {
+      borrowed_ = bias->data_ptr<float>();
+    } else if (bias->scalar_type() == torch::kBFloat16 && bias->is_contiguous()) {
+      const c10::BFloat16* b = bias->data_ptr<c10::BFloat16>();
+      widened_.assign(b, b + bias->numel());
+    } else {
+      const torch::Tensor b = bias->to(torch::kFloat32).contiguous();
+      widened_.assign(b.data_ptr<float>(), b.data_ptr<float>() + b.numel());
+    }
+  }
+  const float* data() const { return borrowed_ ? borrowed_ : (widened_.empty() ? nullptr : widened_.data()); }
+
+ private:
+  const float* borrowed_ = nullptr;
+  std::vector<float> widened_;
+};
+
 // ---- entry points -----------------------------------------------------------------------------
 
 void check_common(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias,
@@ -1024,8 +1047,8 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& weight, c
   const bool vnni = isa.empty() ? vnni_available() : isa == "avx512-vnni";
   const RowQuantized a = quantize_rows(x);
   torch::Tensor out = torch::empty({x.size(0), weight.size(0)}, x.options());
-  const torch::Tensor b = bias.has_value() ? bias->to(torch::kFloat32).contiguous() : torch::Tensor();
-  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  const FloatBias b(bias);
+  const float* bp = b.data();
   if (x.scalar_type() == torch::kBFloat16) int8_linear_impl<c10::BFloat16>(a, weight, scale, bp, vnni, out);
   else int8_linear_impl<float>(a, weight, scale, bp, vnni, out);
   return out;
@@ -1047,8 +1070,8 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& weight, c
   const bool vnni = isa.empty() ? vnni_available() : isa == "avx512-vnni";
   const RowQuantized a = quantize_rows(x);
   torch::Tensor out = torch::empty({x.size(0), weight.size(0)}, x.options());
-  const torch::Tensor b = bias.has_value() ? bias->to(torch::kFloat32).contiguous() : torch::Tensor();
-  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  const FloatBias b(bias);
+  const float* bp = b.data();
   if (x.scalar_type() == torch::kBFloat16) int4_linear_impl<c10::BFloat16>(a, weight, scale, minimum, group_size, bp, vnni, out);
   else int4_linear_impl<float>(a, weight, scale, minimum, group_size, bp, vnni, out);
   return out;
@@ -1181,8 +1204,8 @@ void bf16_linear_dpbf16(const torch::Tensor& x, const torch::Tensor& weight, con
                         torch::Tensor& out) {
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   const torch::Tensor xc = x.contiguous();
-  const torch::Tensor b = bias.defined() ? bias.to(torch::kFloat32).contiguous() : torch::Tensor();
-  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  const FloatBias b(bias.defined() ? c10::optional<torch::Tensor>(bias) : c10::nullopt);
+  const float* bp = b.data();
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<c10::BFloat16>());
   const uint16_t* w = reinterpret_cast<const uint16_t*>(weight.data_ptr<c10::BFloat16>());
   T* y = out.data_ptr<T>();
@@ -1786,10 +1809,6 @@ void check_prompt(const torch::Tensor& x, int64_t N, const c10::optional<torch::
   TORCH_CHECK(!bias.has_value() || bias->numel() == N, "bias has the wrong shape");
 }
 
-torch::Tensor float_bias(const c10::optional<torch::Tensor>& bias) {
-  return bias.has_value() ? bias->to(torch::kFloat32).contiguous() : torch::Tensor();
-}
-
 torch::Tensor prompt_int8_linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scale,
                                  const c10::optional<torch::Tensor>& bias, const std::string& isa) {
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
@@ -1801,8 +1820,8 @@ torch::Tensor prompt_int8_linear(const torch::Tensor& x, const torch::Tensor& we
   const std::string kernel = prompt_kernel(isa);
   const bool amx = kernel == "amx";
   torch::Tensor y = torch::empty({M, N}, x.options());
-  const torch::Tensor b = float_bias(bias);
-  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  const FloatBias b(bias);
+  const float* bp = b.data();
   const int8_t* w = weight.data_ptr<int8_t>();
 #if SC_AVX2
   if (kernel == "avx2") {
@@ -1849,8 +1868,8 @@ torch::Tensor prompt_int4_linear(const torch::Tensor& x, const torch::Tensor& we
   const std::string kernel = prompt_kernel(isa);
   const bool amx = kernel == "amx";
   torch::Tensor y = torch::empty({M, N}, x.options());
-  const torch::Tensor b = float_bias(bias);
-  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  const FloatBias b(bias);
+  const float* bp = b.data();
   const uint8_t* w = weight.data_ptr<uint8_t>();
   const c10::Half* s = scale.data_ptr<c10::Half>();
   const c10::Half* mn = minimum.data_ptr<c10::Half>();

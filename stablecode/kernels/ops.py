@@ -1,8 +1,9 @@
 """The compiled kernels as torch custom ops, when each one applies, and `attention()`.
 
 A pybind function is opaque to torch.compile, an op with a shape function is not, so a compiled
-decode step keeps these kernels and fuses the small ops between them. Eager calls pay a few
-microseconds of dispatch per call.
+decode step keeps these kernels and fuses the small ops between them. Eager calls skip the custom
+op's Python dispatch and call the extension directly (`_kernel_op`): a 3B decode step makes about
+160 of them.
 
 Every `use_*` check asks only whether this process has already loaded the kernels
 (`build.loaded()`): choosing a path never starts a build and never waits for one.
@@ -10,6 +11,7 @@ Every `use_*` check asks only whether this process has already loaded the kernel
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -28,21 +30,38 @@ def _library():
     return library
 
 
-@torch.library.custom_op("stablecode::int8_linear", mutates_args=())
+def _kernel_op(kernel):
+    """Register `kernel` (a call into the extension) as the custom op stablecode::<name>, for
+    torch.compile; eager calls run `kernel` itself. Where autograd would need the op (an input that
+    requires grad), the op answers, and says it has no backward."""
+    op = torch.library.custom_op(f"stablecode::{kernel.__name__}", mutates_args=())(kernel)
+
+    @functools.wraps(kernel)
+    def call(*args, **kwargs):
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
+                isinstance(a, torch.Tensor) and a.requires_grad for a in (*args, *kwargs.values()))):
+            return op(*args, **kwargs)
+        return kernel(*args, **kwargs)
+
+    call.register_fake = op.register_fake
+    return call
+
+
+@_kernel_op
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                 bias: Optional[torch.Tensor]) -> torch.Tensor:
     """x [M, K] fp32/bf16 @ (scale[n] * weight[n, k]).T + bias, activations quantized to int8 per 32."""
     return _library().int8_linear(x, weight, scale, bias)
 
 
-@torch.library.custom_op("stablecode::int4_linear", mutates_args=())
+@_kernel_op
 def int4_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
                 group_size: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """x [M, K] @ the 4-bit weight's dequantized transpose + bias."""
     return _library().int4_linear(x, weight, scale, minimum, group_size, bias)
 
 
-@torch.library.custom_op("stablecode::bf16_linear", mutates_args=())
+@_kernel_op
 def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """x [M, K] @ weight.T + bias for a bf16 weight, accumulated in fp32."""
     return _library().bf16_linear(x, weight, bias)
@@ -59,7 +78,7 @@ def _int4_linear_shape(x, weight, scale, minimum, group_size, bias):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-@torch.library.custom_op("stablecode::prompt_int8_linear", mutates_args=())
+@_kernel_op
 def prompt_int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                        bias: Optional[torch.Tensor]) -> torch.Tensor:
     """x [M, K] @ (scale[n] * weight[n, k]).T + bias for many rows: x quantized to int8 per row, int8 x int8
@@ -67,7 +86,7 @@ def prompt_int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     return _library().prompt_int8_linear(x, weight, scale, bias)
 
 
-@torch.library.custom_op("stablecode::prompt_int4_linear", mutates_args=())
+@_kernel_op
 def prompt_int4_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
                        group_size: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """As prompt_int8_linear for a 4-bit weight (converted to int8 per 32 output channels on the fly)."""
@@ -84,7 +103,7 @@ def _prompt_int4_linear_shape(x, weight, scale, minimum, group_size, bias):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-@torch.library.custom_op("stablecode::decode_attention", mutates_args=())
+@_kernel_op
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: Optional[torch.Tensor] = None,
                      lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
     """softmax(q kᵀ / √D) v for one query per row and head: q [B, H, 1, D], k and v [R, H, L, D].
@@ -98,7 +117,7 @@ def _decode_attention_shape(q, k, v, rows=None, lengths=None):
     return q.new_empty(q.shape)
 
 
-@torch.library.custom_op("stablecode::prefill_attention", mutates_args=())
+@_kernel_op
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
     """Causal attention of queries at positions start..start+T-1, q [B, H, T, D], over keys and values
     [R, H, L, D] filled from slot 0 (cache rows 0..B-1): flash-style, bf16 products, no [T, L] scores."""

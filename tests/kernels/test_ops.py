@@ -113,6 +113,34 @@ def test_kernels_without_bias_and_with_zero_input(ext):
     assert torch.allclose(ext.int4_linear(x, packed, s4, m4, 32, None).double(), expected, atol=1e-5)
 
 
+def test_a_bf16_bias_gives_the_bits_of_its_fp32_copy(ext):
+    """The kernels widen a bf16 bias themselves: the result is that of its fp32 copy."""
+    torch.manual_seed(5)
+    w, x = torch.randn(64, 128), torch.randn(3, 128).bfloat16()
+    q, scale = Q.quantize_int8(w)
+    packed, s4, m4 = Q.quantize_int4(w, 64)
+    bias = torch.randn(64).bfloat16()
+    for call in (lambda b: ext.int8_linear(x, q, scale, b), lambda b: ext.int4_linear(x, packed, s4, m4, 64, b),
+                 lambda b: ext.prompt_int8_linear(torch.randn(40, 128).bfloat16(), q, scale, b)
+                 if ext.prompt_isa() else torch.zeros(1)):
+        torch.manual_seed(6)
+        expected = call(bias.float())
+        torch.manual_seed(6)
+        assert torch.equal(call(bias), expected)
+
+
+def test_eager_calls_give_what_the_custom_ops_give(ext):
+    """Eager calls go straight to the extension; the registered op (what torch.compile sees) agrees,
+    and stands in where an input requires grad, which it refuses to differentiate."""
+    torch.manual_seed(7)
+    w, b, x = torch.randn(64, 128), torch.randn(64).bfloat16(), torch.randn(2, 128).bfloat16()
+    packed, s4, m4 = Q.quantize_int4(w, 64)
+    direct = ops.int4_linear(x, packed, s4, m4, 64, b)
+    assert torch.equal(direct, torch.ops.stablecode.int4_linear(x, packed, s4, m4, 64, b))
+    wanting_grad = x.float().requires_grad_()
+    with pytest.raises(RuntimeError, match="(?i)autograd"):
+        ops.int4_linear(wanting_grad, packed, s4, m4, 64, b).sum().backward()
+
 def bf16_isas(ext):
     return ["avx2"] + (["avx512-bf16"] if ext.bf16_attention_available() else [])
 
