@@ -2,7 +2,7 @@
 
 Same config, same weights, batch, sequence length and threads; forward + cross-entropy + backward +
 AdamW step. stablecode's step is the one `stablecode train` runs: bf16 autocast, fused AdamW and,
-with --compile, torch.compile of the model. transformers runs eagerly with the same precision and
+with --compile, torch.compile of the model and its loss together (`next_token_loss`). transformers runs eagerly with the same precision and
 optimizer (and compiled too with --compile-transformers). The engines alternate step by step so
 machine noise hits them alike. Prints the CPU, the measured bf16/fp32 GEMM peaks, tokens/s of each,
 model FLOPs utilisation against the peak of the precision used, and the ratio.
@@ -24,7 +24,7 @@ from stablecode.checkpoint import hf_state_dict
 from stablecode.config import ModelConfig
 from stablecode.machine import describe_cpu
 from stablecode.model import GPTNeoX, init_weights
-from stablecode.train.loop import measure_peak_flops, training_flops_per_token
+from stablecode.train.loop import measure_peak_flops, next_token_loss, training_flops_per_token
 
 
 def main() -> None:
@@ -57,13 +57,11 @@ def main() -> None:
                            strict=False)
     data = torch.randint(0, config.vocab_size, (args.batch, args.seq_len + 1))
     inputs, targets = data[:, :-1], data[:, 1:]
-    forward_ours = torch.compile(ours) if args.compile else ours
+    loss_ours = torch.compile(next_token_loss) if args.compile else next_token_loss
     forward_theirs = torch.compile(theirs) if args.compile_transformers else theirs
 
     def step_ours():
-        with autocast:
-            logits = forward_ours(inputs)
-        F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()).backward()
+        loss_ours(ours, inputs, targets, args.precision == "bf16").backward()
 
     def step_theirs():
         with autocast:

@@ -261,7 +261,10 @@ def train(config: TrainConfig, train_data=None, validation_data=None, progress: 
     else:
         fused = config.fused_optimizer and ctx.tp_size == 1
         optimizer = torch.optim.AdamW(groups, **adam, **({"fused": True} if fused else {}))
-    forward = torch.compile(model) if config.compile else model
+    # Compiled whole, the loss joins the model's graph: the fp32 logits and their log-softmax are
+    # never written out in full, in the forward pass or the backward.
+    loss_of = torch.compile(next_token_loss) if config.compile else next_token_loss
+    bf16 = config.precision == "bf16"
 
     tokenizer_file = config.tokenizer or _pack_tokenizer(config)
     history = {"step": [], "loss": [], "lr": [], "grad_norm": [], "tokens_per_s": [], "mfu": [],
@@ -296,8 +299,6 @@ def train(config: TrainConfig, train_data=None, validation_data=None, progress: 
 
     global_batch = config.micro_batch_size * config.grad_accum_steps * ctx.dp_size
     sampler = BatchSampler(len(train_data), global_batch, config.seed)
-    autocast = (torch.autocast(ctx.device.type, dtype=torch.bfloat16) if config.precision == "bf16"
-                else contextlib.nullcontext())
     flops_per_token = training_flops_per_token(model_config, seq_len)
     peak = config.peak_tflops * 1e12 if config.peak_tflops else measure_peak_flops(
         ctx.device, torch.bfloat16 if config.precision == "bf16" else torch.float32)
@@ -323,9 +324,7 @@ def train(config: TrainConfig, train_data=None, validation_data=None, progress: 
             sync = (contextlib.nullcontext() if micro == config.grad_accum_steps - 1 or not hasattr(model, "no_sync")
                     else model.no_sync())
             with sync:
-                with autocast:
-                    logits = forward(inputs)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+                loss = loss_of(model, inputs, targets, bf16)
                 (loss / config.grad_accum_steps).backward()
             loss_sum += loss.detach()
         grad_norm = clip_gradients(list(model.parameters()), config.grad_clip)
@@ -358,7 +357,7 @@ def train(config: TrainConfig, train_data=None, validation_data=None, progress: 
             out_of_time = bool(flag.item())
         last = step + 1 == config.max_steps or out_of_time
         if validation_data is not None and ((step + 1) % config.eval_every == 0 or last):
-            val_loss = evaluate(forward, validation_data, config, ctx, autocast)
+            val_loss = evaluate(model, validation_data, config, ctx)
             history["val_step"].append(step + 1)
             history["val_loss"].append(val_loss)
             if ctx.is_main:
@@ -382,17 +381,24 @@ def train(config: TrainConfig, train_data=None, validation_data=None, progress: 
     return history
 
 
+def next_token_loss(model, inputs: torch.Tensor, targets: torch.Tensor, bf16: bool,
+                    reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of model(inputs) against targets: the model under bf16 autocast when `bf16`,
+    the softmax in fp32."""
+    with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(inputs)
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
+
+
 @torch.no_grad()
-def evaluate(model, dataset, config: TrainConfig, ctx: Distributed, autocast) -> float:
+def evaluate(model, dataset, config: TrainConfig, ctx: Distributed) -> float:
     """Mean next-token loss over the first eval_batches × micro_batch_size validation sequences."""
     model.eval()
     count = min(len(dataset), config.eval_batches * config.micro_batch_size)
     total = torch.zeros((), device=ctx.device)
     for start in range(0, count, config.micro_batch_size):
         inputs, targets = load_batch(dataset, range(start, min(count, start + config.micro_batch_size)), ctx.device)
-        with autocast:
-            logits = model(inputs)
-        total += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+        total += next_token_loss(model, inputs, targets, config.precision == "bf16", reduction="sum")
     return float(total) / (count * (len(dataset[0]) - 1))
 
 
