@@ -30,6 +30,7 @@ RECIPE = ("scripts/nano/corpus.sh && scripts/nano/train.sh --foreground && "
           "--require-better ~/.cache/stablecode/corpus/tree/heldout && "
           "RUN=nano-wide CONFIG=configs/nano-wide.json scripts/nano/train.sh --foreground && "
           "RUN=nano-wide CONFIG=configs/nano-wide.json scripts/nano/train.sh --foreground --max-steps 12000 --lr 0.0004 && "
+          "RUN=nano-wide CONFIG=configs/nano-wide.json scripts/nano/train.sh --foreground --max-steps 17500 --lr 0.0003 && "
           "python scripts/nano/export.py --run ~/.cache/stablecode/runs/nano-wide "
           "--require-better ~/.cache/stablecode/corpus/tree/heldout && scripts/nano/evaluate.sh")
 
