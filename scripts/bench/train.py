@@ -2,8 +2,8 @@
 
 Same config, same weights, batch, sequence length and threads; forward + cross-entropy + backward +
 AdamW step. stablecode's step is the one `stablecode train` runs: bf16 autocast, fused AdamW and,
-with --compile, torch.compile of the model and its loss together (`next_token_loss`). transformers runs eagerly with the same precision and
-optimizer (and compiled too with --compile-transformers). The engines alternate step by step so
+with --compile, torch.compile of the model and its loss together (`next_token_loss`). transformers
+runs eagerly with the same precision and optimizer (and compiled too with --compile-transformers). The engines alternate step by step so
 machine noise hits them alike. Prints the CPU, the measured bf16/fp32 GEMM peaks, tokens/s of each,
 model FLOPs utilisation against the peak of the precision used, and the ratio.
 Usage: python scripts/bench/train.py [--model configs/nano/model.json] [--batch 8] [--seq-len 512]

@@ -1204,7 +1204,7 @@ void bf16_linear_dpbf16(const torch::Tensor& x, const torch::Tensor& weight, con
                         torch::Tensor& out) {
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   const torch::Tensor xc = x.contiguous();
-  const FloatBias b(bias.defined() ? c10::optional<torch::Tensor>(bias) : c10::nullopt);
+  const FloatBias b(bias);  // an undefined tensor: no bias
   const float* bp = b.data();
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<c10::BFloat16>());
   const uint16_t* w = reinterpret_cast<const uint16_t*>(weight.data_ptr<c10::BFloat16>());
