@@ -97,6 +97,27 @@ class GenerationRequest:
 class ValidPrompt:
     text: str  # as the client sent it (token-id prompts decoded), for echo / return_full_text
     ids: list[int]  # what the model is fed, already fitted to the context
+    stop: tuple[str, ...] = ()  # this prompt's own stop strings (`suffix_stop` of a FIM prompt)
+
+
+# A suffix's opening shorter than this ("}", ")", "):") is too common in ordinary code to stop at.
+MIN_SUFFIX_STOP_CHARS = 4
+
+
+def suffix_stop(suffix: str) -> str | None:
+    """Where a fill-in-the-middle answer should end when the model goes on to write the suffix again.
+
+    Small models rarely end the middle with end-of-text; they run on into a copy of the code after
+    the cursor, which the editor would then show twice. The stop is the suffix's own start, up to the
+    end of its first line with at least MIN_SUFFIX_STOP_CHARS non-blank characters (None when the
+    suffix has none), so the answer keeps its newlines exactly as the suffix expects them.
+    """
+    end = 0
+    for line in suffix.splitlines(keepends=True):
+        end += len(line)
+        if len("".join(line.split())) >= MIN_SUFFIX_STOP_CHARS:
+            return suffix[:end].rstrip("\r\n")
+    return None
 
 
 @dataclass(frozen=True)
@@ -282,7 +303,12 @@ class Validator:
             room = r.truncate
             if not self._is_psm(ids):
                 ids = ids[-r.truncate:]
-        return ValidPrompt(text=text, ids=self._fit_psm(ids, room) if self._is_psm(ids) else ids)
+        if not self._is_psm(ids):
+            return ValidPrompt(text=text, ids=ids)
+        ids = self._fit_psm(ids, room)
+        # Every way of asking for FIM (a `suffix`, sentinels in the text or in token ids) ends here.
+        stop = suffix_stop(self.tokenizer.decode(ids[ids.index(self.fim_ids[FIM_SUFFIX]) + 1:-1]))
+        return ValidPrompt(text=text, ids=ids, stop=(stop,) if stop else ())
 
     def _psm(self, prefix: list[int], suffix: list[int]) -> list[int]:
         ids = self.fim_ids

@@ -61,6 +61,27 @@ def test_continue_ollama_provider_body(fim_server):
     assert objects[-1]["done"] is True and all(not o["done"] for o in objects[:-1])
 
 
+def test_the_embedded_model_does_not_write_the_suffix_again_on_any_fim_route(one_torch_thread):
+    """Asked to fill a loop's body, the embedded model goes straight on to `return result`, the
+    code after the cursor, which the editor would then show twice: the answer ends before it."""
+    from serving import running
+    from stablecode.server import create_app
+
+    prefix = "import os\n\n\ndef python_files(path):\n    result = []\n    for name in os.listdir(path):\n"
+    suffix = "    return result\n"
+    psm = f"<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>"
+    with running(create_app("stablecode-nano", max_batch=2, max_queue=4)) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        answers = [client.completions.create(model="stablecode-nano", prompt=prefix, suffix=suffix, max_tokens=32,
+                                             temperature=0).choices[0].text,
+                   InferenceClient(server.url).text_generation(psm, max_new_tokens=32)]
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            answers.append(c.post("/api/generate", json={"prompt": prefix, "suffix": suffix, "raw": True, "stream": False,
+                                                        "options": {"temperature": 0, "num_predict": 32}}).json()["response"])
+    assert len(set(answers)) == 1
+    assert "return result" not in answers[0]
+
+
 def test_ollama_show_of_a_model_without_fim_has_no_suffix_in_its_template(client):
     show = client.post("/api/show", json={"model": "x"}).json()
     assert ".Suffix" not in show["template"] and show["details"]["family"] == "gptneox"

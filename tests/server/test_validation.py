@@ -7,7 +7,7 @@ import json
 import pytest
 
 from stablecode.server.validation import (FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, ApiError, GenerationRequest, Limits,
-                                          Validator)
+                                          Validator, suffix_stop)
 from stablecode.tokenizer import load_tokenizer
 
 
@@ -106,6 +106,29 @@ def test_a_fim_model_builds_the_psm_prompt_from_a_suffix(tokenizer):
     assert valid.prompts[0].text == "def f("
     with pytest.raises(ApiError, match="not both"):
         v.validate(GenerationRequest(prompts=[f"{FIM_PREFIX}a{FIM_SUFFIX}b{FIM_MIDDLE}"], suffix="c", max_new_tokens=4))
+
+
+@pytest.mark.parametrize("suffix, stop", [
+    ("\n\nprint(add(1, 2))\n", "\n\nprint(add(1, 2))"),  # cursor at a line's end: the newlines belong to the stop
+    ("    return result\n", "    return result"),  # cursor at a line's start: the middle keeps its newline
+    ("):\n    pass\n", "):\n    pass"),  # too short a first line: up to the next one
+    ("\r\n}\r\n", None),  # nothing long enough to tell from ordinary code
+    ("", None),
+])
+def test_a_fim_answer_stops_where_the_suffix_would_start_again(suffix, stop):
+    assert suffix_stop(suffix) == stop
+
+
+def test_every_way_of_asking_for_fim_gets_the_suffix_stop_and_plain_prompts_none(tokenizer):
+    v = validator(tokenizer, fim=True)
+    prefix, suffix = "def f(x):\n", "    return x\n"
+    psm = f"{FIM_PREFIX}{prefix}{FIM_SUFFIX}{suffix}{FIM_MIDDLE}"
+    for request in (GenerationRequest(prompts=[prefix], suffix=suffix, max_new_tokens=4),
+                    GenerationRequest(prompts=[psm], max_new_tokens=4),
+                    GenerationRequest(prompts=[tokenizer.encode(psm)], max_new_tokens=4)):
+        assert v.validate(request).prompts[0].stop == ("    return x",)
+    plain = v.validate(GenerationRequest(prompts=[prefix, psm], max_new_tokens=4, stop=["\n\n"]))
+    assert [p.stop for p in plain.prompts] == [(), ("    return x",)] and plain.stop == ("\n\n",)
 
 
 def test_a_too_long_fim_prompt_keeps_its_sentinels_and_the_code_around_the_cursor(tokenizer):
