@@ -489,8 +489,9 @@ def linear_params(checkpoint: Path) -> int:
 def measure_peaks(threads: int) -> dict:
     """GOP/s of the fastest GEMM of each kind found here (scripts/bench/gemm.py compares them all),
     at the 3B MLP shape with 512 rows: fp32 and bf16 F.linear, our int8 prompt GEMM; and the int8
-    multiply-add ceiling from registers ("int8 registers": VNNI or AVX2), the limit every int8 GEMM
-    (ours, oneDNN's, llama.cpp's) is measured against."""
+    multiply-add ceiling from registers on the instruction set our prompt GEMMs use ("int8 registers":
+    AMX tiles, VNNI or AVX2), the limit every int8 GEMM (ours, oneDNN's, llama.cpp's) is measured
+    against."""
     import torch
     import torch.nn.functional as F
 

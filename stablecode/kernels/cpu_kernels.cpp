@@ -1401,29 +1401,6 @@ int64_t int8_peak_avx2(int64_t iterations) {
 #endif
 }
 
-// (ops per second on all of torch's threads, the instruction set it used)
-std::pair<double, std::string> int8_peak(int64_t iterations, const std::string& isa) {
-  TORCH_CHECK(isa.empty() || isa == "avx2", "isa must be '' (the best this CPU has) or 'avx2'");
-  const bool vnni = vnni_available() && isa.empty();
-  const int64_t threads = at::get_num_threads();
-  std::atomic<int64_t> sink{0};
-  const auto start = std::chrono::steady_clock::now();
-  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-#if SC_AMX_BUILD
-      sink += vnni ? int8_peak_vnni(iterations) : int8_peak_avx2(iterations);
-#else
-      sink += int8_peak_avx2(iterations);
-#endif
-    }
-  });
-  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  const double ops_per_iteration = vnni ? 16.0 * 64 * 2 : 8.0 * 32 * 2;
-  if (!vnni && !SC_AVX2) return {0.0, ""};
-  return {ops_per_iteration * iterations * threads / seconds, vnni ? "avx512-vnni" : "avx2"};
-}
-
-
 // Streams `data` once and returns its byte sum: the bandwidth ceiling the kernels above aim at.
 int64_t read_bytes(const torch::Tensor& data) {
   const int64_t n = data.numel() / 32;
@@ -1660,6 +1637,30 @@ SC_AMX void amx_int4_blocks(std::atomic<int64_t>& next, int64_t blocks, const in
   }
   _tile_release();
 }
+// Four tile products a step on tiles loaded once: the AMX-INT8 multiply-add ceiling.
+SC_AMX int64_t int8_peak_amx(int64_t iterations) {
+  alignas(64) int8_t a[16 * 64], b[16 * 64];
+  for (int i = 0; i < 16 * 64; ++i) a[i] = static_cast<int8_t>(i % 7 - 3), b[i] = static_cast<int8_t>(i % 5 - 2);
+  load_tile_config();
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  _tile_loadd(4, a, 64);
+  _tile_loadd(5, b, 64);
+  _tile_loadd(6, b, 64);
+  _tile_loadd(7, a, 64);
+  for (int64_t it = 0; it < iterations; ++it) {
+    _tile_dpbssd(0, 4, 6);
+    _tile_dpbssd(1, 4, 7);
+    _tile_dpbssd(2, 5, 6);
+    _tile_dpbssd(3, 5, 7);
+  }
+  alignas(64) int32_t out[16 * 16];
+  _tile_stored(0, out, 64);
+  _tile_release();
+  return out[0] & 1;
+}
 #endif  // SC_AMX_BUILD
 
 // ---- the same on AVX-512 VNNI (no AMX): vpdpbusd ----------------------------------------------
@@ -1789,6 +1790,38 @@ std::pair<torch::Tensor, torch::Tensor> pack_activations(const torch::Tensor& x)
 std::string prompt_isa() {
   return amx_available() ? "amx" : vnni_available() ? "avx512-vnni" : SC_AVX2 ? "avx2" : "";
 }
+
+// (ops per second on all of torch's threads, the instruction set it timed). `isa` "" times the one
+// the prompt GEMMs use here (AMX tiles multiply 8x as many int8 pairs an instruction as vpdpbusd,
+// so a VNNI ceiling would understate what an AMX GEMM can reach); "" is nothing where there is none.
+std::pair<double, std::string> int8_peak(int64_t iterations, const std::string& isa) {
+  const std::string chosen = isa.empty() ? prompt_isa() : isa;
+  TORCH_CHECK(chosen.empty() || chosen == "amx" || chosen == "avx512-vnni" || chosen == "avx2",
+              "isa must be '' (the prompt GEMMs' own), 'amx', 'avx512-vnni' or 'avx2'");
+  TORCH_CHECK(chosen != "amx" || amx_available(), "this CPU has no AMX-INT8");
+  TORCH_CHECK(chosen != "avx512-vnni" || vnni_available(), "this CPU has no AVX-512 VNNI");
+  if (chosen.empty() || (chosen == "avx2" && !SC_AVX2)) return {0.0, ""};
+  const int64_t threads = at::get_num_threads();
+  std::atomic<int64_t> sink{0};
+  const auto start = std::chrono::steady_clock::now();
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+#if SC_AMX_BUILD
+      if (chosen == "amx") sink += int8_peak_amx(iterations / 16);
+      else if (chosen == "avx512-vnni") sink += int8_peak_vnni(iterations);
+      else sink += int8_peak_avx2(iterations);
+#else
+      sink += int8_peak_avx2(iterations);
+#endif
+    }
+  });
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  // per iteration: AMX 4 tile products of 16x16 outputs over 64 pairs; VNNI 16 x 64 pairs; AVX2 8 x 32
+  const double ops = chosen == "amx" ? 4.0 * 16 * 16 * 64 * 2 * (iterations / 16)
+                     : chosen == "avx512-vnni" ? 16.0 * 64 * 2 * iterations : 8.0 * 32 * 2 * iterations;
+  return {ops * threads / seconds, chosen};
+}
+
 
 // isa: "" picks the best this CPU has; "amx" or "avx512-vnni" ask for one (tests compare them).
 // The prompt GEMM to run: `isa` ("amx", "avx512-vnni", "avx2"), or by default the best this CPU has.
