@@ -61,6 +61,29 @@ def load_average() -> tuple[float, float, float]:
         return (0.0, 0.0, 0.0)
 
 
+# glibc's mallopt parameters, and the largest mmap threshold it accepts on 64-bit (HEAP_MAX_SIZE / 2).
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MAX_MMAP_THRESHOLD = 32 * 2**20
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed blocks of up to 32 MB for reuse rather than return them to the
+    kernel. A prefill allocates and frees tens of MB of activations per layer; by default each such
+    block is a fresh mmap whose every page faults on first touch, which costs more than the GELU that
+    writes it on a VM (docs/performance.md). The process keeps its peak heap instead. Returns whether
+    it applied (False off glibc)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, MAX_MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 def _torch_version(import_torch: bool) -> str | None:
     torch = sys.modules.get("torch")
     if torch is None and import_torch:

@@ -38,6 +38,7 @@ from stablecode.inference.prefix_cache import PrefixCache, common_prefix_length
 from stablecode.inference.request import Completion, Request
 from stablecode.inference.speculation import DEFAULT_DRAFT_TOKENS, draft_tokens_option, propose_draft
 from stablecode import kernels
+from stablecode.machine import keep_freed_memory
 from stablecode.kernels import DECODE_MAX_ROWS
 from stablecode.kv_cache import KVCache
 from stablecode.model import GPTNeoX
@@ -179,6 +180,7 @@ class Engine:
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb else None
         self.device = model.device
         if self.device.type == "cpu":
+            keep_freed_memory()  # prefill activations reuse freed heap instead of faulting in new pages
             # The decode attention kernel serves every pass (built once per machine, for large models).
             kernels.load_for(model.config.num_parameters, getattr(model, "quantization", None) is not None)
         self.cache: KVCache | None = None
