@@ -1,4 +1,5 @@
-"""This machine's CPU: its model, its instruction-set flags and how busy it is.
+"""This machine's CPU: its model, its instruction-set flags and how busy it is; and the one process
+setting CPU inference needs from the C library (`keep_freed_memory`).
 
 One place for what the benchmarks print beside their numbers and for what the kernel build reads
 to pick its instruction set. Torch-free: importing it imports nothing beyond the standard library.

@@ -208,7 +208,8 @@ class Engine:
                                           seed=None if r.seed is None else r.seed + j)
                 sequences.append(Request(prompt.ids, self.tokenizer, r.context_length,
                                           max_new_tokens=r.max_new_tokens, sampling=sampling,
-                                          stop_strings=r.stop + prompt.stop, device=self.device or "cpu", token_healing=True))
+                                          stop_strings=r.stop + prompt.stop, device=self.device or "cpu",
+                                          token_healing=True))
         return sequences
 
     async def events(self, submission: Submission):

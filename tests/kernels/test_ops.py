@@ -308,7 +308,7 @@ def test_the_int8_peak_probe_reports_the_instruction_set_it_timed(ext):
     assert isa == ext.prompt_isa()
     assert (ops_per_s > 1e9) == bool(isa)
     if isa == "amx":  # a tile product does 8x the pairs of a vpdpbusd: the AMX ceiling is far above VNNI's
-        amx, vnni = (max(ext.int8_peak(1_000_000, isa)[0] for _ in range(3)) for isa in ("amx", "avx512-vnni"))
+        amx, vnni = (max(ext.int8_peak(1_000_000, kind)[0] for _ in range(3)) for kind in ("amx", "avx512-vnni"))
         assert amx > 2 * vnni
     with pytest.raises(RuntimeError, match="isa must be"):
         ext.int8_peak(10, "sse")

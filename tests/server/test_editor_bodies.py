@@ -76,8 +76,9 @@ def test_the_embedded_model_does_not_write_the_suffix_again_on_any_fim_route(one
                                              temperature=0).choices[0].text,
                    InferenceClient(server.url).text_generation(psm, max_new_tokens=32)]
         with httpx.Client(base_url=server.url, timeout=60) as c:
-            answers.append(c.post("/api/generate", json={"prompt": prefix, "suffix": suffix, "raw": True, "stream": False,
-                                                        "options": {"temperature": 0, "num_predict": 32}}).json()["response"])
+            body = {"prompt": prefix, "suffix": suffix, "raw": True, "stream": False,
+                    "options": {"temperature": 0, "num_predict": 32}}
+            answers.append(c.post("/api/generate", json=body).json()["response"])
     assert len(set(answers)) == 1
     assert "return result" not in answers[0]
 
