@@ -20,6 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from stablecode import kernels
 from stablecode.checkpoint import hf_state_dict
 from stablecode.config import ModelConfig
 from stablecode.machine import describe_cpu
@@ -44,6 +45,8 @@ def main() -> None:
     config = (ModelConfig.from_json_file(args.model) if args.model.endswith(".json")
               else ModelConfig.from_preset(args.model))
     print(f"CPU: {describe_cpu()}")
+    kernels.load()  # as training does: the training attention kernel where the CPU has AVX-512
+    print(f"attention in training: {'stablecode kernel' if kernels.train_attention_available() else 'SDPA'}")
     peaks = {name: measure_peak_flops(torch.device("cpu"), dtype) for name, dtype in
              (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     print("measured GEMM peak (1024^3 matmul, %d threads): fp32 %.0f GFLOP/s, bf16 %.0f GFLOP/s"

@@ -1366,6 +1366,313 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k, 
 #endif
 }
 
+// ---- causal self-attention for training: forward with its log-sum-exp, and backward -------------
+// SDPA's CPU flash kernel runs small heads (the embedded model's 32 dims) far below the FMA rate and
+// decides the training step. Here one (batch, head) is one task: its q, k, v (and out, grad_out) are
+// staged once as fp32 rows [T, D], keys and values also as columns [D, Tp] (Tp: T rounded up to the
+// block), so that every product is C[i, :] += a(i, k) · B[k, :] over 16-float vectors. Blocks of
+// 64 queries × 64 keys with an online softmax; the backward recomputes each block's probabilities
+// from the saved log-sum-exp (FlashAttention-2's scheme), so no [T, T] matrix is ever held.
+#if SC_AMX_BUILD
+bool avx512_available() {
+  static const bool ready = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    return (b & (1u << 16)) && (b & (1u << 30)) && (b & (1u << 17)) && (b & (1u << 31));  // F BW DQ VL
+  }();
+  return ready;
+}
+
+constexpr int64_t kAttnBlock = 64;
+
+// e^x on 16 lanes for x <= 0: 2^n · p(f) with a degree-7 polynomial, scaled by vscalefps.
+SC_AVX512 inline __m512 exp16_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+  f = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), f);
+  __m512 p = _mm512_set1_ps(1.0f / 5040);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 720));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// C[r, :] += Σ_k A(r, k) · B[k, :] for R rows, B's rows 16·NV floats, A(r, k) = a[r·a_row + k·a_col].
+template <int NV, int R>
+SC_AVX512 inline void gemm_rows(float* c, int64_t ldc, const float* a, int64_t a_row, int64_t a_col,
+                                const float* b, int64_t ldb, int64_t K) {
+  __m512 acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_loadu_ps(c + r * ldc + 16 * v);
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b + k * ldb + 16 * v);
+    for (int r = 0; r < R; ++r) {
+      const __m512 av = _mm512_set1_ps(a[r * a_row + k * a_col]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + r * ldc + 16 * v, acc[r][v]);
+}
+
+// C [M, 16·NV] += A [M, K] · B [K, 16·NV], with as many rows per pass as 32 registers hold.
+template <int NV>
+SC_AVX512 void gemm_acc(float* c, int64_t ldc, const float* a, int64_t a_row, int64_t a_col, const float* b,
+                        int64_t ldb, int64_t M, int64_t K) {
+  constexpr int R = NV <= 2 ? 8 : NV <= 5 ? 4 : NV <= 10 ? 2 : 1;
+  int64_t i = 0;
+  for (; i + R <= M; i += R) gemm_rows<NV, R>(c + i * ldc, ldc, a + i * a_row, a_row, a_col, b, ldb, K);
+  for (; i < M; ++i) gemm_rows<NV, 1>(c + i * ldc, ldc, a + i * a_row, a_row, a_col, b, ldb, K);
+}
+
+// One head's [T, D] rows (row stride `stride`) as fp32 rows [rows >= T, D], rows past T zero.
+template <typename S>
+void stage_rows(const S* src, int64_t stride, int64_t T, int64_t D, int64_t rows, float* dst) {
+  for (int64_t t = 0; t < rows; ++t)
+    for (int64_t d = 0; d < D; ++d) dst[t * D + d] = t < T ? static_cast<float>(src[t * stride + d]) : 0.f;
+}
+
+// The same as fp32 columns [D, Tp], columns past T zero.
+template <typename S>
+void stage_columns(const S* src, int64_t stride, int64_t T, int64_t D, int64_t Tp, float* dst) {
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t t = 0; t < Tp; ++t) dst[d * Tp + t] = t < T ? static_cast<float>(src[t * stride + d]) : 0.f;
+}
+
+// Scores of a block (M queries from i0, 64 keys from j0, row stride 64) → probabilities in place:
+// exp(score · scale − base[row]) for keys up to the row's own position, 0 past it. With `ds`, also
+// ds = p · (dp − delta[row]) · scale in place of dp (the backward's gradient of the scores).
+SC_AVX512 inline void block_probabilities(float* s, int64_t M, int64_t i0, int64_t j0, float scale,
+                                          const float* base, float* ds, const float* delta) {
+  const __m512 lane = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t r = 0; r < M; ++r) {
+    const float limit = static_cast<float>(i0 + r - j0);  // the last visible key, relative to j0
+    const __m512 b = _mm512_set1_ps(base[r]);
+    for (int c = 0; c < kAttnBlock / 16; ++c) {
+      const __mmask16 visible = _mm512_cmp_ps_mask(_mm512_add_ps(lane, _mm512_set1_ps(16.f * c)),
+                                                   _mm512_set1_ps(limit), _CMP_LE_OQ);
+      float* row = s + r * kAttnBlock + 16 * c;
+      const __m512 p = _mm512_maskz_mov_ps(
+          visible, exp16_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(row), _mm512_set1_ps(scale), b)));
+      _mm512_storeu_ps(row, p);
+      if (ds) {
+        float* g = ds + r * kAttnBlock + 16 * c;
+        const __m512 dp = _mm512_sub_ps(_mm512_loadu_ps(g), _mm512_set1_ps(delta[r]));
+        _mm512_storeu_ps(g, _mm512_mul_ps(_mm512_mul_ps(p, dp), _mm512_set1_ps(scale)));
+      }
+    }
+  }
+}
+
+// Forward of one head: q, kᵀ, v staged; out [T, D] fp32, lse [T].
+template <int NV>
+SC_AVX512 void train_attention_head(const float* q, const float* kt, const float* v, int64_t T, int64_t Tp,
+                                    float scale, float* out, float* lse, float* s) {
+  constexpr int64_t D = 16 * NV;
+  float m[kAttnBlock], l[kAttnBlock], base[kAttnBlock];
+  for (int64_t i0 = 0; i0 < T; i0 += kAttnBlock) {
+    const int64_t M = std::min(kAttnBlock, T - i0);
+    float* o = out + i0 * D;
+    std::fill(o, o + M * D, 0.f);
+    std::fill(m, m + M, -INFINITY);
+    std::fill(l, l + M, 0.f);
+    for (int64_t j0 = 0; j0 <= i0; j0 += kAttnBlock) {
+      std::fill(s, s + M * kAttnBlock, 0.f);
+      gemm_acc<kAttnBlock / 16>(s, kAttnBlock, q + i0 * D, D, 1, kt + j0, Tp, M, D);
+      for (int64_t r = 0; r < M; ++r) {  // the running maximum, and the rescale of what came before
+        const int64_t visible = std::min(kAttnBlock, i0 + r - j0 + 1);
+        __m512 best = _mm512_set1_ps(-INFINITY);
+        for (int c = 0; c < kAttnBlock / 16; ++c) {
+          const int64_t left = visible - 16 * c;
+          const __mmask16 mask = left >= 16 ? 0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+          best = _mm512_mask_max_ps(best, mask, best, _mm512_loadu_ps(s + r * kAttnBlock + 16 * c));
+        }
+        const float m_new = std::max(m[r], _mm512_reduce_max_ps(best) * scale);
+        const float correction = std::exp(m[r] - m_new);
+        m[r] = m_new;
+        base[r] = m_new;
+        l[r] *= correction;
+        for (int64_t d = 0; d < D; ++d) o[r * D + d] *= correction;
+      }
+      block_probabilities(s, M, i0, j0, scale, base, nullptr, nullptr);
+      for (int64_t r = 0; r < M; ++r) {
+        __m512 sum = _mm512_setzero_ps();
+        for (int c = 0; c < kAttnBlock / 16; ++c) sum = _mm512_add_ps(sum, _mm512_loadu_ps(s + r * kAttnBlock + 16 * c));
+        l[r] += _mm512_reduce_add_ps(sum);
+      }
+      gemm_acc<NV>(o, D, s, kAttnBlock, 1, v + j0 * D, D, M, kAttnBlock);
+    }
+    for (int64_t r = 0; r < M; ++r) {
+      const float inv = 1.0f / l[r];
+      for (int64_t d = 0; d < D; ++d) o[r * D + d] *= inv;
+      lse[i0 + r] = m[r] + std::log(l[r]);
+    }
+  }
+}
+
+// Backward of one head: gradients of q, k, v (fp32, [T or Tp, D], zeroed by the caller).
+template <int NV>
+SC_AVX512 void train_attention_head_backward(const float* q, const float* k, const float* kt, const float* vt,
+                                             const float* dout, const float* delta, const float* lse, int64_t T,
+                                             int64_t Tp, float scale, float* dq, float* dk, float* dv, float* p,
+                                             float* ds) {
+  constexpr int64_t D = 16 * NV;
+  for (int64_t i0 = 0; i0 < T; i0 += kAttnBlock) {
+    const int64_t M = std::min(kAttnBlock, T - i0);
+    for (int64_t j0 = 0; j0 <= i0; j0 += kAttnBlock) {
+      std::fill(p, p + M * kAttnBlock, 0.f);
+      std::fill(ds, ds + M * kAttnBlock, 0.f);
+      gemm_acc<kAttnBlock / 16>(p, kAttnBlock, q + i0 * D, D, 1, kt + j0, Tp, M, D);      // scores
+      gemm_acc<kAttnBlock / 16>(ds, kAttnBlock, dout + i0 * D, D, 1, vt + j0, Tp, M, D);  // dP = dO Vᵀ
+      block_probabilities(p, M, i0, j0, scale, lse + i0, ds, delta + i0);
+      gemm_acc<NV>(dv + j0 * D, D, p, 1, kAttnBlock, dout + i0 * D, D, kAttnBlock, M);   // dV += Pᵀ dO
+      gemm_acc<NV>(dk + j0 * D, D, ds, 1, kAttnBlock, q + i0 * D, D, kAttnBlock, M);     // dK += dSᵀ Q
+      gemm_acc<NV>(dq + i0 * D, D, ds, kAttnBlock, 1, k + j0 * D, D, M, kAttnBlock);     // dQ += dS K
+    }
+  }
+}
+
+#define SC_HEAD_DIMS(CALL) \
+  CALL(1) CALL(2) CALL(3) CALL(4) CALL(5) CALL(6) CALL(7) CALL(8) CALL(9) CALL(10) CALL(11) CALL(12) \
+  CALL(13) CALL(14) CALL(15) CALL(16)
+
+void check_train_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
+  TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.sizes() == q.sizes(), "q, k, v must be [B, H, T, D] alike");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type() &&
+              (q.scalar_type() == torch::kFloat || q.scalar_type() == torch::kBFloat16), "q, k, v must be fp32 or bf16 alike");
+  TORCH_CHECK(q.size(3) % 16 == 0 && q.size(3) <= kMaxHeadDim, "head dim must be a multiple of 16, at most 256");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "the last dimension must be contiguous");
+  TORCH_CHECK(avx512_available(), "the training attention kernel needs AVX-512");
+}
+
+// A head's [T, D] matrix in `t` for (batch, head) = (bh / H, bh % H).
+template <typename S>
+const S* head_of(const torch::Tensor& t, int64_t bh, int64_t H) {
+  return reinterpret_cast<const S*>(t.data_ptr()) + (bh / H) * t.stride(0) + (bh % H) * t.stride(1);
+}
+
+template <typename S>
+void write_head(const float* src, int64_t T, int64_t D, torch::Tensor& out, int64_t bh) {
+  S* dst = reinterpret_cast<S*>(out.data_ptr()) + bh * T * D;
+  for (int64_t i = 0; i < T * D; ++i) dst[i] = static_cast<S>(src[i]);
+}
+
+template <typename S>
+std::pair<torch::Tensor, torch::Tensor> train_attention_typed(const torch::Tensor& q, const torch::Tensor& k,
+                                                              const torch::Tensor& v) {
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
+  const int64_t Tp = (T + kAttnBlock - 1) / kAttnBlock * kAttnBlock;
+  torch::Tensor out = torch::empty({B, H, T, D}, q.options());
+  torch::Tensor lse = torch::empty({B, H, T}, q.options().dtype(torch::kFloat));
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qs(T * D), kt(D * Tp), vs(Tp * D), o(T * D), s(kAttnBlock * kAttnBlock);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      stage_rows(head_of<S>(q, bh, H), q.stride(2), T, D, T, qs.data());
+      stage_columns(head_of<S>(k, bh, H), k.stride(2), T, D, Tp, kt.data());
+      stage_rows(head_of<S>(v, bh, H), v.stride(2), T, D, Tp, vs.data());
+      float* lse_head = lse.data_ptr<float>() + bh * T;
+      switch (D / 16) {
+#define SC_CALL(N) case N: train_attention_head<N>(qs.data(), kt.data(), vs.data(), T, Tp, scale, o.data(), lse_head, s.data()); break;
+        SC_HEAD_DIMS(SC_CALL)
+#undef SC_CALL
+      }
+      write_head<S>(o.data(), T, D, out, bh);
+    }
+  });
+  return {out, lse};
+}
+
+template <typename S>
+std::vector<torch::Tensor> train_attention_backward_typed(const torch::Tensor& grad, const torch::Tensor& q,
+                                                          const torch::Tensor& k, const torch::Tensor& v,
+                                                          const torch::Tensor& out, const torch::Tensor& lse) {
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
+  const int64_t Tp = (T + kAttnBlock - 1) / kAttnBlock * kAttnBlock;
+  torch::Tensor dq = torch::empty({B, H, T, D}, q.options()), dk = torch::empty_like(dq), dv = torch::empty_like(dq);
+  const torch::Tensor lse_c = lse.contiguous();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qs(T * D), ks(Tp * D), kt(D * Tp), vt(D * Tp), dos(T * D), os(T * D), delta(T);
+    std::vector<float> gq(T * D), gk(Tp * D), gv(Tp * D), p(kAttnBlock * kAttnBlock), ds(kAttnBlock * kAttnBlock);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      stage_rows(head_of<S>(q, bh, H), q.stride(2), T, D, T, qs.data());
+      stage_rows(head_of<S>(k, bh, H), k.stride(2), T, D, Tp, ks.data());
+      stage_columns(head_of<S>(k, bh, H), k.stride(2), T, D, Tp, kt.data());
+      stage_columns(head_of<S>(v, bh, H), v.stride(2), T, D, Tp, vt.data());
+      stage_rows(head_of<S>(grad, bh, H), grad.stride(2), T, D, T, dos.data());
+      stage_rows(head_of<S>(out, bh, H), out.stride(2), T, D, T, os.data());
+      for (int64_t t = 0; t < T; ++t) {  // delta = rowsum(dO ∘ O)
+        float sum = 0.f;
+        for (int64_t d = 0; d < D; ++d) sum += dos[t * D + d] * os[t * D + d];
+        delta[t] = sum;
+      }
+      std::fill(gq.begin(), gq.end(), 0.f);
+      std::fill(gk.begin(), gk.end(), 0.f);
+      std::fill(gv.begin(), gv.end(), 0.f);
+      const float* lse_head = lse_c.data_ptr<float>() + bh * T;
+      switch (D / 16) {
+#define SC_CALL(N) case N: train_attention_head_backward<N>(qs.data(), ks.data(), kt.data(), vt.data(), dos.data(), \
+    delta.data(), lse_head, T, Tp, scale, gq.data(), gk.data(), gv.data(), p.data(), ds.data()); break;
+        SC_HEAD_DIMS(SC_CALL)
+#undef SC_CALL
+      }
+      write_head<S>(gq.data(), T, D, dq, bh);
+      write_head<S>(gk.data(), T, D, dk, bh);
+      write_head<S>(gv.data(), T, D, dv, bh);
+    }
+  });
+  return {dq, dk, dv};
+}
+#endif
+
+// Causal softmax(q kᵀ / √D) v over q, k, v [B, H, T, D] (fp32 or bf16): (out, log-sum-exp [B, H, T] fp32).
+std::pair<torch::Tensor, torch::Tensor> train_attention(const torch::Tensor& q, const torch::Tensor& k,
+                                                        const torch::Tensor& v) {
+#if SC_AMX_BUILD
+  check_train_attention(q, k, v);
+  return q.scalar_type() == torch::kBFloat16 ? train_attention_typed<c10::BFloat16>(q, k, v)
+                                             : train_attention_typed<float>(q, k, v);
+#else
+  TORCH_CHECK(false, "the training attention kernel needs an x86-64 build with AVX-512");
+  return {q, q};
+#endif
+}
+
+// The gradients (dq, dk, dv) of train_attention's output given grad_out, from its saved out and lse.
+std::vector<torch::Tensor> train_attention_backward(const torch::Tensor& grad, const torch::Tensor& q,
+                                                    const torch::Tensor& k, const torch::Tensor& v,
+                                                    const torch::Tensor& out, const torch::Tensor& lse) {
+#if SC_AMX_BUILD
+  check_train_attention(q, k, v);
+  TORCH_CHECK(grad.sizes() == q.sizes() && out.sizes() == q.sizes() && grad.scalar_type() == q.scalar_type() &&
+              out.scalar_type() == q.scalar_type() && grad.stride(3) == 1 && out.stride(3) == 1,
+              "grad_out and out must match q");
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) && lse.size(2) == q.size(2) &&
+              lse.scalar_type() == torch::kFloat, "lse must be fp32 [B, H, T]");
+  return q.scalar_type() == torch::kBFloat16 ? train_attention_backward_typed<c10::BFloat16>(grad, q, k, v, out, lse)
+                                             : train_attention_backward_typed<float>(grad, q, k, v, out, lse);
+#else
+  TORCH_CHECK(false, "the training attention kernel needs an x86-64 build with AVX-512");
+  return {};
+#endif
+}
+
+bool train_attention_available() {
+#if SC_AMX_BUILD
+  return avx512_available();
+#else
+  return false;
+#endif
+}
+
 // ---- the int8 multiply-add ceiling -------------------------------------------------------------
 // Independent accumulators and no memory traffic: what the prompt GEMMs are measured against.
 // VNNI: one vpdpbusd = 64 multiply-adds (512-bit); AVX2: vpmaddubsw + vpmaddwd + vpaddd = 32.
@@ -1957,6 +2264,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("read_bytes", &read_bytes, "sum of all bytes (a memory-bandwidth probe)");
   m.def("prefill_attention", &prefill_attention, "causal attention of a prompt over keys from slot 0 (bf16)",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("start"));
+  m.def("train_attention", &train_attention, "causal attention for training: (out, log-sum-exp), fp32 or bf16",
+        py::arg("q"), py::arg("k"), py::arg("v"));
+  m.def("train_attention_backward", &train_attention_backward, "(dq, dk, dv) of train_attention",
+        py::arg("grad"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"));
+  m.def("train_attention_available", &train_attention_available, "whether this CPU runs train_attention (AVX-512)");
   m.def("bf16_attention_available", &bf16_kernel_available, "whether this CPU runs prefill_attention (AVX512-BF16)");
   m.def("int8_peak", &int8_peak, "int8 multiply-add ops/s from registers on all threads, and the instruction set",
         py::arg("iterations"), py::arg("isa") = "");

@@ -138,6 +138,60 @@ def use_prefill_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
             and library is not None and library.bf16_attention_available())
 
 
+@torch.library.custom_op("stablecode::train_attention", mutates_args=())
+def train_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal softmax(q kᵀ / √D) v over q, k, v [B, H, T, D] (fp32 or bf16, alike), with a backward:
+    (out, log-sum-exp [B, H, T] fp32). Blocks of 64 × 64 in fp32, no [T, T] scores kept."""
+    return tuple(_library().train_attention(q, k, v))
+
+
+@train_attention.register_fake
+def _train_attention_shape(q, k, v):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("stablecode::train_attention_backward", mutates_args=())
+def train_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of train_attention from its saved output and log-sum-exp."""
+    grad = grad if grad.stride(-1) == 1 else grad.contiguous()
+    return tuple(_library().train_attention_backward(grad, q, k, v, out, lse))
+
+
+@train_attention_backward.register_fake
+def _train_attention_backward_shape(grad, q, k, v, out, lse):
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+
+def _train_attention_save(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, *output)
+
+
+def _train_attention_grad(ctx, grad_out, _grad_lse):
+    return train_attention_backward(grad_out, *ctx.saved_tensors)
+
+
+train_attention.register_autograd(_train_attention_grad, setup_context=_train_attention_save)
+
+
+@torch.compiler.assume_constant_result  # a question for the extension, not a graph break
+def train_attention_available() -> bool:
+    """Whether training runs on the training attention kernel here (kernels loaded, AVX-512)."""
+    library = build.loaded()
+    return library is not None and library.train_attention_available()
+
+
+def use_train_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the training attention kernel applies: causal self-attention (as many keys as
+    queries) on the CPU that autograd will differentiate, a head size that is a multiple of 16, a
+    CPU with AVX-512, and the kernels loaded (training loads them)."""
+    return (q.device.type == "cpu" and torch.is_grad_enabled()
+            and (q.requires_grad or k.requires_grad or v.requires_grad)
+            and q.shape == k.shape == v.shape and q.shape[2] > 1 and q.shape[-1] % 16 == 0 and q.shape[-1] <= 256
+            and all(t.dtype in (torch.float32, torch.bfloat16) and t.stride(-1) == 1 for t in (q, k, v))
+            and train_attention_available())
+
+
 def use_decode_attention(q: torch.Tensor, k: torch.Tensor, gathering: bool = False) -> bool:
     """Whether the decode attention kernel applies: one query per row, CPU, a bf16 cache, no gradients.
 
@@ -158,8 +212,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     lengths [B]: how many keys each row's last query sees; it says the same as `mask`, for the
     decode kernel, which reads only those keys instead of applying a mask.
     start: the queries (of one sequence, when `rows` is given) sit at slots start..start+T-1 over
-    keys from slot 0 (`mask` then is causal from there), which the prompt kernel takes. Elsewhere
-    PyTorch's SDPA.
+    keys from slot 0 (`mask` then is causal from there), which the prompt kernel takes. Training
+    (causal, with gradients) takes the training kernel. Elsewhere PyTorch's SDPA.
     """
     if start is not None and use_prefill_attention(q, k) and (rows is None or rows.numel() == 1):
         if rows is not None:
@@ -168,6 +222,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         end = start + q.shape[2]
         if k.shape[2] >= end:
             return prefill_attention(q, k[:, :, :end], v[:, :, :end], start)
+    if is_causal and mask is None and rows is None and use_train_attention(q, k, v):
+        # SDPA's dtype under autocast (rotary leaves q and k in fp32 beside a bf16 v).
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
+        return train_attention(q.to(dtype), k.to(dtype), v.to(dtype))[0]
     if not is_causal and use_decode_attention(q, k, gathering=rows is not None):
         # One new token per row on the CPU: one pass over each row's cached keys and values.
         return decode_attention(q, k, v, rows, lengths)

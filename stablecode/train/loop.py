@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from stablecode.atomic import atomic_path
 from stablecode.checkpoint import save_checkpoint
 from stablecode.config import ModelConfig
+from stablecode import kernels
 from stablecode.errors import StablecodeError
 from stablecode.model import GPTNeoX, init_weights
 from stablecode.train.checkpoints import (CheckpointDamaged, _zero_optimizer_class, copy_weights, latest_checkpoint,
@@ -235,6 +236,8 @@ def train(config: TrainConfig, train_data=None, validation_data=None, progress: 
     if ctx.world_size > 1:
         dist.barrier()
     torch.manual_seed(config.seed)
+    if ctx.device.type == "cpu":
+        kernels.load()  # the training attention kernel (AVX-512 CPUs; built once per machine), else SDPA
     model = GPTNeoX(model_config).to(ctx.device)
     init_weights(model, torch.Generator(device="cpu").manual_seed(config.seed) if ctx.device.type == "cpu" else None)
     model.train()

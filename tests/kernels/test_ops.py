@@ -302,6 +302,85 @@ def test_prefill_attention_refuses_what_it_cannot_do(ext):
         ext.prefill_attention(q[..., :8], k[..., :8], k[..., :8], 0)
 
 
+def fused_projection_views(batch, heads, steps, head_dim, dtype, seed):
+    """q, k, v [B, H, T, D] as the model's fused projection gives them: strided views of one tensor."""
+    torch.manual_seed(seed)
+    qkv = torch.randn(batch, steps, heads, 3 * head_dim, dtype=torch.float64).transpose(1, 2)
+    q, k, v = qkv.chunk(3, dim=-1)
+    return (q * 2).to(dtype), k.to(dtype), v.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch, heads, steps, head_dim", [(1, 1, 1, 16), (2, 3, 5, 32), (1, 2, 64, 32),
+                                                           (2, 2, 100, 80), (1, 1, 130, 256)])
+def test_train_attention_matches_causal_sdpa_forward_and_backward(ext, dtype, batch, heads, steps, head_dim):
+    if not ext.train_attention_available():
+        pytest.skip("the training attention kernel needs AVX-512")
+    q, k, v = fused_projection_views(batch, heads, steps, head_dim, dtype, seed=steps)
+    grad = torch.randn(batch, heads, steps, head_dim).to(dtype)
+    # The reference: float64 math on the same (rounded) inputs.
+    exact = [t.double().detach().requires_grad_() for t in (q, k, v)]
+    expected = F.scaled_dot_product_attention(*exact, is_causal=True)
+    expected.backward(grad.double())
+    inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+    y = ops.train_attention(*inputs)[0]
+    y.backward(grad)
+    assert y.dtype == dtype and y.shape == q.shape
+    tolerance = 1e-5 if dtype == torch.float32 else 1.5e-2  # bf16: its rounding of the result, ~2^-8
+    for ours, reference in zip([y] + [t.grad for t in inputs], [expected] + [t.grad for t in exact]):
+        assert ours.dtype == dtype
+        assert (ours.double() - reference).abs().max() <= tolerance * reference.abs().max() + 1e-5
+
+
+def test_train_attention_is_a_well_formed_custom_op(ext):
+    # Its fake (shape) functions, autograd registration and compiled (AOT) dispatch, as torch.compile uses them.
+    if not ext.train_attention_available():
+        pytest.skip("the training attention kernel needs AVX-512")
+    q, k, v = (t.detach().requires_grad_() for t in fused_projection_views(2, 2, 70, 32, torch.float32, seed=1))
+    torch.library.opcheck(ops.train_attention, (q, k, v))
+
+
+def test_a_training_step_takes_the_kernel_and_gets_sdpas_gradients(ext, monkeypatch):
+    # As training runs it: the model in train mode under bf16 autocast (q and k leave the rotary in
+    # fp32 beside a bf16 v); the same step through SDPA gives the same gradients.
+    if not ext.train_attention_available():
+        pytest.skip("the training attention kernel needs AVX-512")
+    from stablecode.train.loop import next_token_loss
+
+    torch.manual_seed(0)
+    model = GPTNeoX(CONFIG).train()
+    tokens = torch.randint(0, CONFIG.vocab_size, (2, 97))
+
+    def gradients():
+        model.zero_grad(set_to_none=True)
+        next_token_loss(model, tokens[:, :-1], tokens[:, 1:], True).backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    calls = []
+    kernel = ops.train_attention
+    monkeypatch.setattr(ops, "train_attention", lambda q, k, v: calls.append(q.dtype) or kernel(q, k, v))
+    ours = gradients()
+    assert calls == [torch.bfloat16] * CONFIG.num_layers
+    monkeypatch.setattr(ops, "use_train_attention", lambda q, k, v: False)
+    reference = gradients()
+    assert len(calls) == CONFIG.num_layers
+    for name, grad in reference.items():
+        assert (ours[name] - grad).norm() <= 0.02 * grad.norm(), name
+
+
+def test_train_attention_refuses_what_it_cannot_do(ext):
+    if not ext.train_attention_available():
+        pytest.skip("the training attention kernel needs AVX-512")
+    q = torch.randn(1, 2, 4, 16)
+    with pytest.raises(RuntimeError, match="alike"):
+        ext.train_attention(q, torch.randn(1, 2, 5, 16), q)
+    with pytest.raises(RuntimeError, match="fp32 or bf16"):
+        ext.train_attention(q, q.bfloat16(), q)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        ext.train_attention(q[..., :8], q[..., :8], q[..., :8])
+    assert not ops.use_train_attention(q, q, q)  # no gradients wanted: inference keeps its own paths
+
+
 def test_the_int8_peak_probe_reports_the_instruction_set_it_timed(ext):
     ops_per_s, isa = ext.int8_peak(100_000)
     # by default the instruction set the prompt GEMMs use: AMX tiles, vpdpbusd or AVX2's multiply-adds
