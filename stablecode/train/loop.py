@@ -303,8 +303,8 @@ def train(config: TrainConfig, train_data=None, validation_data=None, progress: 
     global_batch = config.micro_batch_size * config.grad_accum_steps * ctx.dp_size
     sampler = BatchSampler(len(train_data), global_batch, config.seed)
     flops_per_token = training_flops_per_token(model_config, seq_len)
-    peak = config.peak_tflops * 1e12 if config.peak_tflops else measure_peak_flops(
-        ctx.device, torch.bfloat16 if config.precision == "bf16" else torch.float32)
+    peak_dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
+    peak = config.peak_tflops * 1e12 if config.peak_tflops else measure_peak_flops(ctx.device, peak_dtype)
     bar = None
     if progress and ctx.is_main:
         from tqdm import tqdm
@@ -343,6 +343,10 @@ def train(config: TrainConfig, train_data=None, validation_data=None, progress: 
         history["train_seconds"] += elapsed
         tokens_per_s = tokens / elapsed
         mfu = tokens_per_s * flops_per_token / (peak * ctx.world_size)
+        if mfu > 1 and not config.peak_tflops:
+            # The peak was measured while something else held the cores (a build, a benchmark): again.
+            peak = max(peak, measure_peak_flops(ctx.device, peak_dtype))
+            mfu = tokens_per_s * flops_per_token / (peak * ctx.world_size)
         for key, value in (("step", step + 1), ("loss", float(mean_loss)), ("lr", lr),
                            ("grad_norm", float(grad_norm)), ("tokens_per_s", tokens_per_s), ("mfu", mfu)):
             history[key].append(value)

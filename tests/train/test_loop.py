@@ -63,6 +63,17 @@ def test_training_learns_and_leaves_a_loadable_checkpoint(config_for, packed, tm
     assert json.loads((final / "train_config.json").read_text())["max_steps"] == 20
 
 
+def test_a_peak_measured_under_load_is_measured_again_rather_than_reporting_mfu_above_one(
+        config_for, packed, tmp_path, monkeypatch):
+    from stablecode.train import loop
+
+    measured = iter([1.0])  # the first measurement: a machine busy with something else
+    monkeypatch.setattr(loop, "measure_peak_flops", lambda device, dtype: next(measured, 1e15))
+    train(config_for(packed, tmp_path / "run", max_steps=3, peak_tflops=None), progress=False)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 3 and all(0 < entry["mfu"] <= 1 for entry in log)
+
+
 def test_validation_loss_is_plotted(config_for, packed, tmp_path):
     from stablecode.data.packing import PackedTokens
 
