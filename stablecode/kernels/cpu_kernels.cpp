@@ -1237,8 +1237,9 @@ void bf16_linear_dpbf16(const torch::Tensor& x, const torch::Tensor& weight, con
 #endif
 
 #if SC_AMX_BUILD
-// e^x for x <= 0 on 16 lanes: the decode kernel's 8-lane function on each half (one polynomial).
-SC_BF16 inline __m512 exp_nonpositive(__m512 x) {
+// e^x for x <= 0 on 16 lanes, for both attention kernels below: the decode kernel's 8-lane
+// function on each half (one polynomial).
+SC_AVX512 inline __m512 exp_nonpositive(__m512 x) {
   const __m256 low = exp8_nonpositive(_mm512_castps512_ps256(x));
   const __m256 high = exp8_nonpositive(_mm512_extractf32x8_ps(x, 1));
   return _mm512_insertf32x8(_mm512_castps256_ps512(low), high, 1);
@@ -1401,24 +1402,6 @@ bool avx512_available() {
 
 constexpr int64_t kAttnBlock = 64;
 
-// e^x on 16 lanes for x <= 0: 2^n · p(f) with a degree-7 polynomial, scaled by vscalefps.
-SC_AVX512 inline __m512 exp16_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
-  f = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), f);
-  __m512 p = _mm512_set1_ps(1.0f / 5040);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 720));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
-
 // C[r, :] += Σ_k A(r, k) · B[k, :] for R rows, B's rows 16·NV floats, A(r, k) = a[r·a_row + k·a_col].
 template <int NV, int R>
 SC_AVX512 inline void gemm_rows(float* c, int64_t ldc, const float* a, int64_t a_row, int64_t a_col,
@@ -1476,7 +1459,7 @@ SC_AVX512 inline void block_probabilities(float* s, int64_t M, int64_t i0, int64
                                                    _mm512_set1_ps(limit), _CMP_LE_OQ);
       float* row = s + r * kAttnBlock + 16 * c;
       const __m512 p = _mm512_maskz_mov_ps(
-          visible, exp16_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(row), _mm512_set1_ps(scale), b)));
+          visible, exp_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(row), _mm512_set1_ps(scale), b)));
       _mm512_storeu_ps(row, p);
       if (ds) {
         float* g = ds + r * kAttnBlock + 16 * c;
