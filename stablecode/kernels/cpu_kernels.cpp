@@ -1475,7 +1475,7 @@ template <int NV>
 SC_AVX512 void train_attention_head(const float* q, const float* kt, const float* v, int64_t T, int64_t Tp,
                                     float scale, float* out, float* lse, float* s) {
   constexpr int64_t D = 16 * NV;
-  float m[kAttnBlock], l[kAttnBlock], base[kAttnBlock];
+  float m[kAttnBlock], l[kAttnBlock];
   for (int64_t i0 = 0; i0 < T; i0 += kAttnBlock) {
     const int64_t M = std::min(kAttnBlock, T - i0);
     float* o = out + i0 * D;
@@ -1496,11 +1496,10 @@ SC_AVX512 void train_attention_head(const float* q, const float* kt, const float
         const float m_new = std::max(m[r], _mm512_reduce_max_ps(best) * scale);
         const float correction = std::exp(m[r] - m_new);
         m[r] = m_new;
-        base[r] = m_new;
         l[r] *= correction;
         for (int64_t d = 0; d < D; ++d) o[r * D + d] *= correction;
       }
-      block_probabilities(s, M, i0, j0, scale, base, nullptr, nullptr);
+      block_probabilities(s, M, i0, j0, scale, m, nullptr, nullptr);
       for (int64_t r = 0; r < M; ++r) {
         __m512 sum = _mm512_setzero_ps();
         for (int c = 0; c < kAttnBlock / 16; ++c) sum = _mm512_add_ps(sum, _mm512_loadu_ps(s + r * kAttnBlock + 16 * c));

@@ -33,6 +33,7 @@ from stablecode.checkpoint import save_checkpoint
 from stablecode.config import ModelConfig
 from stablecode import kernels
 from stablecode.errors import StablecodeError
+from stablecode.machine import cpu_flags
 from stablecode.model import GPTNeoX, init_weights
 from stablecode.train.checkpoints import (CheckpointDamaged, _zero_optimizer_class, copy_weights, latest_checkpoint,
                                           load_weights, restore, save_training_checkpoint, sweep_staging, warn)
@@ -236,8 +237,8 @@ def train(config: TrainConfig, train_data=None, validation_data=None, progress: 
     if ctx.world_size > 1:
         dist.barrier()
     torch.manual_seed(config.seed)
-    if ctx.device.type == "cpu":
-        kernels.load()  # the training attention kernel (AVX-512 CPUs; built once per machine), else SDPA
+    if ctx.device.type == "cpu" and "avx512f" in cpu_flags():
+        kernels.load()  # the training attention kernel (built once per machine); elsewhere SDPA, no build
     model = GPTNeoX(model_config).to(ctx.device)
     init_weights(model, torch.Generator(device="cpu").manual_seed(config.seed) if ctx.device.type == "cpu" else None)
     model.train()
@@ -305,6 +306,7 @@ def train(config: TrainConfig, train_data=None, validation_data=None, progress: 
     flops_per_token = training_flops_per_token(model_config, seq_len)
     peak_dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
     peak = config.peak_tflops * 1e12 if config.peak_tflops else measure_peak_flops(ctx.device, peak_dtype)
+    peak_measured_again = False
     bar = None
     if progress and ctx.is_main:
         from tqdm import tqdm
@@ -343,8 +345,9 @@ def train(config: TrainConfig, train_data=None, validation_data=None, progress: 
         history["train_seconds"] += elapsed
         tokens_per_s = tokens / elapsed
         mfu = tokens_per_s * flops_per_token / (peak * ctx.world_size)
-        if mfu > 1 and not config.peak_tflops:
-            # The peak was measured while something else held the cores (a build, a benchmark): again.
+        if mfu > 1 and not config.peak_tflops and not peak_measured_again:
+            # The peak was measured while something else held the cores (a build, a benchmark): once more.
+            peak_measured_again = True
             peak = max(peak, measure_peak_flops(ctx.device, peak_dtype))
             mfu = tokens_per_s * flops_per_token / (peak * ctx.world_size)
         for key, value in (("step", step + 1), ("loss", float(mean_loss)), ("lr", lr),
