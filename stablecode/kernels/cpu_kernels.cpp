@@ -26,6 +26,7 @@
 #include <vector>
 #include <algorithm>
 #include <atomic>
+#include <memory>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -981,8 +982,12 @@ void avx2_prompt_gemm(const torch::Tensor& x, int64_t N, const float* sw, const 
 // int4 rows → int8 on one grid per output channel (c = its largest |w| / 127), as every prompt GEMM
 // takes them: value v of a group is round(v · s / c + min / c), looked up from a 16-entry table per
 // group, so the AMX, VNNI and AVX2 GEMMs multiply the same int8 weights.
+// Only columns [k_begin, k_end) are written (the AMX loop converts one K slice at a time); the grid
+// is always that of the whole row.
 void int4_rows_to_int8(const uint8_t* w, const c10::Half* scale, const c10::Half* minimum, int64_t K,
-                       int64_t group_size, int64_t rows, int8_t* out, float* c) {
+                       int64_t group_size, int64_t rows, int8_t* out, float* c, int64_t k_begin = 0,
+                       int64_t k_end = -1) {
+  if (k_end < 0) k_end = K;
   const int64_t groups = K / group_size;
   for (int64_t r = 0; r < rows; ++r) {
     float bound = 0.f;  // the largest |w| the row can hold
@@ -993,12 +998,12 @@ void int4_rows_to_int8(const uint8_t* w, const c10::Half* scale, const c10::Half
     const float inv = bound > 0.f ? 127.f / bound : 0.f;
     c[r] = bound / 127.f;
     const uint8_t* row = w + r * (K / 2);
-    for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t g = k_begin / group_size; g * group_size < k_end; ++g) {
       alignas(16) int8_t table[16];
       const float step = half_to_float(scale + r * groups, g) * inv, base = half_to_float(minimum + r * groups, g) * inv;
       for (int v = 0; v < 16; ++v)
         table[v] = static_cast<int8_t>(std::clamp(static_cast<int32_t>(std::nearbyint(std::fma(float(v), step, base))), -128, 127));
-      for (int64_t k = g * group_size; k < (g + 1) * group_size; k += kBlock) {
+      for (int64_t k = std::max(g * group_size, k_begin); k < std::min((g + 1) * group_size, k_end); k += kBlock) {
 #if SC_AVX2
         const __m256i lookup = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(table)));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * K + k), _mm256_shuffle_epi8(lookup, unpack_u4(row + k / 2)));
@@ -1883,22 +1888,44 @@ SC_AMX inline void load_tile_config() {
   _tile_loadconfig(&config);
 }
 
-// 32 weight rows (row stride ldw) against every packed activation row -> y[:, n0:n0+32].
-// Tiles 0-3 accumulate 2x2 blocks of 16x16; 4-5 hold weight rows, 6-7 activation columns.
+// 32 weight rows (row stride ldw) against every packed activation row, over the K chunks (of 64)
+// [c0, c1) -> the int32 sums `acc` ([pairs][4][256]: 2x2 tiles per pair of 16-row blocks), which
+// carry over from the previous slice unless c0 == 0; after the last slice they are rescaled into
+// y[:, n0:n0+32]. Tiles 0-3 accumulate, 4-5 hold weight rows, 6-7 activation columns.
+//
+// A pair's rescale (a transpose per tile) runs on the vector units while the tile unit works on the
+// next pair: its four tiles are spread over the next pair's K loop, where the out-of-order window
+// overlaps them with queued tile products. Run after the loop, it idled the tile unit for a sixth
+// of the time.
 template <typename T>
 SC_AMX void amx_weight_block(const int8_t* w, int64_t ldw, const float* sw, const float* b, int64_t n0,
-                             const int8_t* xp, const float* sx, int64_t M, int64_t N, int64_t K, T* y) {
-  const int64_t chunks = K / 64, pairs = (M + 31) / 32;
-  alignas(64) int32_t acc[4][256];
+                             const int8_t* xp, const float* sx, int64_t M, int64_t N, int64_t K, int64_t c0,
+                             int64_t c1, int32_t* acc, T* y) {
+  const int64_t chunks = K / 64, pairs = (M + 31) / 32, steps = c1 - c0;
+  const bool last = c1 == chunks;
   const int8_t* w1 = w + 16 * ldw;
+  auto rescale = [&](int64_t pair, int t) {
+    const int64_t n = (t / 2) * 16, m0 = pair * 32 + (t % 2) * 16;
+    if (m0 < M) store_tile(acc + pair * 1024 + 256 * t, sx + m0, sw + n, b ? b + n0 + n : nullptr,
+                           y + m0 * N + n0 + n, N, std::min<int64_t>(16, M - m0));
+  };
   for (int64_t pair = 0; pair < pairs; ++pair) {
     const int8_t* x0 = xp + 2 * pair * chunks * 1024;
     const int8_t* x1 = x0 + chunks * 1024;
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-    for (int64_t kc = 0; kc < chunks; ++kc) {
+    int32_t* a = acc + pair * 1024;
+    if (c0 == 0) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+    } else {
+      _tile_loadd(0, a, 64);
+      _tile_loadd(1, a + 256, 64);
+      _tile_loadd(2, a + 512, 64);
+      _tile_loadd(3, a + 768, 64);
+    }
+    int pending = last && pair > 0 ? 0 : 4;  // the previous pair's tiles still to rescale
+    for (int64_t kc = c0; kc < c1; ++kc) {
       _tile_loadd(4, w + kc * 64, ldw);
       _tile_loadd(6, x0 + kc * 1024, 64);
       _tile_dpbssd(0, 4, 6);
@@ -1907,39 +1934,71 @@ SC_AMX void amx_weight_block(const int8_t* w, int64_t ldw, const float* sw, cons
       _tile_loadd(5, w1 + kc * 64, ldw);
       _tile_dpbssd(2, 5, 6);
       _tile_dpbssd(3, 5, 7);
+      if (pending < 4 && (kc - c0) * 4 >= pending * steps) rescale(pair - 1, pending++);
     }
-    _tile_stored(0, acc[0], 64);
-    _tile_stored(1, acc[1], 64);
-    _tile_stored(2, acc[2], 64);
-    _tile_stored(3, acc[3], 64);
-    for (int t = 0; t < 4; ++t) {
-      const int64_t n = (t / 2) * 16, m0 = pair * 32 + (t % 2) * 16;
-      if (m0 < M) store_tile(acc[t], sx + m0, sw + n, b ? b + n0 + n : nullptr, y + m0 * N + n0 + n, N,
-                             std::min<int64_t>(16, M - m0));
-    }
+    while (pending < 4) rescale(pair - 1, pending++);
+    _tile_stored(0, a, 64);
+    _tile_stored(1, a + 256, 64);
+    _tile_stored(2, a + 512, 64);
+    _tile_stored(3, a + 768, 64);
   }
+  if (last)
+    for (int t = 0; t < 4; ++t) rescale(pairs - 1, t);
+}
+
+// The K chunks of one slice: the packed activations of a slice (every row, its K range) stay in L2
+// while all weight blocks pass over them. Without slicing, a K = 10,240 projection streamed its
+// 5 MB of activations from L3 once per block of 32 weight rows and ran at half the speed of the
+// K = 2,560 ones.
+inline int64_t amx_slices(int64_t M, int64_t K) {
+  // Three quarters of this core's L2 (2 MiB on the AMX Xeons so far) for the slice.
+  static const int64_t budget = [] {
+    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return (l2 > 0 ? int64_t(l2) : int64_t(2) << 20) * 3 / 4;
+  }();
+  const int64_t chunks = K / 64, per_slice = std::max<int64_t>(4, budget / ((M + 31) / 32 * 32 * 64));
+  return (chunks + per_slice - 1) / per_slice;
+}
+inline std::pair<int64_t, int64_t> amx_slice(int64_t slice, int64_t slices, int64_t K) {
+  const int64_t chunks = K / 64;
+  return {chunks * slice / slices, chunks * (slice + 1) / slices};
+}
+
+// Where a block's partial sums live: one buffer per thread when K is one slice, else a buffer for
+// every block (`sums`, [blocks][pairs * 1024]) that carries them from one slice to the next.
+inline int32_t* align64(int32_t* p) {
+  return reinterpret_cast<int32_t*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
 }
 
 template <typename T>
 SC_AMX void amx_int8_blocks(std::atomic<int64_t>& next, int64_t blocks, const int8_t* xp, const float* sx, int64_t M,
-                            const int8_t* w, const float* sw, const float* b, int64_t N, int64_t K, T* y) {
+                            const int8_t* w, const float* sw, const float* b, int64_t N, int64_t K, int64_t c0,
+                            int64_t c1, int32_t* sums, T* y) {
+  const int64_t pairs = (M + 31) / 32;
+  std::vector<int32_t> own(sums ? 0 : pairs * 1024 + 16);
   load_tile_config();
-  for (int64_t nb; (nb = next.fetch_add(1)) < blocks;) amx_weight_block(w + nb * 32 * K, K, sw + nb * 32, b, nb * 32, xp, sx, M, N, K, y);
+  for (int64_t nb; (nb = next.fetch_add(1)) < blocks;)
+    amx_weight_block(w + nb * 32 * K, K, sw + nb * 32, b, nb * 32, xp, sx, M, N, K, c0, c1,
+                     sums ? sums + nb * pairs * 1024 : align64(own.data()), y);
   _tile_release();
 }
 
+// int4 weights: each block's slice converted to int8 (on the row's whole-K grid) into a buffer.
 template <typename T>
 SC_AMX void amx_int4_blocks(std::atomic<int64_t>& next, int64_t blocks, const int8_t* xp, const float* sx, int64_t M,
                             const uint8_t* w, const c10::Half* scale, const c10::Half* minimum, int64_t group_size,
-                            const float* b, int64_t N, int64_t K, T* y) {
+                            const float* b, int64_t N, int64_t K, int64_t c0, int64_t c1, int32_t* sums, T* y) {
+  const int64_t pairs = (M + 31) / 32;
+  std::vector<int32_t> own(sums ? 0 : pairs * 1024 + 16);
   std::vector<int8_t> rows(32 * K);
   alignas(64) float c[32];
   const int64_t groups = K / group_size;
   load_tile_config();
   for (int64_t nb; (nb = next.fetch_add(1)) < blocks;) {
     int4_rows_to_int8(w + nb * 32 * (K / 2), scale + nb * 32 * groups, minimum + nb * 32 * groups, K, group_size,
-                      32, rows.data(), c);
-    amx_weight_block(rows.data(), K, c, b, nb * 32, xp, sx, M, N, K, y);
+                      32, rows.data(), c, c0 * 64, c1 * 64);
+    amx_weight_block(rows.data(), K, c, b, nb * 32, xp, sx, M, N, K, c0, c1,
+                     sums ? sums + nb * pairs * 1024 : align64(own.data()), y);
   }
   _tile_release();
 }
@@ -2148,6 +2207,31 @@ void check_prompt(const torch::Tensor& x, int64_t N, const c10::optional<torch::
   TORCH_CHECK(!bias.has_value() || bias->numel() == N, "bias has the wrong shape");
 }
 
+#if SC_AMX_BUILD
+// Runs `blocks(next, m0, rows, c0, c1, sums)` on every thread for each chunk of at most kPromptRows
+// activation rows and, within it, each K slice (AMX; the VNNI loop takes K whole). Chunking the rows
+// keeps a slice's activations in L2 and the int32 sums carried between slices (rows x N) small for
+// prompts of any length. Blocks of 32 output channels go to whichever thread is free next: on a
+// shared machine a thread that loses its core does not hold the other back at the join, as an even
+// split would.
+constexpr int64_t kPromptRows = 512;
+template <typename Blocks>
+void for_each_slice(bool amx, int64_t M, int64_t N, int64_t K, Blocks blocks) {
+  std::unique_ptr<int32_t[]> sums;
+  for (int64_t m0 = 0; m0 < M; m0 += kPromptRows) {
+    const int64_t rows = std::min(kPromptRows, M - m0), slices = amx ? amx_slices(rows, K) : 1;
+    if (slices > 1 && !sums) sums.reset(new int32_t[N / 32 * (kPromptRows / 32) * 1024 + 16]);
+    for (int64_t slice = 0; slice < slices; ++slice) {
+      const auto [c0, c1] = amx ? amx_slice(slice, slices, K) : std::pair<int64_t, int64_t>{0, K / 64};
+      std::atomic<int64_t> next{0};
+      at::parallel_for(0, at::get_num_threads(), 1, [&, c0 = c0, c1 = c1](int64_t, int64_t) {
+        blocks(next, m0, rows, c0, c1, slices > 1 ? align64(sums.get()) : nullptr);
+      });
+    }
+  }
+}
+#endif
+
 torch::Tensor prompt_int8_linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scale,
                                  const c10::optional<torch::Tensor>& bias, const std::string& isa) {
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
@@ -2174,19 +2258,17 @@ torch::Tensor prompt_int8_linear(const torch::Tensor& x, const torch::Tensor& we
   const auto [packed_x, scale_x] = pack_activations(x);
   const torch::Tensor packed = packed_x, sx = scale_x;  // lambdas cannot capture structured bindings in C++17
   const int8_t* xp = packed.data_ptr<int8_t>();
-  // Blocks of 32 output channels go to whichever thread is free next: on a shared machine a thread
-  // that loses its core does not hold the other back at the join, as an even split would.
-  std::atomic<int64_t> next{0};
   const int64_t blocks = N / 32;
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+  for_each_slice(amx, M, N, K, [&](std::atomic<int64_t>& next, int64_t m0, int64_t rows, int64_t c0, int64_t c1,
+                                   int32_t* sums) {
     if (x.scalar_type() == torch::kBFloat16) {
-      auto* out = y.data_ptr<c10::BFloat16>();
-      if (amx) amx_int8_blocks(next, blocks, xp, sx.data_ptr<float>(), M, w, scale.data_ptr<float>(), bp, N, K, out);
-      else vnni_int8_blocks(next, blocks, xp, sx.data_ptr<float>(), M, w, scale.data_ptr<float>(), bp, N, K, out);
+      auto* out = y.data_ptr<c10::BFloat16>() + m0 * N;
+      if (amx) amx_int8_blocks(next, blocks, xp + m0 * K, sx.data_ptr<float>() + m0, rows, w, scale.data_ptr<float>(), bp, N, K, c0, c1, sums, out);
+      else vnni_int8_blocks(next, blocks, xp + m0 * K, sx.data_ptr<float>() + m0, rows, w, scale.data_ptr<float>(), bp, N, K, out);
     } else {
-      auto* out = y.data_ptr<float>();
-      if (amx) amx_int8_blocks(next, blocks, xp, sx.data_ptr<float>(), M, w, scale.data_ptr<float>(), bp, N, K, out);
-      else vnni_int8_blocks(next, blocks, xp, sx.data_ptr<float>(), M, w, scale.data_ptr<float>(), bp, N, K, out);
+      auto* out = y.data_ptr<float>() + m0 * N;
+      if (amx) amx_int8_blocks(next, blocks, xp + m0 * K, sx.data_ptr<float>() + m0, rows, w, scale.data_ptr<float>(), bp, N, K, c0, c1, sums, out);
+      else vnni_int8_blocks(next, blocks, xp + m0 * K, sx.data_ptr<float>() + m0, rows, w, scale.data_ptr<float>(), bp, N, K, out);
     }
   });
 #endif
@@ -2229,19 +2311,17 @@ torch::Tensor prompt_int4_linear(const torch::Tensor& x, const torch::Tensor& we
   const auto [packed_x, scale_x] = pack_activations(x);
   const torch::Tensor packed = packed_x, sx = scale_x;
   const int8_t* xp = packed.data_ptr<int8_t>();
-  // Blocks of 32 output channels go to whichever thread is free next: on a shared machine a thread
-  // that loses its core does not hold the other back at the join, as an even split would.
-  std::atomic<int64_t> next{0};
   const int64_t blocks = N / 32;
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+  for_each_slice(amx, M, N, K, [&](std::atomic<int64_t>& next, int64_t m0, int64_t rows, int64_t c0, int64_t c1,
+                                   int32_t* sums) {
     if (x.scalar_type() == torch::kBFloat16) {
-      auto* out = y.data_ptr<c10::BFloat16>();
-      if (amx) amx_int4_blocks(next, blocks, xp, sx.data_ptr<float>(), M, w, s, mn, group_size, bp, N, K, out);
-      else vnni_int4_blocks(next, blocks, xp, sx.data_ptr<float>(), M, w, s, mn, group_size, bp, N, K, out);
+      auto* out = y.data_ptr<c10::BFloat16>() + m0 * N;
+      if (amx) amx_int4_blocks(next, blocks, xp + m0 * K, sx.data_ptr<float>() + m0, rows, w, s, mn, group_size, bp, N, K, c0, c1, sums, out);
+      else vnni_int4_blocks(next, blocks, xp + m0 * K, sx.data_ptr<float>() + m0, rows, w, s, mn, group_size, bp, N, K, out);
     } else {
-      auto* out = y.data_ptr<float>();
-      if (amx) amx_int4_blocks(next, blocks, xp, sx.data_ptr<float>(), M, w, s, mn, group_size, bp, N, K, out);
-      else vnni_int4_blocks(next, blocks, xp, sx.data_ptr<float>(), M, w, s, mn, group_size, bp, N, K, out);
+      auto* out = y.data_ptr<float>() + m0 * N;
+      if (amx) amx_int4_blocks(next, blocks, xp + m0 * K, sx.data_ptr<float>() + m0, rows, w, s, mn, group_size, bp, N, K, c0, c1, sums, out);
+      else vnni_int4_blocks(next, blocks, xp + m0 * K, sx.data_ptr<float>() + m0, rows, w, s, mn, group_size, bp, N, K, out);
     }
   });
 #endif

@@ -94,6 +94,27 @@ def test_int4_prompt_gemm_stays_close_to_the_int4_weights(amx, group_size):
     assert all(torch.equal(y, first) for y in outputs.values()), list(outputs)
 
 
+@pytest.mark.parametrize("rows", [500, 600])
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_long_activations_summed_over_k_slices_give_the_same_bits(amx, method, rows):
+    """500 rows x 3,200 columns of packed activations (1.6 MB) exceed the AMX loop's L2 slice, so K is
+    summed in two slices whose int32 partial sums carry over; a 128-wide int4 group straddles the
+    slice boundary; 600 rows run as a chunk of 512 rows and one of 88. Every kernel still gives the
+    same bits, and the per-token int8 result."""
+    torch.manual_seed(3)
+    w, b, x = torch.randn(64, 3200) * 0.05, torch.randn(64), torch.randn(rows, 3200)
+    if method == "int8":
+        q, scale = Q.quantize_int8(w)
+        outputs = {isa: amx.prompt_int8_linear(x, q, scale, b, isa) for isa in available_isas(amx)}
+        reference = per_token(x) @ Q.dequantize_int8(q, scale).double().t() + b.double()
+        assert relative_error(next(iter(outputs.values())), reference) < 1e-5
+    else:
+        packed, scale, minimum = Q.quantize_int4(w, 128)
+        outputs = {isa: amx.prompt_int4_linear(x, packed, scale, minimum, 128, b, isa) for isa in available_isas(amx)}
+    first = next(iter(outputs.values()))
+    assert all(torch.equal(y, first) for y in outputs.values()), list(outputs)
+
+
 def test_prompt_gemm_rejects_shapes_it_cannot_tile(amx):
     q, scale = Q.quantize_int8(torch.randn(48, 128))
     with pytest.raises(RuntimeError, match="N % 32"):
