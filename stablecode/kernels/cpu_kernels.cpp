@@ -1895,8 +1895,7 @@ SC_AMX inline void load_tile_config() {
 //
 // A pair's rescale (a transpose per tile) runs on the vector units while the tile unit works on the
 // next pair: its four tiles are spread over the next pair's K loop, where the out-of-order window
-// overlaps them with queued tile products. Run after the loop, it idled the tile unit for a sixth
-// of the time.
+// overlaps them with queued tile products; run after the loop, it left the tile unit idle.
 template <typename T>
 SC_AMX void amx_weight_block(const int8_t* w, int64_t ldw, const float* sw, const float* b, int64_t n0,
                              const int8_t* xp, const float* sx, int64_t M, int64_t N, int64_t K, int64_t c0,
@@ -1947,9 +1946,8 @@ SC_AMX void amx_weight_block(const int8_t* w, int64_t ldw, const float* sw, cons
 }
 
 // The K chunks of one slice: the packed activations of a slice (every row, its K range) stay in L2
-// while all weight blocks pass over them. Without slicing, a K = 10,240 projection streamed its
-// 5 MB of activations from L3 once per block of 32 weight rows and ran at half the speed of the
-// K = 2,560 ones.
+// while all weight blocks pass over them; unsliced, a long K (the MLP's down projection) streams
+// its activations from L3 once per block of 32 weight rows (docs/performance.md has the figures).
 inline int64_t amx_slices(int64_t M, int64_t K) {
   // Three quarters of this core's L2 (2 MiB on the AMX Xeons so far) for the slice.
   static const int64_t budget = [] {
