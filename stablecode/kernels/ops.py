@@ -129,13 +129,19 @@ def _prefill_attention_shape(q, k, v, start):
     return q.new_empty(q.shape)
 
 
+def sdpa_on_tiles() -> bool:
+    """Whether PyTorch's SDPA multiplies bf16 on AMX tiles here (its CPU flash kernel's brgemm does
+    where the CPU has AMX), which makes it faster than the prompt attention kernel (docs/performance.md)."""
+    return torch.cpu._is_amx_tile_supported()
+
+
 def use_prefill_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether the prompt attention kernel applies: several bf16 queries on a CPU with AVX512-BF16,
-    a head size that is a multiple of 16, no gradients."""
+    """Whether the prompt attention kernel applies: several bf16 queries on a CPU with AVX512-BF16
+    but no AMX (`sdpa_on_tiles`), a head size that is a multiple of 16, no gradients."""
     library = build.loaded()
     return (q.shape[2] > 1 and q.device.type == "cpu" and q.dtype == torch.bfloat16 and k.dtype == torch.bfloat16
             and q.shape[-1] % 16 == 0 and q.shape[-1] <= 256 and not q.requires_grad
-            and library is not None and library.bf16_attention_available())
+            and library is not None and library.bf16_attention_available() and not sdpa_on_tiles())
 
 
 @torch.library.custom_op("stablecode::train_attention", mutates_args=())
@@ -212,20 +218,26 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     lengths [B]: how many keys each row's last query sees; it says the same as `mask`, for the
     decode kernel, which reads only those keys instead of applying a mask.
     start: the queries (of one sequence, when `rows` is given) sit at slots start..start+T-1 over
-    keys from slot 0 (`mask` then is causal from there), which the prompt kernel takes. Training
+    keys from slot 0 (`mask` then is causal from there): the prompt kernel's case, or SDPA over
+    that row's keys where SDPA is the faster (`use_prefill_attention`). Training
     (causal, with gradients) takes the training kernel. Elsewhere PyTorch's SDPA.
     """
-    if start is not None and use_prefill_attention(q, k) and (rows is None or rows.numel() == 1):
-        if rows is not None:
-            row = int(rows[0])
-            k, v = k[row:row + 1], v[row:row + 1]
-        end = start + q.shape[2]
-        if k.shape[2] >= end:
-            return prefill_attention(q, k[:, :, :end], v[:, :, :end], start)
     if is_causal and mask is None and rows is None and use_train_attention(q, k, v):
         # SDPA's dtype under autocast (rotary leaves q and k in fp32 beside a bf16 v).
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
         return train_attention(q.to(dtype), k.to(dtype), v.to(dtype))[0]
+    if start is not None and q.shape[2] > 1 and (rows is None or rows.numel() == 1) and k.shape[2] >= start + q.shape[2]:
+        # One sequence's prompt (or a chunk of it): its cache row as a view, keys up to the last query.
+        if rows is not None:
+            row = int(rows[0])
+            k, v = k[row:row + 1], v[row:row + 1]
+        end = start + q.shape[2]
+        k, v = k[:, :, :end], v[:, :, :end]
+        if use_prefill_attention(q, k):
+            return prefill_attention(q, k, v, start)
+        if start == 0:  # causal from the first key: SDPA skips the hidden blocks instead of masking them
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if not is_causal and use_decode_attention(q, k, gathering=rows is not None):
         # One new token per row on the CPU: one pass over each row's cached keys and values.
         return decode_attention(q, k, v, rows, lengths)

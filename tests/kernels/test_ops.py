@@ -271,6 +271,7 @@ def test_bf16_prompt_chunks_over_the_cache_take_the_prefill_kernel(ext, monkeypa
     # per-row positions in its own cache row.
     if not ext.bf16_attention_available():
         pytest.skip("the prompt attention kernel needs AVX512-BF16")
+    monkeypatch.setattr(ops, "sdpa_on_tiles", lambda: False)  # the kernel's route, on AMX CPUs too
     calls = []
     monkeypatch.setattr(ops, "prefill_attention",
                         lambda q, k, v, start: calls.append((q.shape[2], start)) or ext.prefill_attention(q, k, v, start))
@@ -287,6 +288,39 @@ def test_bf16_prompt_chunks_over_the_cache_take_the_prefill_kernel(ext, monkeypa
             model(prompt[:, :30], cache=cache, input_pos=0)
             tail = model(prompt[:, 30:], cache=cache, input_pos=30)[:, -1]
     assert calls == [(40, 0)] * CONFIG.num_layers + [(30, 0)] * CONFIG.num_layers + [(10, 30)] * CONFIG.num_layers
+    assert (tail.float() - full.float()).abs().max() < 0.05 * full.float().abs().max()
+
+
+@pytest.mark.parametrize("per_row", [False, True], ids=["contiguous-slots", "engine-rows"])
+def test_where_sdpa_runs_on_amx_tiles_prompt_chunks_take_it_over_a_view_of_their_row(ext, monkeypatch, per_row):
+    # On AMX CPUs SDPA is faster than the prompt kernel: chunks go to it with their own cache row
+    # cut at the last query's key (no copy of the cache), causal from slot 0, masked after it.
+    monkeypatch.setattr(ops, "sdpa_on_tiles", lambda: True)
+    monkeypatch.setattr(ops, "prefill_attention", lambda *args: pytest.fail("the prompt kernel ran"))
+    calls, real_sdpa = [], F.scaled_dot_product_attention
+
+    def sdpa(q, k, v, attn_mask=None, is_causal=False):
+        calls.append((q.shape[2], k.shape[0], k.shape[2], is_causal, attn_mask is not None, 
+                      k.untyped_storage().nbytes() > k.numel() * k.element_size()))  # inside the cache
+        return real_sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+
+    monkeypatch.setattr(ops.F, "scaled_dot_product_attention", sdpa)
+    model = GPTNeoX(CONFIG).to(torch.bfloat16).eval()
+    prompt = torch.randint(0, CONFIG.vocab_size, (1, 40))
+    with torch.inference_mode():
+        cache = KVCache.for_model(model, 3, 64)
+        full = model(prompt, cache=cache, input_pos=0)[:, -1]
+        cache = KVCache.for_model(model, 3, 64)
+        if per_row:
+            row = torch.tensor([2])
+            model(prompt[:, :30], cache=cache, input_pos=torch.arange(30)[None], cache_rows=row)
+            tail = model(prompt[:, 30:], cache=cache, input_pos=torch.arange(30, 40)[None], cache_rows=row)[:, -1]
+        else:
+            model(prompt[:, :30], cache=cache, input_pos=0)
+            tail = model(prompt[:, 30:], cache=cache, input_pos=30)[:, -1]
+    layers = CONFIG.num_layers
+    assert calls == ([(40, 1, 40, True, False, True)] * layers + [(30, 1, 30, True, False, True)] * layers
+                     + [(10, 1, 40, False, True, True)] * layers)
     assert (tail.float() - full.float()).abs().max() < 0.05 * full.float().abs().max()
 
 
