@@ -113,8 +113,10 @@ def worker_ours(args) -> dict:
     from stablecode import quantize as Q
     from stablecode.inference.engine import PREFILL_CHUNK
     from stablecode.kv_cache import KVCache
+    from stablecode.machine import keep_freed_memory
 
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # the inference engine's heap setting, so prompts run as they do there
     start = time.perf_counter()
     model = load_model(args.model)
     kernels.load()  # as the inference engine does before its first pass (STABLECODE_KERNELS=torch: none)
