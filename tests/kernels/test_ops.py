@@ -265,6 +265,25 @@ def test_prefill_attention_kernel_matches_causal_attention(ext, batch, heads, st
     assert (y.double() - expected).abs().mean() <= 2 ** -10
 
 
+def whole_prompt_and_in_two_chunks(per_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A bf16 model's last logits for a 40-token prompt run whole (from slot 0 of a cache), then run
+    as 30 + 10 tokens: from slot 0 of row 0 (`start`), or as the engine runs chunks, with per-row
+    positions in its own cache row (row 2)."""
+    model = GPTNeoX(CONFIG).to(torch.bfloat16).eval()
+    prompt = torch.randint(0, CONFIG.vocab_size, (1, 40))
+    with torch.inference_mode():
+        full = model(prompt, cache=KVCache.for_model(model, 3, 64), input_pos=0)[:, -1]
+        cache = KVCache.for_model(model, 3, 64)
+        if per_row:
+            row = torch.tensor([2])
+            model(prompt[:, :30], cache=cache, input_pos=torch.arange(30)[None], cache_rows=row)
+            tail = model(prompt[:, 30:], cache=cache, input_pos=torch.arange(30, 40)[None], cache_rows=row)[:, -1]
+        else:
+            model(prompt[:, :30], cache=cache, input_pos=0)
+            tail = model(prompt[:, 30:], cache=cache, input_pos=30)[:, -1]
+    return full, tail
+
+
 @pytest.mark.parametrize("per_row", [False, True], ids=["contiguous-slots", "engine-rows"])
 def test_bf16_prompt_chunks_over_the_cache_take_the_prefill_kernel(ext, monkeypatch, per_row):
     # Both ways a prompt runs: from slot 0 of row 0 (start), and as the engine runs a chunk, with
@@ -275,18 +294,7 @@ def test_bf16_prompt_chunks_over_the_cache_take_the_prefill_kernel(ext, monkeypa
     calls = []
     monkeypatch.setattr(ops, "prefill_attention",
                         lambda q, k, v, start: calls.append((q.shape[2], start)) or ext.prefill_attention(q, k, v, start))
-    model = GPTNeoX(CONFIG).to(torch.bfloat16).eval()
-    prompt = torch.randint(0, CONFIG.vocab_size, (1, 40))
-    with torch.inference_mode():
-        full = model(prompt)[:, -1]
-        cache = KVCache.for_model(model, 3, 64)
-        if per_row:
-            row = torch.tensor([2])
-            model(prompt[:, :30], cache=cache, input_pos=torch.arange(30)[None], cache_rows=row)
-            tail = model(prompt[:, 30:], cache=cache, input_pos=torch.arange(30, 40)[None], cache_rows=row)[:, -1]
-        else:
-            model(prompt[:, :30], cache=cache, input_pos=0)
-            tail = model(prompt[:, 30:], cache=cache, input_pos=30)[:, -1]
+    full, tail = whole_prompt_and_in_two_chunks(per_row)
     assert calls == [(40, 0)] * CONFIG.num_layers + [(30, 0)] * CONFIG.num_layers + [(10, 30)] * CONFIG.num_layers
     assert (tail.float() - full.float()).abs().max() < 0.05 * full.float().abs().max()
 
@@ -300,24 +308,12 @@ def test_where_sdpa_runs_on_amx_tiles_prompt_chunks_take_it_over_a_view_of_their
     calls, real_sdpa = [], F.scaled_dot_product_attention
 
     def sdpa(q, k, v, attn_mask=None, is_causal=False):
-        calls.append((q.shape[2], k.shape[0], k.shape[2], is_causal, attn_mask is not None, 
+        calls.append((q.shape[2], k.shape[0], k.shape[2], is_causal, attn_mask is not None,
                       k.untyped_storage().nbytes() > k.numel() * k.element_size()))  # inside the cache
         return real_sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
 
     monkeypatch.setattr(ops.F, "scaled_dot_product_attention", sdpa)
-    model = GPTNeoX(CONFIG).to(torch.bfloat16).eval()
-    prompt = torch.randint(0, CONFIG.vocab_size, (1, 40))
-    with torch.inference_mode():
-        cache = KVCache.for_model(model, 3, 64)
-        full = model(prompt, cache=cache, input_pos=0)[:, -1]
-        cache = KVCache.for_model(model, 3, 64)
-        if per_row:
-            row = torch.tensor([2])
-            model(prompt[:, :30], cache=cache, input_pos=torch.arange(30)[None], cache_rows=row)
-            tail = model(prompt[:, 30:], cache=cache, input_pos=torch.arange(30, 40)[None], cache_rows=row)[:, -1]
-        else:
-            model(prompt[:, :30], cache=cache, input_pos=0)
-            tail = model(prompt[:, 30:], cache=cache, input_pos=30)[:, -1]
+    full, tail = whole_prompt_and_in_two_chunks(per_row)
     layers = CONFIG.num_layers
     assert calls == ([(40, 1, 40, True, False, True)] * layers + [(30, 1, 30, True, False, True)] * layers
                      + [(10, 1, 40, False, True, True)] * layers)
