@@ -1242,12 +1242,22 @@ void bf16_linear_dpbf16(const torch::Tensor& x, const torch::Tensor& weight, con
 #endif
 
 #if SC_AMX_BUILD
-// e^x for x <= 0 on 16 lanes, for both attention kernels below: the decode kernel's 8-lane
-// function on each half (one polynomial).
+// e^x for x <= 0 on 16 lanes, for both attention kernels below: the decode kernel's polynomial
+// (exp8_nonpositive) on the full width, with vscalefps for the 2^n.
 SC_AVX512 inline __m512 exp_nonpositive(__m512 x) {
-  const __m256 low = exp8_nonpositive(_mm512_castps512_ps256(x));
-  const __m256 high = exp8_nonpositive(_mm512_extractf32x8_ps(x, 1));
-  return _mm512_insertf32x8(_mm512_castps256_ps512(low), high, 1);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+  f = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), f);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
 }
 
 constexpr int kKeyBlock = 64;   // keys per softmax step: 4 vectors of 16 scores
@@ -1258,9 +1268,21 @@ constexpr int kMaxHeadDim = 256;
 template <int DV>  // D / 16 vectors per value row
 SC_BF16 void prefill_attention_head(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out,
                                     int64_t T, int64_t start, int64_t D, int64_t q_stride, int64_t k_stride,
-                                    int64_t v_stride, uint32_t* kp, float scale) {
+                                    int64_t v_stride, uint32_t* kp, uint32_t* vp, float scale) {
   const int64_t out_stride = D;
   const int64_t L = start + T, groups = (L + 15) / 16, pairs = D / 2;
+  // V as [key pair][dimension]: one load gives 16 dimensions of two consecutive keys, the layout
+  // vdpbf16ps multiplies by a broadcast pair of probabilities. A missing last key is zero.
+  for (int64_t j2 = 0; j2 < (L + 1) / 2; ++j2) {
+    const uint16_t* first = v + 2 * j2 * v_stride;
+    const uint16_t* second = 2 * j2 + 1 < L ? first + v_stride : nullptr;
+    for (int d = 0; d < DV; ++d) {
+      const __m512i a = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(first + 16 * d)));
+      const __m512i b = second ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(second + 16 * d)))
+                               : _mm512_setzero_si512();
+      _mm512_storeu_si512(vp + j2 * D + 16 * d, _mm512_or_si512(a, _mm512_slli_epi32(b, 16)));
+    }
+  }
   // K as [group of 16 keys][dimension pair][key]: one load gives a dimension pair of 16 keys.
   for (int64_t g = 0; g < groups; ++g)
     for (int64_t j = 0; j < 16; ++j) {
@@ -1271,11 +1293,12 @@ SC_BF16 void prefill_attention_head(const uint16_t* q, const uint16_t* k, const 
   const __m512 lane = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int64_t t0 = 0; t0 < T; t0 += kQueryRows) {
     const int rows = static_cast<int>(std::min<int64_t>(kQueryRows, T - t0));
-    float m[kQueryRows], l[kQueryRows];
+    float m[kQueryRows];
+    __m512 l[kQueryRows];  // per-lane sums of the probabilities, added up at the end
     __m512 acc[kQueryRows][DV];
     for (int r = 0; r < kQueryRows; ++r) {
       m[r] = -INFINITY;
-      l[r] = 0.f;
+      l[r] = _mm512_setzero_ps();
       for (int d = 0; d < DV; ++d) acc[r][d] = _mm512_setzero_ps();
     }
     const int64_t last_key = start + t0 + rows - 1;  // the last query sees keys 0 .. last_key
@@ -1296,47 +1319,54 @@ SC_BF16 void prefill_attention_head(const uint16_t* q, const uint16_t* k, const 
           for (int c = 0; c < 4; ++c) s[r][c] = dpbf16(s[r][c], kv[c], qv);
         }
       }
-      alignas(64) float probs[kQueryRows][kKeyBlock];
+      alignas(64) uint32_t probs[kQueryRows][kKeyBlock / 2];
+      // Only blocks that reach past the first query's position hide keys (causally, or past L).
+      const bool diagonal = kb + kKeyBlock - 1 > start + t0;
       for (int r = 0; r < rows; ++r) {
         const float limit = static_cast<float>(start + t0 + r);  // keys past the query's position are hidden
         __m512 best = _mm512_set1_ps(-INFINITY);
-        __mmask16 visible[4];
+        __mmask16 visible[4] = {0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF};
         for (int c = 0; c < 4; ++c) {
-          const __m512 key = _mm512_add_ps(lane, _mm512_set1_ps(static_cast<float>(kb + 16 * c)));
-          visible[c] = _mm512_cmp_ps_mask(key, _mm512_set1_ps(limit), _CMP_LE_OQ);
-          s[r][c] = _mm512_mul_ps(s[r][c], _mm512_set1_ps(scale));
+          if (diagonal) {
+            const __m512 key = _mm512_add_ps(lane, _mm512_set1_ps(static_cast<float>(kb + 16 * c)));
+            visible[c] = _mm512_cmp_ps_mask(key, _mm512_set1_ps(limit), _CMP_LE_OQ);
+          }
           best = _mm512_mask_max_ps(best, visible[c], best, s[r][c]);
         }
-        const float m_new = std::max(m[r], _mm512_reduce_max_ps(best));
-        const float correction = std::exp(m[r] - m_new);
-        m[r] = m_new;
-        __m512 sum = _mm512_setzero_ps();
+        // m is kept in scaled units: the scale folds into the exponent's subtraction.
+        const float m_new = std::max(m[r], scale * _mm512_reduce_max_ps(best));
+        if (m_new > m[r]) {  // a new maximum: rescale what was summed so far
+          const float correction = std::exp(m[r] - m_new);
+          l[r] = _mm512_mul_ps(l[r], _mm512_set1_ps(correction));
+          for (int d = 0; d < DV; ++d) acc[r][d] = _mm512_mul_ps(acc[r][d], _mm512_set1_ps(correction));
+          m[r] = m_new;
+        }
         __m512 p[4];
         for (int c = 0; c < 4; ++c) {
-          p[c] = _mm512_maskz_mov_ps(visible[c], exp_nonpositive(_mm512_sub_ps(s[r][c], _mm512_set1_ps(m_new))));
-          sum = _mm512_add_ps(sum, p[c]);
+          const __m512 e = exp_nonpositive(_mm512_fmsub_ps(s[r][c], _mm512_set1_ps(scale), _mm512_set1_ps(m_new)));
+          p[c] = diagonal ? _mm512_maskz_mov_ps(visible[c], e) : e;
+          l[r] = _mm512_add_ps(l[r], p[c]);
         }
-        l[r] = l[r] * correction + _mm512_reduce_add_ps(sum);
-        for (int d = 0; d < DV; ++d) acc[r][d] = _mm512_mul_ps(acc[r][d], _mm512_set1_ps(correction));
-        for (int c = 0; c < 4; ++c) _mm512_store_ps(probs[r] + 16 * c, p[c]);
+        // bf16 pairs of consecutive keys' probabilities: word j holds keys 2j and 2j + 1.
+        _mm512_store_si512(probs[r], (__m512i)_mm512_cvtne2ps_pbh(p[1], p[0]));
+        _mm512_store_si512(probs[r] + 16, (__m512i)_mm512_cvtne2ps_pbh(p[3], p[2]));
       }
-      // P·V in fp32: the probabilities stay fp32 (bf16 ones cost accuracy that SDPA keeps).
+      // P·V on vdpbf16ps, two keys per product. The probabilities are rounded to bf16 here (as
+      // SDPA's AMX path does); their sum l stays the fp32 one.
       const int64_t keys = std::min<int64_t>(kKeyBlock, std::min(L, last_key + 1) - kb);
-      for (int64_t j = 0; j < keys; ++j) {
-        __m512 vv[DV];
-        const uint16_t* row = v + (kb + j) * v_stride;
-        for (int d = 0; d < DV; ++d)
-          vv[d] = _mm512_castsi512_ps(_mm512_slli_epi32(
-              _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 16 * d))), 16));
+      for (int64_t j2 = 0; j2 < (keys + 1) / 2; ++j2) {
+        __m512i vv[DV];
+        const uint32_t* pair = vp + (kb / 2 + j2) * D;
+        for (int d = 0; d < DV; ++d) vv[d] = _mm512_loadu_si512(pair + 16 * d);
         for (int r = 0; r < kQueryRows; ++r) {
           if (r >= rows) break;
-          const __m512 pr = _mm512_set1_ps(probs[r][j]);
-          for (int d = 0; d < DV; ++d) acc[r][d] = _mm512_fmadd_ps(pr, vv[d], acc[r][d]);
+          const __m512i pr = _mm512_set1_epi32(static_cast<int>(probs[r][j2]));
+          for (int d = 0; d < DV; ++d) acc[r][d] = dpbf16(acc[r][d], vv[d], pr);
         }
       }
     }
     for (int r = 0; r < rows; ++r) {
-      const __m512 inv = _mm512_set1_ps(1.0f / l[r]);
+      const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(l[r]));
       for (int d = 0; d < DV; ++d) {
         const __m256i bf = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[r][d], inv));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (t0 + r) * out_stride + 16 * d), bf);
@@ -1366,7 +1396,7 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k, 
   const auto* vp = reinterpret_cast<const uint16_t*>(v.data_ptr());
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<uint32_t> kbuf(groups * 16 * (D / 2));
+    std::vector<uint32_t> kbuf(groups * 16 * (D / 2)), vbuf((L + 1) / 2 * D);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       const uint16_t* qh = qp + b * q.stride(0) + h * q.stride(1);
@@ -1374,7 +1404,7 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k, 
       const uint16_t* vh = vp + b * v.stride(0) + h * v.stride(1);
       uint16_t* oh = op + (b * H + h) * T * D;
       switch (D / 16) {
-#define SC_HEAD(N) case N: prefill_attention_head<N>(qh, kh, vh, oh, T, start, D, q.stride(2), k.stride(2), v.stride(2), kbuf.data(), scale); break;
+#define SC_HEAD(N) case N: prefill_attention_head<N>(qh, kh, vh, oh, T, start, D, q.stride(2), k.stride(2), v.stride(2), kbuf.data(), vbuf.data(), scale); break;
         SC_HEAD(1) SC_HEAD(2) SC_HEAD(3) SC_HEAD(4) SC_HEAD(5) SC_HEAD(6) SC_HEAD(7) SC_HEAD(8)
         SC_HEAD(9) SC_HEAD(10) SC_HEAD(11) SC_HEAD(12) SC_HEAD(13) SC_HEAD(14) SC_HEAD(15) SC_HEAD(16)
 #undef SC_HEAD
