@@ -29,6 +29,10 @@ OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "
 # Host names always accepted: loopback names, and (in host_allowed) any IP literal, since DNS
 # rebinding needs a host name the attacker controls.
 LOOPBACK_NAMES = ("localhost",)
+# Chat routes that chat clients (Continue's chat, the ollama CLI) try first: a completion model has
+# no chat template, so the 404 says where the same request goes instead.
+CHAT_ROUTES = {"/v1/chat/completions": "POST /v1/completions with the code before the cursor as `prompt`",
+               "/api/chat": "POST /api/generate with the code before the cursor as `prompt`"}
 RETRY_AFTER_SECONDS = 1  # 429: the queue drains in about a completion's time
 
 
@@ -217,7 +221,10 @@ def create_app(model: str | os.PathLike | None = None, *, dtype: str | None = No
         kind = {401: "authentication", 404: "not_found", 405: "not_found", 429: "overloaded"}.get(
             e.status_code, "server_error" if e.status_code >= 500 else "validation")
         message = str(e.detail)
-        if e.status_code == 404:
+        if e.status_code == 404 and request.url.path in CHAT_ROUTES:
+            message = (f"no route {request.method} {request.url.path}: this server completes code and has no chat "
+                       f"template; use {CHAT_ROUTES[request.url.path]} (see /docs)")
+        elif e.status_code == 404:
             message = f"no route {request.method} {request.url.path}; see /docs for the API"
         elif e.status_code == 400:
             message = f"the request body could not be parsed: it must be JSON encoded in UTF-8 ({e.detail})"

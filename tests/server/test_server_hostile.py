@@ -164,7 +164,10 @@ def test_huge_body_is_refused_before_parsing(client, server):
 def test_unknown_route_and_method(client):
     assert "no route" in tgi_error(client.post("/generate_everything", json={}), 404)
     assert tgi_error(client.get("/generate"), 405)
-    assert "no route" in openai_error(client.post("/v1/chat/completions", json={}), 404)
+    # Chat routes: a completion model has no chat template; the error names the completion route.
+    assert "use POST /v1/completions" in openai_error(client.post("/v1/chat/completions", json={}), 404)
+    response = client.post("/api/chat", json={"model": "m", "messages": []})
+    assert response.status_code == 404 and "use POST /api/generate" in response.text
 
 
 def test_api_key(tiny_checkpoint):
