@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,15 +24,8 @@ from stablecode import kernels
 from stablecode.kernels import ops
 from stablecode.machine import describe_cpu
 
-
-def best_time(fn, min_time: float, max_reps: int = 20) -> float:
-    fn()
-    times, start = [], time.perf_counter()
-    while len(times) < max_reps and (len(times) < 3 or time.perf_counter() - start < min_time):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gemm import best_time  # noqa: E402  (a sibling script)
 
 
 def case(queries: int, keys: int, heads: int, head_dim: int, min_time: float) -> dict:

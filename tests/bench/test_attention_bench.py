@@ -2,24 +2,11 @@
 math, for a whole prompt and for an engine chunk at an offset, and each case says which route the
 engine takes on this CPU."""
 
-import importlib.util
-from pathlib import Path
-
 from stablecode import kernels
 from stablecode.kernels import ops
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_attention_bench():
-    spec = importlib.util.spec_from_file_location("bench_attention", ROOT / "scripts" / "bench" / "attention.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_whole_prompts_and_chunks_match_fp32_math_on_every_route():
-    bench = load_attention_bench()
+def test_whole_prompts_and_chunks_match_fp32_math_on_every_route(bench_script):
+    bench = bench_script("attention")
     kernels.load()
     for queries, keys in [(48, 48), (32, 96)]:
         row = bench.case(queries, keys, heads=2, head_dim=32, min_time=0.0)

@@ -1,26 +1,14 @@
 """scripts/bench/cpu.py --rounds: engines run in turn, figures are medians over the rounds, and each
 ratio is taken within a round (engines close in time), then the median."""
 
-import importlib.util
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_cpu_bench():
-    spec = importlib.util.spec_from_file_location("bench_cpu", ROOT / "scripts" / "bench" / "cpu.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def result(prefill_s: float, decode_tok_s: float, rss: int = 100) -> dict:
     return {"load_s": 1.0, "prefill_s": {"512": prefill_s}, "decode_tok_s": decode_tok_s, "peak_rss": rss,
             "weight_bytes": 10}
 
 
-def test_rounds_merge_to_medians_and_keep_every_round():
-    bench = load_cpu_bench()
+def test_rounds_merge_to_medians_and_keep_every_round(bench_script):
+    bench = bench_script("cpu")
     merged = bench.merge_rounds([result(2.0, 10.0, 100), result(4.0, 30.0, 300), result(3.0, 20.0, 200)])
     assert merged["prefill_s"] == {"512": 3.0} and merged["decode_tok_s"] == 20.0
     assert merged["peak_rss"] == 300
@@ -28,8 +16,8 @@ def test_rounds_merge_to_medians_and_keep_every_round():
     assert bench.merge_rounds([result(2.0, 10.0)]) == result(2.0, 10.0)
 
 
-def test_ratios_are_taken_within_each_round():
-    bench = load_cpu_bench()
+def test_ratios_are_taken_within_each_round(bench_script):
+    bench = bench_script("cpu")
     # The machine's speed changes between rounds. Within the rounds ours decodes 1.5x, 1.25x and 3x
     # as fast: the median is 1.5x, where the ratio of the engines' own medians (7.5 / 6) would be 1.25x.
     ours = bench.merge_rounds([result(1.0, 15.0), result(2.0, 7.5), result(4.0, 6.0)])
