@@ -41,6 +41,12 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def int8_row_sums(q: torch.Tensor) -> torch.Tensor:
+    """Each int8 weight row's sum, int32 [N]: the VNNI kernels multiply x + 128 (unsigned) by the
+    weights and take 128 x this sum off, one product per byte instead of a sign flip and a product."""
+    return q.sum(dim=1, dtype=torch.int32)
+
+
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return (q.to(dtype) * scale.to(dtype)[:, None])
 
@@ -110,7 +116,9 @@ def _dequantized_linear(layer: nn.Module, rows: torch.Tensor, out_dtype: torch.d
 
 
 class Int8Linear(nn.Module):
-    """Linear layer with int8 weights (per-output-channel scales); state: weight, scale, bias."""
+    """Linear layer with int8 weights (per-output-channel scales); state: weight, scale, bias.
+
+    `row_sums` (the weight rows' sums, for the kernels) is derived from the weight, never stored."""
 
     prompt_precision = "int8"  # "float": prompts dequantize and run a float GEMM (for comparisons)
 
@@ -120,13 +128,19 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("row_sums", torch.empty(out_features, dtype=torch.int32, device=device), persistent=False)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) \
             if bias else None
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.row_sums = int8_row_sums(self.weight)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
         layer.weight, layer.scale = quantize_int8(linear.weight.detach())
+        layer.row_sums = int8_row_sums(layer.weight)
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
         return layer
@@ -138,7 +152,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = _rows(x)
         if use_linear_kernels(rows):
-            y = int8_linear(rows, self.weight, self.scale, self.bias)
+            y = int8_linear(rows, self.weight, self.scale, self.row_sums, self.bias)
         elif self.prompt_precision == "int8" and use_prompt_kernels(rows, self.out_features):
             y = prompt_int8_linear(rows, self.weight, self.scale, self.bias)
         elif rows.shape[0] <= ops.DECODE_MAX_ROWS and rows.device.type == "cpu":

@@ -147,6 +147,11 @@ def test_quantized_checkpoint_loads_without_requantizing(tmp_path, byte_tokenize
     ids = torch.randint(0, CONFIG.vocab_size, (2, 12))
     with torch.no_grad():
         assert torch.equal(loaded(ids), model(ids))
+        # A token a row: the decode kernels, with the weight row sums derived again at load.
+        assert torch.equal(loaded(ids[:, :1]), model(ids[:, :1]))
+        assert torch.equal(loaded(ids[:1, :1]), model(ids[:1, :1]))
+    if method == "int8":
+        assert torch.equal(loaded.embed_out.row_sums, loaded.embed_out.weight.sum(1, dtype=torch.int32))
     # Asking for the stored method is fine; asking for another one is a clear error.
     assert isinstance(load_model(tmp_path / "q", quantize=method).embed_out, type(model.embed_out))
     with pytest.raises(CheckpointError, match="cannot load it as"):

@@ -156,7 +156,6 @@ inline float rescale(int32_t acc, float sx, float sw, float b) { return std::fma
 struct RowQuantized {
   torch::Tensor q;          // int8 [M, K]
   torch::Tensor shifted;    // uint8 [M, K]: q + 128, vpdpbusd's unsigned operand
-  torch::Tensor magnitude;  // uint8 [M, K]: |q|
   torch::Tensor scale;      // fp32 [M]
 };
 
@@ -166,12 +165,10 @@ RowQuantized quantize_rows_impl(const torch::Tensor& x) {
   const int64_t M = x.size(0), K = x.size(1);
   RowQuantized out{torch::empty({M, K}, x.options().dtype(torch::kInt8)),
                    torch::empty({M, K}, x.options().dtype(torch::kUInt8)),
-                   torch::empty({M, K}, x.options().dtype(torch::kUInt8)),
                    torch::empty({M}, x.options().dtype(torch::kFloat32))};
   const T* src = x.data_ptr<T>();
   int8_t* q = out.q.data_ptr<int8_t>();
   uint8_t* shifted = out.shifted.data_ptr<uint8_t>();
-  uint8_t* magnitude = out.magnitude.data_ptr<uint8_t>();
   float* scale = out.scale.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m) {
     float amax = 0.f;
@@ -181,7 +178,6 @@ RowQuantized quantize_rows_impl(const torch::Tensor& x) {
       const int32_t r = std::clamp(static_cast<int32_t>(std::nearbyint(to_float(src, m * K + k) * inv)), -128, 127);
       q[m * K + k] = static_cast<int8_t>(r);
       shifted[m * K + k] = static_cast<uint8_t>(r + 128);
-      magnitude[m * K + k] = static_cast<uint8_t>(std::abs(r));
     }
     scale[m] = amax / 127.f;
   }
@@ -231,53 +227,37 @@ void int8_row(const int8_t* w, const int8_t* xq, int64_t K, int32_t* total) {
 }
 
 #if SC_VNNI_DECODE
-// The same sums with AVX-512 VNNI's vpdpbusd (on 256-bit registers): (x + 128) times w, one
-// instruction per 32 bytes, then 128 x (the weight row's sum) off. A pass takes NW weight rows and
-// ROWS activation rows, so each load of either feeds several products: with one weight row per
-// pass the activation rows are re-read from L2 for every weight row, which bounds speed.
-// With SUMS, the weight rows' sums too (wanted once per weight row, by the first pass).
-template <int ROWS, int NW, bool SUMS>
-SC_VNNI void int8_tile_vnni(const int8_t* w, const uint8_t* xu, int64_t K, int32_t* total, int32_t* sums) {
-  const __m256i ones = _mm256_set1_epi8(1);
-  __m256i acc[ROWS][NW], wsum[NW];
-  for (int j = 0; j < NW; ++j) {
-    wsum[j] = _mm256_setzero_si256();
-    for (int r = 0; r < ROWS; ++r) acc[r][j] = _mm256_setzero_si256();
-  }
+// The same sums with AVX-512 VNNI's vpdpbusd: (x + 128) times w, one instruction per 32 bytes,
+// then 128 x (the weight row's sum, computed once when the layer was quantized) off. A pass takes
+// NW weight rows and ROWS activation rows, so each load of either feeds several products: with one
+// weight row per pass the activation rows are re-read from L2 for every weight row, which bounds speed.
+template <int ROWS, int NW>
+SC_VNNI void int8_tile_vnni(const int8_t* w, const uint8_t* xu, int64_t K, int32_t* total) {
+  __m256i acc[ROWS][NW];
+  for (int r = 0; r < ROWS; ++r)
+    for (int j = 0; j < NW; ++j) acc[r][j] = _mm256_setzero_si256();
   for (int64_t k = 0; k < K; k += kBlock) {
     __m256i wv[NW];
     for (int j = 0; j < NW; ++j) {
       if (k % 64 == 0) prefetch_ahead(w + j * K + k);
       wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * K + k));
-      if constexpr (SUMS) wsum[j] = dpbusd(wsum[j], ones, wv[j]);
     }
     for (int r = 0; r < ROWS; ++r) {
       const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xu + r * K + k));
       for (int j = 0; j < NW; ++j) acc[r][j] = dpbusd(acc[r][j], xv, wv[j]);
     }
   }
-  for (int j = 0; j < NW; ++j) {
-    if constexpr (SUMS) sums[j] = hsum_epi32(wsum[j]);
-    for (int r = 0; r < ROWS; ++r) total[r * NW + j] = hsum_epi32(acc[r][j]);
-  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int j = 0; j < NW; ++j) total[r * NW + j] = hsum_epi32(acc[r][j]);
 }
 
-// acc += |x| · (w with x's sign) over 64 bytes (AVX-512 has no vpsignb: x's sign bits become a
-// mask, and w is negated under it); `mask` limits the loads to a row's last 32 bytes.
-SC_VNNI inline __m512i signed_dot64(__m512i acc, const int8_t* w, const int8_t* xq, const uint8_t* xa,
-                                    __mmask64 mask = ~__mmask64(0)) {
-  const __m512i wv = _mm512_maskz_loadu_epi8(mask, w);
-  const __mmask64 negative = _mm512_movepi8_mask(_mm512_maskz_loadu_epi8(mask, xq));
-  return dpbusd(acc, _mm512_maskz_loadu_epi8(mask, xa), _mm512_mask_sub_epi8(wv, negative, _mm512_setzero_si512(), wv));
-}
-
-// One activation row (a decode step) against weight rows begin .. end: |x| times (w with x's
-// sign), which needs no weight sums; each weight row is one sequential stream, 128 bytes a step
-// into two accumulators (one alone waits on vpdpbusd's latency: a Zen 5 then read int8 weights
-// slower than bf16 ones).
+// One activation row (a decode step) against weight rows begin .. end, the same (x + 128) · w
+// products on the full 512-bit width: two loads and one vpdpbusd per 64 weight bytes. Each weight
+// row is one sequential stream, 128 bytes a step into two accumulators (one alone waits on
+// vpdpbusd's latency: a Zen 5 then read int8 weights slower than bf16 ones).
 template <typename T>
-SC_VNNI void int8_vector_vnni(const int8_t* xq, const uint8_t* xa, float xs, const int8_t* w, const float* ws, const float* bias,
-                              int64_t K, int64_t begin, int64_t end, T* y) {
+SC_VNNI void int8_vector_vnni(const uint8_t* xu, float xs, const int8_t* w, const float* ws, const int32_t* sums,
+                              const float* bias, int64_t K, int64_t begin, int64_t end, T* y) {
   for (int64_t n = begin; n < end; ++n) {
     const int8_t* row = w + n * K;
     __m512i acc0 = _mm512_setzero_si512(), acc1 = _mm512_setzero_si512();
@@ -285,45 +265,44 @@ SC_VNNI void int8_vector_vnni(const int8_t* xq, const uint8_t* xa, float xs, con
     for (; k + 128 <= K; k += 128) {
       prefetch_ahead(row + k);
       prefetch_ahead(row + k + 64);
-      acc0 = signed_dot64(acc0, row + k, xq + k, xa + k);
-      acc1 = signed_dot64(acc1, row + k + 64, xq + k + 64, xa + k + 64);
+      acc0 = dpbusd(acc0, _mm512_loadu_si512(xu + k), _mm512_loadu_si512(row + k));
+      acc1 = dpbusd(acc1, _mm512_loadu_si512(xu + k + 64), _mm512_loadu_si512(row + k + 64));
     }
     for (; k < K; k += 64) {  // K is a multiple of 32: whole 64s, then perhaps one 32
       prefetch_ahead(row + k);
       const __mmask64 mask = K - k >= 64 ? ~__mmask64(0) : (__mmask64(1) << (K - k)) - 1;
-      acc0 = signed_dot64(acc0, row + k, xq + k, xa + k, mask);
+      acc0 = dpbusd(acc0, _mm512_maskz_loadu_epi8(mask, xu + k), _mm512_maskz_loadu_epi8(mask, row + k));
     }
-    store(y, n, rescale(_mm512_reduce_add_epi32(_mm512_add_epi32(acc0, acc1)), xs, ws[n], bias ? bias[n] : 0.f));
+    const int32_t total = _mm512_reduce_add_epi32(_mm512_add_epi32(acc0, acc1)) - 128 * sums[n];
+    store(y, n, rescale(total, xs, ws[n], bias ? bias[n] : 0.f));
   }
 }
 
 // Weight rows n0 .. n0 + NW against every activation row.
 template <int NW, typename T>
-SC_VNNI void int8_weight_rows_vnni(const RowQuantized& a, const int8_t* w, const float* ws, const float* bias,
-                                   int64_t n0, int64_t N, T* y) {
+SC_VNNI void int8_weight_rows_vnni(const RowQuantized& a, const int8_t* w, const float* ws, const int32_t* sums,
+                                   const float* bias, int64_t n0, int64_t N, T* y) {
   const int64_t M = a.q.size(0), K = a.q.size(1);
   const uint8_t* xu = a.shifted.data_ptr<uint8_t>();
   const float* xs = a.scale.data_ptr<float>();
-  int32_t sums[NW];
   float b[NW];
   for (int j = 0; j < NW; ++j) b[j] = bias ? bias[n0 + j] : 0.f;
   for (int64_t m0 = 0; m0 < M; m0 += kVnniRowTile) {
     const int64_t rows = std::min(kVnniRowTile, M - m0);
     int32_t total[kVnniRowTile * NW];
     dispatch_rows<kVnniRowTile>(rows, [&](auto r) {
-      if (m0 == 0) int8_tile_vnni<r(), NW, true>(w + n0 * K, xu + m0 * K, K, total, sums);
-      else int8_tile_vnni<r(), NW, false>(w + n0 * K, xu + m0 * K, K, total, sums);
+      int8_tile_vnni<r(), NW>(w + n0 * K, xu + m0 * K, K, total);
     });
     for (int64_t r = 0; r < rows; ++r)
       for (int j = 0; j < NW; ++j)
-        store(y, (m0 + r) * N + n0 + j, rescale(total[r * NW + j] - 128 * sums[j], xs[m0 + r], ws[n0 + j], b[j]));
+        store(y, (m0 + r) * N + n0 + j, rescale(total[r * NW + j] - 128 * sums[n0 + j], xs[m0 + r], ws[n0 + j], b[j]));
   }
 }
 #endif
 
 template <typename T>
 void int8_linear_impl(const RowQuantized& a, const torch::Tensor& weight, const torch::Tensor& scale,
-                      const float* bias, bool vnni, torch::Tensor& out) {
+                      const torch::Tensor& row_sums, const float* bias, bool vnni, torch::Tensor& out) {
   const int64_t M = a.q.size(0), K = a.q.size(1), N = weight.size(0);
   const int8_t* xq = a.q.data_ptr<int8_t>();
   const float* xs = a.scale.data_ptr<float>();
@@ -331,9 +310,10 @@ void int8_linear_impl(const RowQuantized& a, const torch::Tensor& weight, const 
   const float* ws = scale.data_ptr<float>();
   T* y = out.data_ptr<T>();
 #if SC_VNNI_DECODE
+  const int32_t* sums = row_sums.data_ptr<int32_t>();
   if (vnni && M == 1) {
     at::parallel_for(0, N, grain_rows(K), [&](int64_t begin, int64_t end) {
-      int8_vector_vnni(xq, a.magnitude.data_ptr<uint8_t>(), xs[0], w, ws, bias, K, begin, end, y);
+      int8_vector_vnni(a.shifted.data_ptr<uint8_t>(), xs[0], w, ws, sums, bias, K, begin, end, y);
     });
     return;
   }
@@ -343,9 +323,9 @@ void int8_linear_impl(const RowQuantized& a, const torch::Tensor& weight, const 
       for (int64_t g = begin; g < end; ++g) {
         const int64_t n0 = g * kVnniWeightRows;
         if (n0 + kVnniWeightRows <= N) {
-          int8_weight_rows_vnni<kVnniWeightRows>(a, w, ws, bias, n0, N, y);
+          int8_weight_rows_vnni<kVnniWeightRows>(a, w, ws, sums, bias, n0, N, y);
         } else {
-          for (int64_t n = n0; n < N; ++n) int8_weight_rows_vnni<1>(a, w, ws, bias, n, N, y);
+          for (int64_t n = n0; n < N; ++n) int8_weight_rows_vnni<1>(a, w, ws, sums, bias, n, N, y);
         }
       }
     });
@@ -1058,12 +1038,16 @@ void check_common(const torch::Tensor& x, const torch::Tensor& weight, const c10
 }
 
 // isa: "" picks the best this CPU has; "avx2" or "avx512-vnni" ask for one (tests compare them).
+// row_sums: int32 [N], each weight row's sum (the VNNI loops multiply x + 128, and take 128 x it off).
 torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scale,
-                          const c10::optional<torch::Tensor>& bias, const std::string& isa) {
+                          const torch::Tensor& row_sums, const c10::optional<torch::Tensor>& bias,
+                          const std::string& isa) {
   check_common(x, weight, bias, weight.size(0));
   TORCH_CHECK(weight.scalar_type() == torch::kInt8 && weight.size(1) == x.size(1), "weight must be int8 [N, K]");
   TORCH_CHECK(x.size(1) % kBlock == 0, "K must be a multiple of 32");
   TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.numel() == weight.size(0), "scale must be fp32 [N]");
+  TORCH_CHECK(row_sums.scalar_type() == torch::kInt32 && row_sums.numel() == weight.size(0) && row_sums.is_contiguous(),
+              "row_sums must be int32 [N] (the weight rows' sums)");
   TORCH_CHECK(isa.empty() || isa == "avx2" || isa == "avx512-vnni", "isa must be '', 'avx2' or 'avx512-vnni'");
   TORCH_CHECK(isa != "avx512-vnni" || vnni_available(), "this CPU cannot run the avx512-vnni kernel");
   const bool vnni = isa.empty() ? vnni_available() : isa == "avx512-vnni";
@@ -1071,8 +1055,8 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& weight, c
   torch::Tensor out = torch::empty({x.size(0), weight.size(0)}, x.options());
   const FloatBias b(bias);
   const float* bp = b.data();
-  if (x.scalar_type() == torch::kBFloat16) int8_linear_impl<c10::BFloat16>(a, weight, scale, bp, vnni, out);
-  else int8_linear_impl<float>(a, weight, scale, bp, vnni, out);
+  if (x.scalar_type() == torch::kBFloat16) int8_linear_impl<c10::BFloat16>(a, weight, scale, row_sums, bp, vnni, out);
+  else int8_linear_impl<float>(a, weight, scale, row_sums, bp, vnni, out);
   return out;
 }
 
@@ -2359,7 +2343,7 @@ torch::Tensor prompt_int4_linear(const torch::Tensor& x, const torch::Tensor& we
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_linear", &int8_linear, "y = x @ dequant(int8 W).T + b with int8-quantized activations",
-        py::arg("x"), py::arg("weight"), py::arg("scale"), py::arg("bias"), py::arg("isa") = "");
+        py::arg("x"), py::arg("weight"), py::arg("scale"), py::arg("row_sums"), py::arg("bias"), py::arg("isa") = "");
   m.def("int4_linear", &int4_linear, "y = x @ dequant(int4 W).T + b with int8-quantized activations",
         py::arg("x"), py::arg("weight"), py::arg("scale"), py::arg("minimum"), py::arg("group_size"),
         py::arg("bias"), py::arg("isa") = "");

@@ -48,10 +48,11 @@ def _kernel_op(kernel):
 
 
 @_kernel_op
-def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, row_sums: torch.Tensor,
                 bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """x [M, K] fp32/bf16 @ (scale[n] * weight[n, k]).T + bias, activations quantized to int8 per 32."""
-    return _library().int8_linear(x, weight, scale, bias)
+    """x [M, K] fp32/bf16 @ (scale[n] * weight[n, k]).T + bias, activations quantized to int8 per row;
+    row_sums: int32 [N], weight.sum(1) (`quantize.int8_row_sums`), which the VNNI loops need."""
+    return _library().int8_linear(x, weight, scale, row_sums, bias)
 
 
 @_kernel_op

@@ -40,7 +40,7 @@ def test_int8_kernel_matches_reference(ext, rows, dtype):
     w, b, x = torch.randn(72, 256), torch.randn(72), torch.randn(rows, 256).to(dtype)
     q, scale = Q.quantize_int8(w)
     expected = per_row(x).double() @ Q.dequantize_int8(q, scale).double().T + b.to(dtype).double()
-    y = ext.int8_linear(x, q, scale, b.to(dtype))
+    y = ext.int8_linear(x, q, scale, Q.int8_row_sums(q), b.to(dtype))
     assert y.dtype == dtype and y.shape == (rows, 72)
     tolerance = 1e-5 if dtype == torch.float32 else 2 ** -8
     assert ((y.double() - expected).abs() <= tolerance * (expected.abs() + 1)).all()
@@ -56,11 +56,12 @@ def test_int8_and_int4_kernels_give_the_same_bits_on_avx2_and_vnni(ext, dtype):
     torch.manual_seed(3)
     w, b = torch.randn(132, 384), torch.randn(132).to(dtype)  # N not a multiple of the 4-row tiles
     q, scale = Q.quantize_int8(w)
+    sums = Q.int8_row_sums(q)
     for rows in (1, 2, 5, 9):
         x = torch.randn(rows, 384).to(dtype)
-        assert torch.equal(ext.int8_linear(x, q, scale, b, "avx2"), ext.int8_linear(x, q, scale, b))
+        assert torch.equal(ext.int8_linear(x, q, scale, sums, b, "avx2"), ext.int8_linear(x, q, scale, sums, b))
     with pytest.raises(RuntimeError, match="isa"):
-        ext.int8_linear(x, q, scale, b, "sse2")
+        ext.int8_linear(x, q, scale, sums, b, "sse2")
     packed, s4, m4 = Q.quantize_int4(w, 64)
     for rows in (1, 3, 6):
         x = torch.randn(rows, 384).to(dtype)
@@ -107,7 +108,7 @@ def test_kernels_without_bias_and_with_zero_input(ext):
     x = torch.zeros(2, 64)
     x[1, :32] = torch.randn(32)  # an all-zero row and an all-zero block: scale 0 must not produce nan
     expected = per_row(x).double() @ Q.dequantize_int8(q, scale).double().T
-    assert torch.allclose(ext.int8_linear(x, q, scale, None).double(), expected, atol=1e-5)
+    assert torch.allclose(ext.int8_linear(x, q, scale, Q.int8_row_sums(q), None).double(), expected, atol=1e-5)
     packed, s4, m4 = Q.quantize_int4(w, 32)
     expected = per_row(x).double() @ Q.dequantize_int4(packed, s4, m4, 32).double().T
     assert torch.allclose(ext.int4_linear(x, packed, s4, m4, 32, None).double(), expected, atol=1e-5)
@@ -120,7 +121,8 @@ def test_a_bf16_bias_gives_the_bits_of_its_fp32_copy(ext):
     q, scale = Q.quantize_int8(w)
     packed, s4, m4 = Q.quantize_int4(w, 64)
     bias = torch.randn(64).bfloat16()
-    for call in (lambda b: ext.int8_linear(x, q, scale, b), lambda b: ext.int4_linear(x, packed, s4, m4, 64, b),
+    sums = Q.int8_row_sums(q)
+    for call in (lambda b: ext.int8_linear(x, q, scale, sums, b), lambda b: ext.int4_linear(x, packed, s4, m4, 64, b),
                  lambda b: ext.prompt_int8_linear(torch.randn(40, 128).bfloat16(), q, scale, b)
                  if ext.prompt_isa() else torch.zeros(1)):
         torch.manual_seed(6)
@@ -171,7 +173,9 @@ def test_the_bf16_dot_kernel_refuses_what_it_cannot_run(ext):
 def test_kernels_refuse_bad_shapes(ext):
     q, scale = Q.quantize_int8(torch.randn(8, 64))
     with pytest.raises(RuntimeError, match="weight"):
-        ext.int8_linear(torch.randn(1, 32), q, scale, None)
+        ext.int8_linear(torch.randn(1, 32), q, scale, Q.int8_row_sums(q), None)
+    with pytest.raises(RuntimeError, match="row_sums"):
+        ext.int8_linear(torch.randn(1, 64), q, scale, Q.int8_row_sums(q).long(), None)
     with pytest.raises(RuntimeError, match="group size"):
         packed, s, m = Q.quantize_int4(torch.randn(8, 64), 32)
         ext.int4_linear(torch.randn(1, 64), packed, s, m, 48, None)

@@ -69,11 +69,12 @@ def test_int8_rows_give_the_same_bits_in_every_kernel_and_batch(amx, dtype):
     w, b, x = torch.randn(96, 320) * 0.05, torch.randn(96).to(dtype), torch.randn(40, 320).to(dtype)
     x[3] *= 40  # rows of very different scales
     q, scale = Q.quantize_int8(w)
-    one_at_a_time = torch.cat([amx.int8_linear(x[i:i + 1], q, scale, b) for i in range(len(x))])
+    sums = Q.int8_row_sums(q)
+    one_at_a_time = torch.cat([amx.int8_linear(x[i:i + 1], q, scale, sums, b) for i in range(len(x))])
     for isa in available_isas(amx):
         assert torch.equal(amx.prompt_int8_linear(x, q, scale, b, isa), one_at_a_time), isa
     for rows in (2, 5, 9, 16):
-        assert torch.equal(amx.int8_linear(x[:rows], q, scale, b), one_at_a_time[:rows])
+        assert torch.equal(amx.int8_linear(x[:rows], q, scale, sums, b), one_at_a_time[:rows])
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])
