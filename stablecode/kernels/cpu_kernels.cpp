@@ -172,9 +172,39 @@ RowQuantized quantize_rows_impl(const torch::Tensor& x) {
   float* scale = out.scale.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m) {
     float amax = 0.f;
-    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(to_float(src, m * K + k)));
+    int64_t k = 0;
+#if SC_AVX2
+    // The same steps 32 values at a time (a decode step quantizes ~570 K activations): max|x|, then
+    // x * inv rounded to nearest even (the default mode, as nearbyint), saturated to int8 by the packs.
+    const auto widen8 = [&](int64_t i) {
+      if constexpr (std::is_same_v<T, float>) return _mm256_loadu_ps(src + i);
+      else return _mm256_castsi256_ps(_mm256_slli_epi32(
+          _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))), 16));
+    };
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const int64_t vector_end = K - K % 32;
+    __m256 top = _mm256_setzero_ps();
+    for (; k < vector_end; k += 8) top = _mm256_max_ps(_mm256_and_ps(widen8(m * K + k), magnitude), top);
+    alignas(32) float tops[8];
+    _mm256_store_ps(tops, top);
+    for (float t : tops) amax = std::max(amax, t);
+#endif
+    for (; k < K; ++k) amax = std::max(amax, std::fabs(to_float(src, m * K + k)));
     const float inv = amax > 0.f ? 127.f / amax : 0.f;
-    for (int64_t k = 0; k < K; ++k) {
+    k = 0;
+#if SC_AVX2
+    const __m256 inv8 = _mm256_set1_ps(inv);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (; k < vector_end; k += 32) {
+      __m256i r[4];
+      for (int i = 0; i < 4; ++i) r[i] = _mm256_cvtps_epi32(_mm256_mul_ps(widen8(m * K + k + 8 * i), inv8));
+      const __m256i bytes = _mm256_permutevar8x32_epi32(
+          _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3])), order);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + m * K + k), bytes);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(shifted + m * K + k), _mm256_xor_si256(bytes, _mm256_set1_epi8(-128)));
+    }
+#endif
+    for (; k < K; ++k) {
       const int32_t r = std::clamp(static_cast<int32_t>(std::nearbyint(to_float(src, m * K + k) * inv)), -128, 127);
       q[m * K + k] = static_cast<int8_t>(r);
       shifted[m * K + k] = static_cast<uint8_t>(r + 128);
