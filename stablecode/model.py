@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stablecode.config import ModelConfig
-from stablecode.kernels import attention
+from stablecode.kernels import attention, gelu, rotary_heads, use_rotary_kernel
 from stablecode.kv_cache import AttentionPlan, KVCache
 
 
@@ -41,6 +41,16 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x_rot * cos + rotated_half * sin, x_pass), dim=-1)
 
 
+def split_heads(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int):
+    """q, k, v [B, H, T, D] from the fused projection [B, T, H·3D] (per head [q_h, k_h, v_h]), q and k rotated."""
+    if use_rotary_kernel(qkv, cos):
+        return rotary_heads(qkv, cos, sin, head_dim)  # the same values in one pass (kernels/)
+    batch, steps, _ = qkv.shape
+    # -1 heads: under tensor parallelism this rank holds only its own whole heads.
+    q, k, v = qkv.view(batch, steps, -1, 3 * head_dim).transpose(1, 2).chunk(3, dim=-1)
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
@@ -52,11 +62,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, plan: AttentionPlan, cache: KVCache | None) -> torch.Tensor:
         batch, steps, _ = x.shape
-        # -1 heads: under tensor parallelism this rank holds only its own whole heads.
-        qkv = self.query_key_value(x).view(batch, steps, -1, 3 * self.head_dim).transpose(1, 2)
-        q, k, v = qkv.chunk(3, dim=-1)
-        q = apply_rotary(q, plan.cos, plan.sin)
-        k = apply_rotary(k, plan.cos, plan.sin)
+        q, k, v = split_heads(self.query_key_value(x), plan.cos, plan.sin, self.head_dim)
         if cache is not None:
             k, v = cache.update(self.layer, k, v, plan)
         y = attention(q, k, v, plan.mask, plan.is_causal, plan.rows, plan.key_lengths, plan.prompt_start)
@@ -70,7 +76,7 @@ class MLP(nn.Module):
         self.dense_4h_to_h = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x)))  # exact erf GELU
+        return self.dense_4h_to_h(gelu(self.dense_h_to_4h(x)))  # exact erf GELU
 
 
 class Block(nn.Module):

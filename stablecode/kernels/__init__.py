@@ -1,5 +1,5 @@
 """Compiled CPU kernels (`cpu_kernels.cpp`), their build, the torch custom ops over them, and the
-one `attention()` the model calls.
+the ops the model calls (`attention()`, `gelu()`, `rotary_heads()`).
 
 The kernels speed up decoding, which streams every weight once per token: int8/int4/bf16
 matrix-vector products with int8-quantized activations (AVX2 where the CPU has it) and attention
@@ -13,12 +13,12 @@ through PyTorch's own ops.
 """
 
 from stablecode.kernels.build import load, load_for, loaded, simd_level, worth_building
-from stablecode.kernels.ops import (DECODE_MAX_ROWS, attention, bf16_linear, decode_attention, gemm_dtype,
+from stablecode.kernels.ops import (DECODE_MAX_ROWS, attention, bf16_linear, decode_attention, gelu, gemm_dtype,
                                     int4_linear, int8_linear, native_bf16, prompt_int4_linear, prompt_int8_linear,
-                                    prompt_isa, train_attention, train_attention_available, use_decode_attention,
-                                    use_linear_kernels, use_prompt_kernels)
+                                    prompt_isa, rotary_heads, train_attention, train_attention_available,
+                                    use_decode_attention, use_linear_kernels, use_prompt_kernels, use_rotary_kernel)
 
-__all__ = ["DECODE_MAX_ROWS", "attention", "bf16_linear", "decode_attention", "gemm_dtype", "int4_linear",
+__all__ = ["DECODE_MAX_ROWS", "attention", "bf16_linear", "decode_attention", "gelu", "gemm_dtype", "int4_linear",
            "int8_linear", "load", "load_for", "loaded", "native_bf16", "prompt_int4_linear", "prompt_int8_linear",
-           "prompt_isa", "simd_level", "train_attention", "train_attention_available", "use_decode_attention", "use_linear_kernels", "use_prompt_kernels",
-           "worth_building"]
+           "prompt_isa", "rotary_heads", "simd_level", "train_attention", "train_attention_available",
+           "use_decode_attention", "use_linear_kernels", "use_prompt_kernels", "use_rotary_kernel", "worth_building"]

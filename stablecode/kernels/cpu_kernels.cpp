@@ -18,6 +18,7 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <c10/util/ParallelGuard.h>
 
 #include <chrono>
 #include <cmath>
@@ -2369,6 +2370,79 @@ torch::Tensor prompt_int4_linear(const torch::Tensor& x, const torch::Tensor& we
 #endif
   return y;
 }
+
+// ---- the small ops of a decode step -----------------------------------------------------------
+
+// GPT-NeoX's rotary step in the dtype T, rounding where PyTorch's separate ops round, so the result
+// equals model.apply_rotary's bit for bit: x·cos and rotate_half(x)·sin each rounded to T, then their
+// sum. fp-contract is off so fp32 keeps the two products unfused, as PyTorch's mul and add are.
+template <typename T>
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("fp-contract=off")))
+#endif
+void rotate_half_split(const T* x, const T* cos, const T* sin, int64_t rotary, int64_t D, T* out) {
+  const int64_t half = rotary / 2;
+  for (int64_t i = 0; i < rotary; ++i) {
+    const float rotated = i < half ? -static_cast<float>(x[i + half]) : static_cast<float>(x[i - half]);
+    const T a = static_cast<T>(static_cast<float>(x[i]) * static_cast<float>(cos[i]));
+    const T b = static_cast<T>(rotated * static_cast<float>(sin[i]));
+    out[i] = static_cast<T>(static_cast<float>(a) + static_cast<float>(b));
+  }
+  for (int64_t i = rotary; i < D; ++i) out[i] = x[i];
+}
+
+template <typename T>
+void rotary_heads_impl(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
+                       int64_t D, torch::Tensor& out) {
+  const int64_t B = qkv.size(0), T_ = qkv.size(1), H = qkv.size(2) / (3 * D), R = cos.size(2);
+  const bool per_row = cos.size(0) > 1;
+  const T* src = qkv.data_ptr<T>();
+  const T* c = cos.data_ptr<T>();
+  const T* sn = sin.data_ptr<T>();
+  T* dst = out.data_ptr<T>();
+  const int64_t part = B * H * T_ * D;  // q, k and v one after another
+  at::parallel_for(0, B * T_, std::max<int64_t>(1, 4096 / std::max<int64_t>(H * D, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t bt = begin; bt < end; ++bt) {
+      const int64_t b = bt / T_, t = bt % T_;
+      const T* cs = c + ((per_row ? b : 0) * T_ + t) * R;
+      const T* sns = sn + ((per_row ? b : 0) * T_ + t) * R;
+      for (int64_t h = 0; h < H; ++h) {
+        const T* head = src + bt * 3 * H * D + h * 3 * D;
+        const int64_t at = ((b * H + h) * T_ + t) * D;
+        rotate_half_split(head, cs, sns, R, D, dst + at);
+        rotate_half_split(head + D, cs, sns, R, D, dst + part + at);
+        std::copy(head + 2 * D, head + 3 * D, dst + 2 * part + at);
+      }
+    }
+  });
+}
+
+// [3, B, H, T, D]: q, k (both rotated) and v of the fused projection qkv [B, T, H·3D] (per head
+// [q_h, k_h, v_h]), with cos/sin [1 or B, T, R] over the first R dims of each head.
+torch::Tensor rotary_heads(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
+                           int64_t head_dim) {
+  TORCH_CHECK(qkv.dim() == 3 && qkv.is_contiguous() && head_dim > 0 && qkv.size(2) % (3 * head_dim) == 0,
+              "qkv must be contiguous [B, T, heads * 3 * head_dim]");
+  TORCH_CHECK(cos.dim() == 3 && cos.sizes() == sin.sizes() && cos.is_contiguous() && sin.is_contiguous() &&
+              (cos.size(0) == 1 || cos.size(0) == qkv.size(0)) && cos.size(1) == qkv.size(1) &&
+              cos.size(2) % 2 == 0 && cos.size(2) <= head_dim,
+              "cos and sin must be contiguous [1 or B, T, even rotary dims <= head_dim]");
+  TORCH_CHECK(cos.scalar_type() == qkv.scalar_type() && sin.scalar_type() == qkv.scalar_type(),
+              "cos and sin must have qkv's dtype");
+  const int64_t B = qkv.size(0), T_ = qkv.size(1), H = qkv.size(2) / (3 * head_dim);
+  torch::Tensor out = torch::empty({3, B, H, T_, head_dim}, qkv.options());
+  if (qkv.scalar_type() == torch::kBFloat16) rotary_heads_impl<c10::BFloat16>(qkv, cos, sin, head_dim, out);
+  else if (qkv.scalar_type() == torch::kFloat32) rotary_heads_impl<float>(qkv, cos, sin, head_dim, out);
+  else TORCH_CHECK(false, "qkv must be fp32 or bf16");
+  return out;
+}
+
+// at::gelu on this thread alone. For a decode step's rows (10,240 values at the 3B shape) PyTorch's
+// GELU would split the work and wait for the other threads, several times longer than doing it here.
+torch::Tensor serial_gelu(const torch::Tensor& x) {
+  c10::ParallelGuard serial(true);
+  return at::gelu(x);
+}
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -2381,6 +2455,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("isa") = "");
   m.def("decode_attention", &decode_attention, "softmax(q k^T / sqrt(D)) v for one query per row and head",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("rows") = py::none(), py::arg("lengths") = py::none());
+  m.def("rotary_heads", &rotary_heads, "[3, B, H, T, D]: q, k rotated and v from the fused projection [B, T, H*3D]",
+        py::arg("qkv"), py::arg("cos"), py::arg("sin"), py::arg("head_dim"));
+  m.def("serial_gelu", &serial_gelu, "exact GELU on the calling thread alone", py::arg("x"));
   m.def("read_bytes", &read_bytes, "sum of all bytes (a memory-bandwidth probe)");
   m.def("prefill_attention", &prefill_attention, "causal attention of a prompt over keys from slot 0 (bf16)",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("start"));

@@ -247,6 +247,41 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
 
 
+def _eager_cpu_inference(x: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and not x.requires_grad and not torch.compiler.is_compiling()
+            and build.loaded() is not None)
+
+
+def use_rotary_kernel(qkv: torch.Tensor, cos: torch.Tensor) -> bool:
+    """Whether `rotary_heads` applies: fp32/bf16 on the CPU, cos in qkv's dtype, no gradients, eager
+    (torch.compile fuses the PyTorch form itself)."""
+    return (qkv.dtype in (torch.float32, torch.bfloat16) and cos.dtype == qkv.dtype and qkv.is_contiguous()
+            and _eager_cpu_inference(qkv))
+
+
+def rotary_heads(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v [B, H, T, D] from the fused projection [B, T, H·3D], q and k rotated over cos/sin's
+    dims ([T, R], or [B, 1, T, R] per row): model.apply_rotary's values in one pass, where PyTorch
+    takes about twenty small ops."""
+    steps, dims = cos.shape[-2], cos.shape[-1]
+    heads = _library().rotary_heads(qkv, cos.reshape(-1, steps, dims).contiguous(),
+                                    sin.reshape(-1, steps, dims).contiguous(), head_dim)
+    return heads[0], heads[1], heads[2]
+
+
+# Up to this many values GELU runs on the calling thread (PyTorch's own grain for elementwise ops).
+SERIAL_GELU_MAX = 32768
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """Exact (erf) GELU, F.gelu's values. A decode step's rows run on the calling thread: PyTorch splits
+    even a 10,240-wide row across threads, and waking and waiting for them costs more than the row."""
+    if x.numel() <= SERIAL_GELU_MAX and _eager_cpu_inference(x):
+        return _library().serial_gelu(x)
+    return F.gelu(x)
+
+
 def use_linear_kernels(rows: torch.Tensor) -> bool:
     """Whether the matrix-vector kernels apply to these activation rows [M, K]."""
     return (rows.device.type == "cpu" and rows.shape[0] <= DECODE_MAX_ROWS

@@ -9,6 +9,7 @@ from stablecode import GPTNeoX, ModelConfig, kernels
 from stablecode import quantize as Q
 from stablecode.kernels import ops
 from stablecode.kv_cache import KVCache
+from stablecode import model as M
 
 CONFIG = ModelConfig(name="kernel-test", vocab_size=320, hidden_size=128, num_layers=2, num_heads=4,
                      intermediate_size=512, max_position_embeddings=128)
@@ -425,3 +426,65 @@ def test_the_int8_peak_probe_reports_the_instruction_set_it_timed(ext):
         assert amx > 2 * vnni
     with pytest.raises(RuntimeError, match="isa must be"):
         ext.int8_peak(10, "sse")
+
+
+# ---- the small ops of a decode step -------------------------------------------------------------
+
+def reference_heads(qkv, cos, sin, head_dim):
+    batch, steps, _ = qkv.shape
+    q, k, v = qkv.view(batch, steps, -1, 3 * head_dim).transpose(1, 2).chunk(3, dim=-1)
+    return M.apply_rotary(q, cos, sin), M.apply_rotary(k, cos, sin), v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch,steps,heads,head_dim,rotary", [(1, 1, 32, 80, 20), (3, 7, 4, 16, 4), (1, 130, 8, 64, 64)])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_rotary_heads_gives_apply_rotarys_bits(ext, dtype, batch, steps, heads, head_dim, rotary, per_row):
+    """q, k rotated and v from the fused projection, equal bit for bit to the PyTorch form (whose
+    products and sum each round to the dtype), for one start shared by all rows or per-row positions."""
+    generator = torch.Generator().manual_seed(steps)
+    qkv = torch.randn(batch, steps, heads * 3 * head_dim, generator=generator).to(dtype)
+    angles = torch.rand(200, rotary, generator=generator) * 50
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    if per_row:
+        positions = torch.randint(0, 200, (batch, steps), generator=generator)
+        cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+    else:
+        cos, sin = cos[5:5 + steps], sin[5:5 + steps]
+    got = ops.rotary_heads(qkv, cos, sin, head_dim)
+    for name, a, b in zip("qkv", got, reference_heads(qkv, cos, sin, head_dim)):
+        assert a.shape == (batch, heads, steps, head_dim) and a.is_contiguous()
+        assert torch.equal(a, b), name
+
+
+def test_rotary_heads_refuses_what_it_cannot_do(ext):
+    qkv, cos = torch.randn(1, 2, 3 * 16), torch.randn(1, 2, 4)
+    with pytest.raises(RuntimeError, match="heads \\* 3 \\* head_dim"):
+        ext.rotary_heads(qkv, cos, cos, 10)
+    with pytest.raises(RuntimeError, match="even rotary dims"):
+        ext.rotary_heads(qkv, torch.randn(1, 2, 3), torch.randn(1, 2, 3), 16)
+    with pytest.raises(RuntimeError, match="qkv's dtype"):
+        ext.rotary_heads(qkv, cos.bfloat16(), cos.bfloat16(), 16)
+    assert not ops.use_rotary_kernel(qkv.requires_grad_(), cos)  # training keeps the PyTorch form (autograd)
+
+
+def test_the_model_runs_the_rotary_kernel_where_it_applies_and_its_logits_are_the_same(ext, monkeypatch):
+    model = GPTNeoX(CONFIG).to(torch.bfloat16).eval()
+    prompt = torch.randint(0, CONFIG.vocab_size, (2, 9))
+    calls = []
+    monkeypatch.setattr(M, "rotary_heads", lambda *a: calls.append(a[0].shape) or ops.rotary_heads(*a))
+    with torch.inference_mode():
+        fused = model(prompt)
+        assert len(calls) == CONFIG.num_layers
+        monkeypatch.setattr(M, "use_rotary_kernel", lambda qkv, cos: False)
+        assert torch.equal(model(prompt), fused)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gelu_gives_pytorchs_exact_gelu(ext, dtype):
+    x = torch.randn(3, 10240, generator=torch.Generator().manual_seed(1)).to(dtype) * 4
+    for rows in (x[:1], x):  # on this thread alone, and above SERIAL_GELU_MAX through F.gelu
+        assert torch.equal(ops.gelu(rows), F.gelu(rows))
+    y = x[:1].clone().requires_grad_()
+    ops.gelu(y).sum().backward()  # with gradients wanted it is F.gelu, differentiable
+    assert y.grad is not None
