@@ -29,3 +29,15 @@ def test_ratios_are_taken_within_each_round(bench_script):
     [single] = [line for line in bench.ratios({"ours-int8": result(1.0, 15.0), "llamacpp-q8_0": result(2.0, 10.0)},
                                               [512], 512) if line]
     assert single == "ours-int8 vs llamacpp-q8_0: prefill 512: 2.00x, decode: 1.50x"
+
+
+def test_decode_bandwidth_is_set_against_the_probe_taken_beside_each_engine(bench_script):
+    bench = bench_script("cpu")
+    machine = {"cpu": "test", "cores": 2, "flags": [], "torch": "x", "load_average": [0, 0, 0]}
+    ours = dict(result(1.0, 2.0), weight_bytes=10 * 10**9, read_gb_s=40.0)  # 20 GB/s decoding
+    peer = dict(result(1.0, 1.0), weight_bytes=10 * 10**9)  # no probe of its own: the run's first one
+    text = bench.report({"machine": machine, "settings": {"prompt_tokens": "512"}, "linear_params": 1,
+                         "read_gb_s": 20.0, "ours-int8": ours, "ct2-int8": peer})
+    assert "| 20.0 (50% of 40.0) |" in text and "| 10.0 (50% of 20.0) |" in text
+    # Rounds keep the median of their probes.
+    assert bench.merge_rounds([dict(ours, read_gb_s=30.0), ours, dict(ours, read_gb_s=50.0)])["read_gb_s"] == 40.0
