@@ -493,6 +493,8 @@ def test_gelu_is_the_exact_erf_gelu(ext, dtype):
         assert ((got - exact).abs() <= 2 ** -8 * exact.abs() + 1e-6).all()
     big = torch.randn(4, 10240).to(dtype)  # above SERIAL_GELU_MAX: F.gelu itself
     assert torch.equal(ops.gelu(big), F.gelu(big))
+    for other in (x[:64].view(8, 8).T, x[:64].half()):  # strided, or another dtype: F.gelu
+        assert torch.equal(ops.gelu(other), F.gelu(other))
     y = x[:10].clone().requires_grad_()
     ops.gelu(y).sum().backward()  # with gradients wanted it is F.gelu, differentiable
     assert y.grad is not None
