@@ -51,6 +51,9 @@ SLOT_GRANULE = 256  # cache rows grow in steps of this many slots
 # With "auto" speculation, drafts are kept when a pass of 1 + 8 tokens costs at most this many plain
 # passes: prompt lookup's accepted guesses on code pay for that (docs/server.md, editor benchmark).
 SPECULATION_COST_LIMIT = 1.5
+# Draft lengths "auto" tries, longest first: where extra rows cost arithmetic (4-bit weights, or int8
+# on two slow cores) a pass of 1 + 8 tokens can be too dear while one of 1 + 4 or 1 + 2 still pays.
+CALIBRATED_DRAFT_TOKENS = (DEFAULT_DRAFT_TOKENS, 4, 2)
 
 
 class Overloaded(Exception):
@@ -426,8 +429,9 @@ class Engine:
 
         Decoding kernels that stream the weights once for all rows make extra tokens nearly free;
         where their cost grows with the rows (measured: int8 on some AVX-512 machines), a pass of 9
-        tokens costs several plain steps and guesses do not pay. Timed once, on slots of a free row
-        past anything it holds, before the first request runs."""
+        tokens costs several plain steps and guesses do not pay; shorter drafts (`CALIBRATED_DRAFT_TOKENS`)
+        are tried before speculation is turned off. Timed once, on slots of a free row past anything
+        it holds, before the first request runs."""
         self._auto_speculation = False
         row = next((r for r, t in enumerate(self._rows) if t is None), None)
         if row is None or self.cache.slots - len(self.cache.tokens[row]) < DEFAULT_DRAFT_TOKENS + 1:
@@ -445,17 +449,23 @@ class Engine:
                 best = min(best, time.perf_counter() - began)
             return best
 
+        self.draft_tokens = 0
+        drafted: dict[int, float] = {}
         try:
             plain = seconds(1)
-            drafted = seconds(1 + DEFAULT_DRAFT_TOKENS)
+            for count in CALIBRATED_DRAFT_TOKENS:
+                drafted[count] = seconds(1 + count)
+                if drafted[count] <= SPECULATION_COST_LIMIT * plain:
+                    self.draft_tokens = count
+                    break
         except Exception:  # the requests' own passes report a broken model; no speculation meanwhile
             log.exception("timing the speculation passes failed")
-            self.draft_tokens = 0
             return
-        self.draft_tokens = DEFAULT_DRAFT_TOKENS if drafted <= SPECULATION_COST_LIMIT * plain else 0
-        self.calibration = {"plain_pass_s": round(plain, 5), "drafted_pass_s": round(drafted, 5)}
-        log.info("speculation %s: a pass of %d tokens takes %.2fx a plain one", "on" if self.draft_tokens else "off",
-                 1 + DEFAULT_DRAFT_TOKENS, drafted / plain)
+        self.calibration = {"plain_pass_s": round(plain, 5),
+                            "drafted_pass_s": {str(count): round(took, 5) for count, took in drafted.items()}}
+        log.info("speculation %s: a pass of 1 + %s tokens takes %s a plain one",
+                 f"on, {self.draft_tokens} guesses" if self.draft_tokens else "off",
+                 " / ".join(map(str, drafted)), " / ".join(f"{took / plain:.2f}x" for took in drafted.values()))
 
     def _grow(self, rows: int, slots: int) -> None:
         """Make the cache at least rows x slots (slots rounded up, both within the limits)."""

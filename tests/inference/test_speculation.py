@@ -2,6 +2,7 @@
 passes, every row of a batch verified in one pass, sampling rows left alone."""
 
 import copy
+import time
 
 import pytest
 
@@ -139,9 +140,33 @@ def test_auto_speculation_is_decided_by_measured_pass_costs(tiny_checkpoint):
     assert completer.complete(PROMPTS[0], max_new_tokens=20).token_ids == expected.token_ids
     stats = completer.engine.stats()
     timing = stats["speculation_calibration"]
-    assert timing["plain_pass_s"] > 0 and timing["drafted_pass_s"] > 0
-    pays = timing["drafted_pass_s"] <= 1.5 * timing["plain_pass_s"]
-    assert stats["speculative_tokens"] == (8 if pays else 0)
+    assert timing["plain_pass_s"] > 0
+    # Draft lengths tried longest first, stopping at the first whose pass costs at most 1.5 plain ones.
+    tried = [(int(count), took) for count, took in timing["drafted_pass_s"].items()]
+    assert [count for count, _ in tried] == [8, 4, 2][:len(tried)] and all(took > 0 for _, took in tried)
+    pays = [count for count, took in tried if took <= 1.5 * timing["plain_pass_s"]]
+    assert pays == [] and len(tried) == 3 or pays == [tried[-1][0]]
+    assert stats["speculative_tokens"] == (pays[0] if pays else 0)
+
+
+def test_auto_speculation_falls_back_to_shorter_drafts_where_long_ones_cost_too_much(tiny_checkpoint, monkeypatch):
+    """A pass's cost grows with its rows, as 4-bit decoding's does on two cores: 1 + 8 tokens cost 1.7
+    plain passes, 1 + 4 tokens 1.4, so "auto" drafts 4 tokens, and greedy output is still the plain one."""
+    from stablecode.inference import engine as engine_module
+
+    completer = Completer(tiny_checkpoint)
+    model_forward = completer.engine.model.forward
+
+    def forward(ids, *args, **kwargs):
+        time.sleep(0.020 + 0.002 * ids.shape[0])  # a fixed cost, and a tenth of it per row
+        return model_forward(ids, *args, **kwargs)
+
+    monkeypatch.setattr(completer.engine.model, "forward", forward)
+    expected = variant(completer, speculative=False, prefix_cache_mb=0).complete(PROMPTS[0], max_new_tokens=20)
+    assert completer.complete(PROMPTS[0], max_new_tokens=20).token_ids == expected.token_ids
+    stats = completer.engine.stats()
+    assert list(stats["speculation_calibration"]["drafted_pass_s"]) == ["8", "4"]
+    assert stats["speculative_tokens"] == 4 == engine_module.CALIBRATED_DRAFT_TOKENS[1]
 
 
 def test_speculative_option_is_checked(tiny_checkpoint):
