@@ -1,4 +1,4 @@
-"""Compiled CPU kernels (`cpu_kernels.cpp`), their build, the torch custom ops over them, and the
+"""Compiled CPU kernels (`cpu_kernels.cpp`), their build, the torch custom ops over them, and
 the ops the model calls (`attention()`, `gelu()`, `rotary_heads()`).
 
 The kernels speed up decoding, which streams every weight once per token: int8/int4/bf16

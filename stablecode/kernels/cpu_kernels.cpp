@@ -540,6 +540,20 @@ SC_VNNI inline __m512i int4_pair_dot(__m512i lo, __m512i hi, const int8_t* x) {
   return dpbusd(dpbusd(_mm512_setzero_si512(), lo, _mm512_loadu_si512(x)), hi, _mm512_loadu_si512(x + 64));
 }
 
+// Groups g0..groups-1 (fewer than 8, past the last whole eight) of one activation row, one at a time
+// from its natural-order activations xq: the tail of both loops below.
+SC_VNNI inline __m256 int4_tail_groups_vnni(__m256 acc, const uint8_t* row, const c10::Half* ws, const c10::Half* wm,
+                                           const int8_t* xq, const float* xg, int64_t g0, int64_t groups) {
+  int32_t dots[8];
+  for (int64_t g = g0; g < groups; ++g) {
+    __m256i dot = _mm256_setzero_si256();
+    for (int64_t k = g * 64; k < (g + 1) * 64; k += kBlock)
+      dot = dpbusd(dot, unpack_u4(row + k / 2), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k)));
+    dots[g - g0] = hsum_epi32(dot);
+  }
+  return add_groups_tail(acc, dots, groups - g0, ws + g0, wm + g0, xg + g0);
+}
+
 // One activation row with groups of 64, as int4_rows_vnni below, each pair of groups split into nibbles
 // as it is read: a decode step through int4_rows_vnni<1> and the 2-16-row loop decoded 3-8% slower.
 SC_VNNI float int4_vector_vnni(const uint8_t* row, const c10::Half* ws, const c10::Half* wm, const int8_t* xp,
@@ -558,16 +572,7 @@ SC_VNNI float int4_vector_vnni(const uint8_t* row, const c10::Half* ws, const c1
     const __m256i sums = ordered_group_sums(pair_dot(g0 / 2), pair_dot(g0 / 2 + 1), pair_dot(g0 / 2 + 2), pair_dot(g0 / 2 + 3));
     acc = add_groups(acc, sums, ws + g0, wm + g0, xg + g0);
   }
-  if (g0 < groups) {  // fewer than 8 groups left: one at a time, from the natural-order activations
-    int32_t dots[8];
-    for (int64_t g = g0; g < groups; ++g) {
-      __m256i dot = _mm256_setzero_si256();
-      for (int64_t k = g * 64; k < (g + 1) * 64; k += kBlock)
-        dot = dpbusd(dot, unpack_u4(row + k / 2), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k)));
-      dots[g - g0] = hsum_epi32(dot);
-    }
-    acc = add_groups_tail(acc, dots, groups - g0, ws + g0, wm + g0, xg + g0);
-  }
+  if (g0 < groups) acc = int4_tail_groups_vnni(acc, row, ws, wm, xq, xg, g0, groups);
   return hsum(acc);
 }
 
@@ -575,7 +580,7 @@ SC_VNNI float int4_vector_vnni(const uint8_t* row, const c10::Half* ws, const c1
 // groups) are one load, split once for all rows into their low nibbles and their high nibbles, which
 // multiply each row's activations permuted into that order (`xp`, rows `xp_stride` apart, see
 // int4_linear_impl), so a register's lanes 0-7 sum one group and lanes 8-15 the next. Eight groups'
-// sums are then reduced together. Groups past the last whole eight read xq in its natural order.
+// sums are then reduced together.
 template <int ROWS>
 SC_VNNI void int4_rows_vnni(const uint8_t* row, const c10::Half* ws, const c10::Half* wm, const int8_t* xp,
                             int64_t xp_stride, const int8_t* xq, const float* xg, int64_t K, float* total) {
@@ -600,18 +605,8 @@ SC_VNNI void int4_rows_vnni(const uint8_t* row, const c10::Half* ws, const c10::
       acc[r] = add_groups(acc[r], sums, ws + g0, wm + g0, xg + r * groups + g0);
     }
   }
-  if (g0 < groups) {  // fewer than 8 groups left: one at a time, from the natural-order activations
-    for (int r = 0; r < ROWS; ++r) {
-      int32_t dots[8];
-      for (int64_t g = g0; g < groups; ++g) {
-        __m256i dot = _mm256_setzero_si256();
-        for (int64_t k = g * 64; k < (g + 1) * 64; k += kBlock)
-          dot = dpbusd(dot, unpack_u4(row + k / 2), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + k)));
-        dots[g - g0] = hsum_epi32(dot);
-      }
-      acc[r] = add_groups_tail(acc[r], dots, groups - g0, ws + g0, wm + g0, xg + r * groups + g0);
-    }
-  }
+  for (int r = 0; r < ROWS && g0 < groups; ++r)
+    acc[r] = int4_tail_groups_vnni(acc[r], row, ws, wm, xq + r * K, xg + r * groups, g0, groups);
   for (int r = 0; r < ROWS; ++r) total[r] = hsum(acc[r]);
 }
 #endif
@@ -2555,8 +2550,9 @@ void gelu_impl(const T* x, T* y, int64_t n) {
   }
 }
 
-// Exact (erf) GELU on this thread alone, for a decode step's rows (10,240 values at the 3B shape):
-// PyTorch's would split them across threads and wait for the others, which costs more than the work.
+// Exact (erf) GELU on this thread alone, for a decode step's rows (10,240 values at the 3B shape).
+// Between the decode kernels PyTorch's took ~7x its standalone time: it splits such a row across
+// threads, and its code runs cold after a kernel has streamed the weights (docs/performance.md).
 torch::Tensor serial_gelu(const torch::Tensor& x) {
   TORCH_CHECK(x.is_contiguous(), "x must be contiguous");
   torch::Tensor y = torch::empty_like(x);

@@ -2,7 +2,6 @@
 passes, every row of a batch verified in one pass, sampling rows left alone."""
 
 import copy
-import time
 
 import pytest
 
@@ -151,16 +150,25 @@ def test_auto_speculation_is_decided_by_measured_pass_costs(tiny_checkpoint):
 
 def test_auto_speculation_falls_back_to_shorter_drafts_where_long_ones_cost_too_much(tiny_checkpoint, monkeypatch):
     """A pass's cost grows with its rows, as 4-bit decoding's does on two cores: 1 + 8 tokens cost 1.7
-    plain passes, 1 + 4 tokens 1.4, so "auto" drafts 4 tokens, and greedy output is still the plain one."""
+    plain passes, 1 + 4 tokens 1.4, so "auto" drafts 4 tokens, and greedy output is still the plain one.
+    The engine's clock is a model of that cost (no real timing), so the decision is deterministic."""
     from stablecode.inference import engine as engine_module
+
+    class Clock:
+        now = 0.0
+
+        @classmethod
+        def perf_counter(cls) -> float:
+            return cls.now
 
     completer = Completer(tiny_checkpoint)
     model_forward = completer.engine.model.forward
 
     def forward(ids, *args, **kwargs):
-        time.sleep(0.020 + 0.002 * ids.shape[0])  # a fixed cost, and a tenth of it per row
+        Clock.now += 0.020 + 0.002 * ids.shape[0]  # a fixed cost, and a tenth of it per row
         return model_forward(ids, *args, **kwargs)
 
+    monkeypatch.setattr(engine_module, "time", Clock)
     monkeypatch.setattr(completer.engine.model, "forward", forward)
     expected = variant(completer, speculative=False, prefix_cache_mb=0).complete(PROMPTS[0], max_new_tokens=20)
     assert completer.complete(PROMPTS[0], max_new_tokens=20).token_ids == expected.token_ids
