@@ -55,6 +55,7 @@ constexpr int64_t kBlock = 32;   // the byte loops' step
 constexpr int64_t kRowTile = 4;  // activation rows that share one read of a weight row (AVX2)
 constexpr int64_t kVnniRowTile = 4;     // the same on VNNI CPUs (32 vector registers), against
 constexpr int64_t kVnniWeightRows = 4;  // this many weight rows per pass
+constexpr int64_t kVnniInt8RowTile = 5;  // int8 weights: up to this many activation rows per pass
 
 bool vnni_available();
 
@@ -92,6 +93,17 @@ constexpr int64_t kPrefetchBytes = 16384;
 inline void prefetch_ahead(const void* p) {
 #if defined(__GNUC__)
   __builtin_prefetch(static_cast<const char*>(p) + kPrefetchBytes, 0, 0);
+#endif
+}
+
+// The same into L2 (prefetcht1) for the int8 loops that take several activation rows per pass
+// (VNNI) and the AVX2 one: there the non-temporal lines were evicted before their use (on the Zen 4,
+// 3 rows against the 3B's weights cost 1.34x one row's pass that way, 1.05x this way, and the AVX2
+// loop's one row got 1.43x faster; docs/performance.md). 64 KiB ahead beat 16 for 5-16 rows.
+constexpr int64_t kKeptPrefetchBytes = 65536;
+inline void prefetch_kept_ahead(const void* p) {
+#if defined(__GNUC__)
+  __builtin_prefetch(static_cast<const char*>(p) + kKeptPrefetchBytes, 0, 2);
 #endif
 }
 
@@ -240,7 +252,7 @@ void int8_row(const int8_t* w, const int8_t* xq, int64_t K, int32_t* total) {
   __m256i acc[ROWS];
   for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_si256();
   for (int64_t k = 0; k < K; k += kBlock) {
-    if (k % 64 == 0) prefetch_ahead(w + k);
+    if (k % 64 == 0) prefetch_kept_ahead(w + k);
     const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
     for (int r = 0; r < ROWS; ++r) {
       const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + k));
@@ -272,7 +284,7 @@ SC_VNNI void int8_tile_vnni(const int8_t* w, const uint8_t* xu, int64_t K, int32
   for (int64_t k = 0; k < K; k += kBlock) {
     __m256i wv[NW];
     for (int j = 0; j < NW; ++j) {
-      if (k % 64 == 0) prefetch_ahead(w + j * K + k);
+      if (k % 64 == 0) prefetch_kept_ahead(w + j * K + k);
       wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * K + k));
     }
     for (int r = 0; r < ROWS; ++r) {
@@ -320,10 +332,13 @@ SC_VNNI void int8_weight_rows_vnni(const RowQuantized& a, const int8_t* w, const
   const float* xs = a.scale.data_ptr<float>();
   float b[NW];
   for (int j = 0; j < NW; ++j) b[j] = bias ? bias[n0 + j] : 0.f;
-  for (int64_t m0 = 0; m0 < M; m0 += kVnniRowTile) {
-    const int64_t rows = std::min(kVnniRowTile, M - m0);
-    int32_t total[kVnniRowTile * NW];
-    dispatch_rows<kVnniRowTile>(rows, [&](auto r) {
+  // Each tile of rows is one more pass over these weight rows (from L2), so as few as fit, evenly
+  // filled: 9 rows as 5 + 4, not 4 + 4 + 1.
+  const int64_t tiles = (M + kVnniInt8RowTile - 1) / kVnniInt8RowTile, tile_rows = (M + tiles - 1) / tiles;
+  for (int64_t m0 = 0; m0 < M; m0 += tile_rows) {
+    const int64_t rows = std::min(tile_rows, M - m0);
+    int32_t total[kVnniInt8RowTile * NW];
+    dispatch_rows<kVnniInt8RowTile>(rows, [&](auto r) {
       int8_tile_vnni<r(), NW>(w + n0 * K, xu + m0 * K, K, total);
     });
     for (int64_t r = 0; r < rows; ++r)

@@ -34,15 +34,15 @@ def per_row(x: torch.Tensor) -> torch.Tensor:
 
 # ---- kernels against reference math ----------------------------------------------------------
 
-@pytest.mark.parametrize("rows", [1, 3, 4, 7, 8, 9, 16])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 7, 8, 9, 11, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_kernel_matches_reference(ext, rows, dtype):
     torch.manual_seed(rows)
-    w, b, x = torch.randn(72, 256), torch.randn(72), torch.randn(rows, 256).to(dtype)
+    w, b, x = torch.randn(74, 256), torch.randn(74), torch.randn(rows, 256).to(dtype)
     q, scale = Q.quantize_int8(w)
     expected = per_row(x).double() @ Q.dequantize_int8(q, scale).double().T + b.to(dtype).double()
     y = ext.int8_linear(x, q, scale, Q.int8_row_sums(q), b.to(dtype))
-    assert y.dtype == dtype and y.shape == (rows, 72)
+    assert y.dtype == dtype and y.shape == (rows, 74)
     tolerance = 1e-5 if dtype == torch.float32 else 2 ** -8
     assert ((y.double() - expected).abs() <= tolerance * (expected.abs() + 1)).all()
     # And the activation quantization itself costs little against exact float math.
@@ -55,10 +55,10 @@ def test_int8_and_int4_kernels_give_the_same_bits_on_avx2_and_vnni(ext, dtype):
     """The sums are exact integers, so the AVX2 loops (the Zen 1-3 path) and the VNNI ones agree bit
     for bit, at any number of rows (on an AVX2-only CPU both calls take the AVX2 loop)."""
     torch.manual_seed(3)
-    w, b = torch.randn(132, 384), torch.randn(132).to(dtype)  # N not a multiple of the 4-row tiles
+    w, b = torch.randn(134, 384), torch.randn(134).to(dtype)  # N not a multiple of the 4 weight rows a pass
     q, scale = Q.quantize_int8(w)
     sums = Q.int8_row_sums(q)
-    for rows in (1, 2, 5, 9):
+    for rows in (1, 2, 5, 6, 9, 10, 13, 16):  # VNNI: tiles of up to 5 activation rows, evenly filled
         x = torch.randn(rows, 384).to(dtype)
         assert torch.equal(ext.int8_linear(x, q, scale, sums, b, "avx2"), ext.int8_linear(x, q, scale, sums, b))
     with pytest.raises(RuntimeError, match="isa"):
