@@ -7,9 +7,12 @@ so two runs minutes apart cannot show a 5-15% change. This script builds the bas
 alternates the two libraries (every kernel call goes through `kernels.loaded()`) step by step over
 rounds of decode steps after a prompt, and once a round over whole prompts with --prompt-tokens. It prints each round's
 figures, the ratio within each round and their median, and whether both gave the same logits.
-The two revisions' kernels must take the same arguments.
+The two revisions' kernels must take the same arguments. With --passes instead of --model it times
+the linear kernels alone: every layer of the 3B's shape (random weights, read cold from memory), M
+activation rows a call, for each M given, as a multiple of the base's one-row pass.
 
     /work/timing.sh python scripts/bench/kernel_ab.py --model /tmp/bench/int8 --base HEAD~1
+    /work/timing.sh python scripts/bench/kernel_ab.py --passes int8 --rows 1,3,9 --base HEAD~1
     python scripts/bench/kernel_ab.py --model DIR --base main --context 64 --steps 2 --rounds 2   # a smoke run
 """
 
@@ -141,6 +144,65 @@ def measure(model, libraries: dict[str, object], context: int = 512, steps: int 
     return result
 
 
+LAYER_SHAPES = [(7680, 2560), (2560, 2560), (10240, 2560), (2560, 10240)]  # the 3B's four matrices a layer
+
+
+def weight_passes(kind: str, layers: int = 32) -> list:
+    """(in_features, f(library, x) -> y) for each weight of `layers` layers of the 3B's shape, kind
+    int8, int8-avx2 (the AVX2 loop on any CPU), int4, int4-avx2 or bf16."""
+    from stablecode import quantize as Q
+
+    isa = "avx2" if kind.endswith("-avx2") else ""
+    calls = []
+    for _ in range(layers):
+        for n, k in LAYER_SHAPES:
+            if kind.startswith("int8"):
+                q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+                scale, sums = torch.rand(n) * 0.01, Q.int8_row_sums(q)
+                calls.append((k, lambda lib, x, q=q, scale=scale, sums=sums: lib.int8_linear(x, q, scale, sums, None, isa)))
+            elif kind.startswith("int4"):
+                packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8)
+                scale, minimum = (torch.rand(n, k // 64) * 0.01).half(), (-torch.rand(n, k // 64) * 0.1).half()
+                calls.append((k, lambda lib, x, p=packed, s=scale, m=minimum: lib.int4_linear(x, p, s, m, 64, None, isa)))
+            elif kind == "bf16":
+                w = torch.randn(n, k, dtype=torch.bfloat16)
+                calls.append((k, lambda lib, x, w=w: lib.bf16_linear(x, w, None, isa)))
+            else:
+                raise ValueError(f"unknown weight kind {kind!r} (int8, int8-avx2, int4, int4-avx2, bf16)")
+    return calls
+
+
+def measure_passes(calls: list, libraries: dict[str, object], rows: list[int], rounds: int) -> dict:
+    """Seconds per pass over `calls` (`weight_passes`) with M rows, libraries taking turns each round;
+    whether every library gave the same last output."""
+    inputs = {}
+    times = {name: {m: [] for m in rows} for name in libraries}
+    outputs = {}
+    names = list(libraries)
+    for r in range(rounds):
+        for m in rows:
+            for name in (names if r % 2 == 0 else names[::-1]):
+                start = time.perf_counter()
+                for k, call in calls:
+                    y = call(libraries[name], inputs.setdefault((m, k), torch.randn(m, k, dtype=torch.bfloat16)))
+                times[name][m].append(time.perf_counter() - start)
+                outputs[(name, m)] = y
+    same = all(torch.equal(outputs[(names[0], m)], outputs[(n, m)]) for n in names for m in rows)
+    return {"rows": rows, "rounds": rounds, "pass_s": times, "same_outputs": same}
+
+
+def report_passes(result: dict, names: list[str]) -> str:
+    one_row = statistics.median(result["pass_s"][names[0]][result["rows"][0]])
+    lines = [f"passes over the 3B's weights, medians of {result['rounds']} rounds, as a multiple of "
+             f"{names[0]} at {result['rows'][0]} row(s)"]
+    for m in result["rows"]:
+        lines.append(f"  {m:2d} rows: " + "  ".join(
+            f"{n} {statistics.median(result['pass_s'][n][m]) * 1000:7.1f} ms "
+            f"({statistics.median(result['pass_s'][n][m]) / one_row:.2f}x)" for n in names))
+    lines.append("same outputs: " + ("yes" if result["same_outputs"] else "NO (the kernels compute different values)"))
+    return "\n".join(lines)
+
+
 def report(result: dict, names: list[str]) -> str:
     base, other = names
     lines = [f"decode: {result['steps']} steps after {result['context']} tokens, {result['rounds']} rounds, "
@@ -162,7 +224,11 @@ def report(result: dict, names: list[str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, type=Path, help="checkpoint directory (e.g. cpu.py's /tmp/bench/int8)")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--model", type=Path, help="checkpoint directory (e.g. cpu.py's /tmp/bench/int8)")
+    target.add_argument("--passes", choices=["int8", "int8-avx2", "int4", "int4-avx2", "bf16"],
+                        help="time the linear kernels alone over the 3B's weights of this kind")
+    parser.add_argument("--rows", default="1,3,9", help="with --passes: activation rows per call, comma-separated")
     parser.add_argument("--base", required=True, help="git revision whose kernels this tree's are compared against")
     parser.add_argument("--context", type=int, default=512, help="cached tokens before the decode steps")
     parser.add_argument("--steps", type=int, default=12, help="decode steps per round and library")
@@ -181,9 +247,20 @@ def main() -> None:
     current = kernels.load()
     if current is None:
         raise SystemExit("this tree's kernels did not build (see the warning above)")
+    names = [f"base {args.base}", "this tree"]
+    if args.passes:
+        rows = [int(m) for m in args.rows.split(",")]
+        if not rows or min(rows) < 1:
+            parser.error("--rows must list row counts of at least 1")
+        calls = weight_passes(args.passes, layers=32 if args.passes != "bf16" else 16)
+        print(describe_cpu())
+        result = measure_passes(calls, dict(zip(names, (base, current))), rows, args.rounds)
+        print(report_passes(result, names))
+        if args.output:
+            args.output.write_text(json.dumps(result, indent=1))
+        return
     model = load_model(args.model)
     print(describe_cpu())
-    names = [f"base {args.base}", "this tree"]
     result = measure(model, dict(zip(names, (base, current))), args.context, args.steps, args.rounds, args.prompt_tokens)
     print(report(result, names))
     if args.output:

@@ -72,3 +72,17 @@ def test_the_base_source_comes_from_git(bench_script):
     assert "PYBIND11_MODULE" in bench.base_source("HEAD")
     with pytest.raises(SystemExit, match="cannot read"):
         bench.base_source("no-such-revision")
+
+
+def test_weight_passes_time_each_row_count_and_compare_outputs(bench_script):
+    bench = bench_script("kernel_ab")
+    library = kernels.loaded()
+    calls = bench.weight_passes("int8", layers=1)
+    assert [k for k, _ in calls] == [2560, 2560, 2560, 10240]
+    result = bench.measure_passes(calls[:2], {"base": library, "this tree": library}, rows=[1, 3], rounds=2)
+    assert all(len(result["pass_s"][n][m]) == 2 for n in ("base", "this tree") for m in (1, 3))
+    assert result["same_outputs"]
+    text = bench.report_passes(result, ["base", "this tree"])
+    assert " 3 rows:" in text and "same outputs: yes" in text
+    with pytest.raises(ValueError, match="unknown weight kind"):
+        bench.weight_passes("fp8", layers=1)
