@@ -9,7 +9,8 @@ rounds of decode steps after a prompt, and once a round over whole prompts with 
 figures, the ratio within each round and their median, and whether both gave the same logits.
 The two revisions' kernels must take the same arguments. With --passes instead of --model it times
 the linear kernels alone: every layer of the 3B's shape (random weights, read cold from memory), M
-activation rows a call, for each M given, as a multiple of the base's one-row pass.
+activation rows a call, for each M given, as a multiple of the base's one-row pass (bf16: 16 layers,
+the same bytes as 32 of int8).
 
     /work/timing.sh python scripts/bench/kernel_ab.py --model /tmp/bench/int8 --base HEAD~1
     /work/timing.sh python scripts/bench/kernel_ab.py --passes int8 --rows 1,3,9 --base HEAD~1
@@ -149,7 +150,7 @@ LAYER_SHAPES = [(7680, 2560), (2560, 2560), (10240, 2560), (2560, 10240)]  # the
 
 def weight_passes(kind: str, layers: int = 32) -> list:
     """(in_features, f(library, x) -> y) for each weight of `layers` layers of the 3B's shape, kind
-    int8, int8-avx2 (the AVX2 loop on any CPU), int4, int4-avx2 or bf16."""
+    int8, int4 or bf16, each also as KIND-avx2 (the AVX2 loop on any CPU)."""
     from stablecode import quantize as Q
 
     isa = "avx2" if kind.endswith("-avx2") else ""
@@ -164,11 +165,11 @@ def weight_passes(kind: str, layers: int = 32) -> list:
                 packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8)
                 scale, minimum = (torch.rand(n, k // 64) * 0.01).half(), (-torch.rand(n, k // 64) * 0.1).half()
                 calls.append((k, lambda lib, x, p=packed, s=scale, m=minimum: lib.int4_linear(x, p, s, m, 64, None, isa)))
-            elif kind == "bf16":
+            elif kind.startswith("bf16"):
                 w = torch.randn(n, k, dtype=torch.bfloat16)
                 calls.append((k, lambda lib, x, w=w: lib.bf16_linear(x, w, None, isa)))
             else:
-                raise ValueError(f"unknown weight kind {kind!r} (int8, int8-avx2, int4, int4-avx2, bf16)")
+                raise ValueError(f"unknown weight kind {kind!r} (int8, int4, bf16, each also with -avx2)")
     return calls
 
 
@@ -226,7 +227,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--model", type=Path, help="checkpoint directory (e.g. cpu.py's /tmp/bench/int8)")
-    target.add_argument("--passes", choices=["int8", "int8-avx2", "int4", "int4-avx2", "bf16"],
+    target.add_argument("--passes", choices=["int8", "int8-avx2", "int4", "int4-avx2", "bf16", "bf16-avx2"],
                         help="time the linear kernels alone over the 3B's weights of this kind")
     parser.add_argument("--rows", default="1,3,9", help="with --passes: activation rows per call, comma-separated")
     parser.add_argument("--base", required=True, help="git revision whose kernels this tree's are compared against")
@@ -252,7 +253,7 @@ def main() -> None:
         rows = [int(m) for m in args.rows.split(",")]
         if not rows or min(rows) < 1:
             parser.error("--rows must list row counts of at least 1")
-        calls = weight_passes(args.passes, layers=32 if args.passes != "bf16" else 16)
+        calls = weight_passes(args.passes, layers=16 if args.passes.startswith("bf16") else 32)
         print(describe_cpu())
         result = measure_passes(calls, dict(zip(names, (base, current))), rows, args.rounds)
         print(report_passes(result, names))
