@@ -242,6 +242,12 @@ def main() -> None:
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
 
+    try:
+        rows = [int(m) for m in args.rows.split(",")]
+    except ValueError:
+        rows = []
+    if not rows or min(rows) < 1:
+        parser.error(f"--rows must be comma-separated row counts of at least 1, not {args.rows!r}")
     torch.set_num_threads(args.threads)
     keep_freed_memory()
     base = build_base(base_source(args.base))
@@ -250,9 +256,6 @@ def main() -> None:
         raise SystemExit("this tree's kernels did not build (see the warning above)")
     names = [f"base {args.base}", "this tree"]
     if args.passes:
-        rows = [int(m) for m in args.rows.split(",")]
-        if not rows or min(rows) < 1:
-            parser.error("--rows must list row counts of at least 1")
         calls = weight_passes(args.passes, layers=16 if args.passes.startswith("bf16") else 32)
         print(describe_cpu())
         result = measure_passes(calls, dict(zip(names, (base, current))), rows, args.rounds)
