@@ -48,6 +48,14 @@ def test_int8_round_trip_error_is_at_most_half_a_step():
     assert (error <= scale[:, None] / 2 + 1e-7).all()
 
 
+@pytest.mark.parametrize("shape", [(3, 64), (5000, 1024), (4097, 1024)])  # one block; several; a ragged last
+def test_int8_row_sums_are_the_exact_row_sums(shape):
+    torch.manual_seed(shape[0])
+    q = torch.randint(-127, 128, shape, dtype=torch.int8)
+    sums = Q.int8_row_sums(q)
+    assert sums.dtype == torch.int32 and torch.equal(sums, q.to(torch.int64).sum(1).to(torch.int32))
+
+
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 def test_int4_round_trip_error_is_at_most_half_a_step(group_size):
     w = torch.randn(48, 256)
