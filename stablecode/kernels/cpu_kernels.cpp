@@ -53,9 +53,9 @@ namespace {
 
 constexpr int64_t kBlock = 32;   // the byte loops' step
 constexpr int64_t kRowTile = 4;  // activation rows that share one read of a weight row (AVX2)
-constexpr int64_t kVnniRowTile = 4;     // the same on VNNI CPUs (32 vector registers), against
-constexpr int64_t kVnniWeightRows = 4;  // this many weight rows per pass
-constexpr int64_t kVnniInt8RowTile = 5;  // int8 weights: up to this many activation rows per pass
+constexpr int64_t kVnniRowTile = 4;      // the same for 4-bit weights on VNNI CPUs (32 vector registers)
+constexpr int64_t kVnniWeightRows = 4;   // int8 weights on VNNI: this many weight rows per pass, against
+constexpr int64_t kVnniInt8RowTile = 5;  // up to this many activation rows
 
 bool vnni_available();
 
