@@ -25,20 +25,21 @@ class Completer:
     edits an earlier one runs only its new tokens (`prefix_cache_mb` of memory keeps prefixes
     beyond the engine's `max_batch` rows; 0 turns reuse off), and greedy completions verify
     prompt-lookup guesses (`speculative`: "auto" — on where measured to pay on this machine —,
-    True, False or a number of draft tokens per step).
+    True, False or a number of draft tokens per step). `kv_cache_dtype="int8"` halves the KV cache
+    (`stablecode.kv_cache.KVCache`).
     """
 
     def __init__(self, model: str | os.PathLike | None = None, *, dtype: str | torch.dtype | None = None,
                  device: str | torch.device | None = None, quantize: str | None = None, progress: bool = False,
                  max_batch: int = 8, prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
-                 speculative: bool | int | str = "auto"):
+                 speculative: bool | int | str = "auto", kv_cache_dtype: str = "auto"):
         self.model_dir = resolve_model_dir(model)
         self.model = load_model(self.model_dir, dtype=dtype, device=device, quantize=quantize, progress=progress)
         self.tokenizer = load_tokenizer(self.model_dir, vocab_size=self.model.config.vocab_size)
         self.config = self.model.config
         self.device = self.model.device
         self.engine = Engine(self.model, max_batch=max_batch, prefix_cache_mb=prefix_cache_mb,
-                             speculative=speculative)
+                             speculative=speculative, kv_cache_dtype=kv_cache_dtype)
 
     def request(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                 top_k: int = 0, repetition_penalty: float = 1.0, stop: list[str] | tuple[str, ...] | None = None,

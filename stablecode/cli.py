@@ -20,7 +20,8 @@ from pathlib import Path
 from stablecode import __version__
 from stablecode.errors import StablecodeError, StablecodeWarning
 from stablecode.extras import missing_extra_message
-from stablecode.options import DTYPE_CHOICES, QUANTIZE_CHOICES, add_model_options, add_stop_option, apply_threads
+from stablecode.options import (DTYPE_CHOICES, QUANTIZE_CHOICES, add_kv_cache_option, add_model_options, add_stop_option,
+                                apply_threads)
 
 
 # ---- init ------------------------------------------------------------------------------------
@@ -95,9 +96,9 @@ def describe(config) -> str:
     ]
     for dtype, size in (("float32", 4), ("bfloat16/float16", 2), ("int8 (weight-only)", 1), ("int4 (weight-only)", 0.5)):
         lines.append(f"weights {dtype:<17}{config.num_parameters * size / gib:8.2f} GiB")
-    per_token = config.kv_cache_bytes_per_token(2)
-    lines.append(f"KV cache (bf16)          {per_token:,} bytes/token, "
-                 f"{per_token * config.max_position_embeddings / gib:.2f} GiB at full context")
+    for name, per_token in (("bf16", config.kv_cache_bytes_per_token(2)), ("int8", config.kv_cache_bytes_per_token(1))):
+        lines.append(f"KV cache ({name}){'':<{14 - len(name)}}{per_token:,} bytes/token, "
+                     f"{per_token * config.max_position_embeddings / gib:.2f} GiB at full context")
     return "\n".join(lines)
 
 
@@ -126,6 +127,7 @@ def add_complete_command(subparsers) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-stream", action="store_true", help="print the completion only at the end")
     p.add_argument("--show-prompt", action="store_true", help="print the prompt before the completion")
+    add_kv_cache_option(p)
     p.set_defaults(func=run_complete)
 
 
@@ -147,7 +149,7 @@ def run_complete(args) -> None:
     else:
         raise StablecodeError("no prompt: give it as an argument, with --file, or on stdin")
     completer = Completer(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
-                          progress=sys.stderr.isatty())
+                          progress=sys.stderr.isatty(), kv_cache_dtype=args.kv_cache)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    top_k=args.top_k, repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed)
     if args.show_prompt:

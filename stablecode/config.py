@@ -86,7 +86,9 @@ class ModelConfig:
         return v * h + self.num_layers * per_layer + norm + head
 
     def kv_cache_bytes_per_token(self, bytes_per_element: int = 2) -> int:
-        return 2 * self.num_layers * self.hidden_size * bytes_per_element
+        """Keys and values of one token in all layers; an int8 cache (1 byte) adds a float32 scale per head."""
+        scales = 2 * self.num_layers * self.num_heads * 4 if bytes_per_element == 1 else 0
+        return 2 * self.num_layers * self.hidden_size * bytes_per_element + scales
 
     # ---- presets -------------------------------------------------------------------------
 

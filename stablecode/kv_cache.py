@@ -1,7 +1,9 @@
 """The KV cache: keys and values of every layer in one value, and the plan of one forward pass.
 
 `KVCache` holds k and v as [layers, rows, heads, slots, head_dim] tensors (keys after rotation)
-plus, per row, the token ids whose keys and values sit in slots 0..n-1. One row is one sequence;
+plus, per row, the token ids whose keys and values sit in slots 0..n-1. An int8 cache stores each
+key and value row (head_dim values) as int8 with its own float32 scale ([layers, rows, heads, slots]):
+half a bf16 cache's bytes, which decode attention reads once per token. One row is one sequence;
 the inference engine owns the cache, decides which row each sequence uses and keeps the token
 records up to date; the model only reads and writes the slots a forward pass's `AttentionPlan`
 names. Nothing else touches the buffers.
@@ -13,6 +15,9 @@ rolling back (rejected speculation, an edited prompt) is just writing those slot
 from __future__ import annotations
 
 import torch
+
+from stablecode.kernels import quantize_rows
+from stablecode.options import KV_CACHE_DTYPES
 
 
 class AttentionPlan:
@@ -64,27 +69,55 @@ class AttentionPlan:
         return self._slots
 
 
+def check_kv_cache_dtype(kv_cache_dtype: str) -> str:
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"unknown KV cache dtype {kv_cache_dtype!r}: choose one of {', '.join(KV_CACHE_DTYPES)}")
+    return kv_cache_dtype
+
+
 class KVCache:
-    """Keys and values of all layers for `rows` sequences of up to `slots` tokens each."""
+    """Keys and values of all layers for `rows` sequences of up to `slots` tokens each.
+
+    dtype: what attention computes in (the model's activations). quantized: store int8 rows with
+    scales instead (`k_scale`, `v_scale`); otherwise k and v are `dtype` and the scales None."""
 
     def __init__(self, num_layers: int, rows: int, num_heads: int, slots: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 quantized: bool = False):
         if rows < 1 or slots < 1:
             raise ValueError(f"a KV cache needs at least one row and one slot, got {rows} x {slots}")
         shape = (num_layers, rows, num_heads, slots, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self._dtype = dtype
+        self.k = torch.zeros(shape, dtype=torch.int8 if quantized else dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.k_scale = self.v_scale = None
+        if quantized:
+            self.k_scale = torch.zeros(shape[:-1], dtype=torch.float32, device=device)
+            self.v_scale = torch.zeros_like(self.k_scale)
         # tokens[r]: the ids whose keys and values fill slots 0..len-1 of row r (kept by the engine).
         self.tokens: list[list[int]] = [[] for _ in range(rows)]
 
     @classmethod
-    def for_model(cls, model, rows: int, slots: int | None = None, dtype: torch.dtype | None = None) -> "KVCache":
-        """A cache shaped for `model` (a GPTNeoX): its layers, heads, dtype and device."""
+    def for_model(cls, model, rows: int, slots: int | None = None, dtype: torch.dtype | None = None,
+                  kv_cache_dtype: str = "auto") -> "KVCache":
+        """A cache shaped for `model` (a GPTNeoX): its layers, heads, dtype and device.
+
+        kv_cache_dtype: "auto" stores the activations' dtype, "int8" int8 rows with scales."""
         config = model.config
         slots = min(slots or config.max_position_embeddings, config.max_position_embeddings)
         # The embedding stays floating point when the projections are quantized.
         dtype = dtype or model.gpt_neox.embed_in.weight.dtype
-        return cls(config.num_layers, rows, config.num_heads, slots, config.head_dim, dtype, model.device)
+        return cls(config.num_layers, rows, config.num_heads, slots, config.head_dim, dtype, model.device,
+                   quantized=check_kv_cache_dtype(kv_cache_dtype) == "int8")
+
+    @property
+    def quantized(self) -> bool:
+        return self.k_scale is not None
+
+    @property
+    def buffers(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor the cache keeps, each indexed [layers, rows, heads, slots, ...]."""
+        return (self.k, self.v, self.k_scale, self.v_scale) if self.quantized else (self.k, self.v)
 
     @property
     def rows(self) -> int:
@@ -96,7 +129,8 @@ class KVCache:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.k.dtype
+        """The dtype attention reads keys and values in (an int8 cache's, dequantized)."""
+        return self._dtype
 
     @property
     def device(self) -> torch.device:
@@ -104,38 +138,44 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return sum(b.nbytes for b in self.buffers)
 
     @property
     def bytes_per_token(self) -> int:
-        """Bytes one cached token takes in all layers (keys and values)."""
-        return 2 * self.k[:, 0, :, 0].nbytes
+        """Bytes one cached token takes in all layers (keys and values, with their scales)."""
+        return sum(b[:, 0, :, 0].nbytes for b in self.buffers)
 
     def layout(self) -> tuple:
-        """What a cached key means only for: (layers, heads, head_dim, dtype, device)."""
-        return (self.k.shape[0], self.k.shape[2], self.k.shape[4], self.k.dtype, self.k.device)
+        """What a cached key means only for: (layers, heads, head_dim, dtype, storage, device)."""
+        return (self.k.shape[0], self.k.shape[2], self.k.shape[4], self._dtype, self.k.dtype, self.k.device)
 
     # ---- the model's side: one layer at a time ------------------------------------------------
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan):
-        """Write this pass's keys/values [batch, heads, steps, head_dim] of `layer`; return the keys
-        and values attention reads ([rows or batch, heads, plan.length, head_dim] views)."""
-        keys, values = self.k[layer], self.v[layer]
-        batch, _, steps, _ = k.shape
+        """Write this pass's keys/values [batch, heads, steps, head_dim] of `layer`; return what
+        attention reads: keys and values [rows or batch, heads, plan.length, head_dim] (views) and,
+        for an int8 cache, their scales [rows or batch, heads, plan.length] (else None)."""
+        if self.quantized:
+            (k, k_scale), (v, v_scale) = quantize_rows(k), quantize_rows(v)
+            written = ((self.k[layer], k), (self.v[layer], v), (self.k_scale[layer], k_scale),
+                       (self.v_scale[layer], v_scale))
+        else:
+            written = ((self.k[layer], k), (self.v[layer], v))
+        batch, _, steps = k.shape[:3]
         if plan.start is not None:  # every row writes the same contiguous slots
-            end = plan.start + steps
-            keys[:batch, :, plan.start:end] = k
-            values[:batch, :, plan.start:end] = v
-            return keys[:batch, :, :plan.length], values[:batch, :, :plan.length]
-        slots = plan.cache_slots(keys.shape)
-        # One index_copy_ over [rows * heads * slots, head_dim]: far cheaper than a mixed
-        # row/position index_put, and the slot numbers are computed once for all layers.
-        keys.view(-1, k.shape[-1]).index_copy_(0, slots, k.reshape(-1, k.shape[-1]))
-        values.view(-1, v.shape[-1]).index_copy_(0, slots, v.reshape(-1, v.shape[-1]))
-        if plan.rows is None:
-            return keys[:batch, :, :plan.length], values[:batch, :, :plan.length]
-        # Every cache row: attention picks the plan's rows (the decode kernel without copying them).
-        return keys[:, :, :plan.length], values[:, :, :plan.length]
+            for buffer, new in written:
+                buffer[:batch, :, plan.start:plan.start + steps] = new
+            rows = slice(0, batch)
+        else:
+            slots = plan.cache_slots(self.k.shape[1:])
+            # One index_copy_ over [rows * heads * slots, head_dim]: far cheaper than a mixed
+            # row/position index_put, and the slot numbers are computed once for all layers.
+            for buffer, new in written:
+                buffer.view(-1, *buffer.shape[3:]).index_copy_(0, slots, new.reshape(-1, *new.shape[3:]))
+            # Every cache row: attention picks the plan's rows (the decode kernel without copying them).
+            rows = slice(0, batch) if plan.rows is None else slice(None)
+        seen = [buffer[rows, :, :plan.length] for buffer, _ in written]
+        return seen[0], seen[1], (seen[2], seen[3]) if self.quantized else None
 
     # ---- the engine's side: whole rows ----------------------------------------------------------
 
@@ -143,26 +183,26 @@ class KVCache:
         """A larger cache (at least `rows` x `slots`) holding this one's contents and token records."""
         layers, old_rows, heads, old_slots, dim = self.k.shape
         rows, slots = max(rows, old_rows), max(slots, old_slots)
-        bigger = KVCache(layers, rows, heads, slots, dim, self.dtype, self.device)
-        bigger.k[:, :old_rows, :, :old_slots] = self.k
-        bigger.v[:, :old_rows, :, :old_slots] = self.v
+        bigger = KVCache(layers, rows, heads, slots, dim, self.dtype, self.device, self.quantized)
+        for new, old in zip(bigger.buffers, self.buffers):
+            new[:, :old_rows, :, :old_slots] = old
         bigger.tokens[:old_rows] = self.tokens
         return bigger
 
     def copy_row(self, source: int, target: int, length: int) -> None:
         """Copy the first `length` slots of row `source` (all layers) into row `target`."""
         if source != target and length > 0:
-            self.k[:, target, :, :length] = self.k[:, source, :, :length]
-            self.v[:, target, :, :length] = self.v[:, source, :, :length]
+            for buffer in self.buffers:
+                buffer[:, target, :, :length] = buffer[:, source, :, :length]
         self.tokens[target] = list(self.tokens[source][:length])
 
-    def read(self, row: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Copies of the first `length` slots of `row`: [layers, heads, length, head_dim] each."""
-        return self.k[:, row, :, :length].clone(), self.v[:, row, :, :length].clone()
+    def read(self, row: int, length: int) -> tuple[torch.Tensor, ...]:
+        """Copies of the first `length` slots of `row`, one per buffer: [layers, heads, length, ...]."""
+        return tuple(buffer[:, row, :, :length].clone() for buffer in self.buffers)
 
-    def write(self, row: int, k: torch.Tensor, v: torch.Tensor, tokens: list[int]) -> None:
-        """Fill slots 0..n-1 of `row` with keys/values read() earlier and record their tokens."""
-        n = k.shape[2]
-        self.k[:, row, :, :n] = k
-        self.v[:, row, :, :n] = v
+    def write(self, row: int, parts: tuple[torch.Tensor, ...], tokens: list[int]) -> None:
+        """Fill slots 0..n-1 of `row` with what read() returned (or its first n slots) and record their tokens."""
+        n = parts[0].shape[2]
+        for buffer, part in zip(self.buffers, parts, strict=True):
+            buffer[:, row, :, :n] = part
         self.tokens[row] = list(tokens[:n])

@@ -62,9 +62,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, plan: AttentionPlan, cache: KVCache | None) -> torch.Tensor:
         batch, steps, _ = x.shape
         q, k, v = split_heads(self.query_key_value(x), plan.cos, plan.sin, self.head_dim)
+        scales = None
         if cache is not None:
-            k, v = cache.update(self.layer, k, v, plan)
-        y = attention(q, k, v, plan.mask, plan.is_causal, plan.rows, plan.key_lengths, plan.prompt_start)
+            k, v, scales = cache.update(self.layer, k, v, plan)
+        y = attention(q, k, v, plan.mask, plan.is_causal, plan.rows, plan.key_lengths, plan.prompt_start, scales)
         return self.dense(y.transpose(1, 2).reshape(batch, steps, -1))
 
 

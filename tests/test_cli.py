@@ -56,7 +56,8 @@ def test_info_of_the_3b_preset(capsys):
     assert "parameters               2,769,310,720" in out
     assert "rotary                   20 of 80 dims per head, base 10000" in out
     assert "weights bfloat16/float16     5.16 GiB" in out
-    assert "327,680 bytes/token" in out
+    assert "KV cache (bf16)          327,680 bytes/token, 1.25 GiB at full context" in out
+    assert "KV cache (int8)          172,032 bytes/token, 0.66 GiB at full context" in out  # + a scale per head
 
 
 def test_complete_from_argument_file_and_stdin(initialised, tmp_path):
@@ -123,7 +124,7 @@ def test_serve_help_lists_the_shared_and_server_options_without_torch():
     out = result.stdout.decode()
     assert out.startswith("usage: stablecode serve")
     for option in ("--model", "--dtype", "--device", "--quantize", "--threads", "--port", "--prefix-cache-mb",
-                   "--speculative", "--index"):
+                   "--speculative", "--kv-cache", "--index"):
         assert option in out
     imported = {line.rsplit("|", 1)[1].strip() for line in result.stderr.decode().splitlines()
                 if line.startswith("import time:") and "|" in line}
@@ -149,6 +150,27 @@ def test_model_options_are_the_same_everywhere(argv):
     args = build_parser(argv).parse_args(argv + ["--model", "m", "--dtype", "bfloat16", "--device", "cpu",
                                                  "--threads", "3"])
     assert (args.model, args.dtype, args.device, args.threads) == ("m", "bfloat16", "cpu", 3)
+
+
+def test_complete_and_serve_take_the_same_kv_cache_option():
+    from stablecode.cli import build_parser
+    from stablecode.server.cli import engine_options
+
+    complete = build_parser(["complete"]).parse_args(["complete", "x", "--kv-cache", "int8"])
+    serve = build_parser(["serve"]).parse_args(["serve", "--kv-cache", "int8"])
+    assert complete.kv_cache == serve.kv_cache == "int8"
+    assert engine_options(serve)["kv_cache_dtype"] == "int8"
+    assert build_parser(["serve"]).parse_args(["serve"]).kv_cache == "auto"
+    with pytest.raises(SystemExit):
+        build_parser(["serve"]).parse_args(["serve", "--kv-cache", "fp8"])
+
+
+def test_complete_through_an_int8_kv_cache(initialised):
+    prompt = "def add(a, b):\n"
+    expected = Completer(initialised, kv_cache_dtype="int8").complete(prompt, max_new_tokens=12).text
+    result = run("complete", "--model", initialised, "--max-new-tokens", 12, "--kv-cache", "int8", prompt)
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout.decode() == expected + "\n"
 
 
 def test_stop_escapes_mean_the_same_in_complete_and_eval():

@@ -10,12 +10,15 @@ text: max / mean abs error relative to the logits' spread, and argmax agreement.
 (activations int8 per token, summed exactly in int32; the path that picks
 tokens; the default), the prompt GEMMs (activations int8 per token, AMX-INT8 or AVX-512 VNNI
 CPUs) or dequantized float weights; several give the
-loss delta that activation quantization adds on its own. A checkpoint with a training manifest
-(the embedded model) is evaluated on the files its training held out.
+loss delta that activation quantization adds on its own. --kv-caches runs the windows through a
+KV cache too (`auto`: the model's dtype; `int8`: int8 keys and values with a scale per row, which
+attention reads back dequantized), for the loss delta an int8 cache adds. A checkpoint with a
+training manifest (the embedded model) is evaluated on the files its training held out.
 
     python scripts/bench/quant_quality.py --model stablecode-nano --tokens 20000
     python scripts/bench/quant_quality.py --model stablecode-nano --group-sizes 64 --prompts float,int8,decode
     python scripts/bench/quant_quality.py --model work/bench/bf16 --tokens 256 --windows 1
+    python scripts/bench/quant_quality.py --model stablecode-nano --group-sizes 64 --kv-caches auto,int8
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import torch.nn.functional as F
 from stablecode import load_model, load_tokenizer
 from stablecode import quantize as Q
 from stablecode.kernels import ops
+from stablecode.kv_cache import KVCache
 from stablecode.registry import resolve_model_dir
 
 
@@ -67,11 +71,16 @@ def stdlib_ids(tokenizer, count: int, skip: int = 100) -> list[int]:
 
 
 @torch.inference_mode()
-def evaluate(model, windows: list[torch.Tensor]) -> tuple[float, torch.Tensor]:
-    """Mean next-token loss over the windows, and the logits of the first window."""
+def evaluate(model, windows: list[torch.Tensor], kv_cache: str = "none") -> tuple[float, torch.Tensor]:
+    """Mean next-token loss over the windows, and the logits of the first window; kv_cache "none"
+    runs each window on its own, "auto" / "int8" through a KV cache of that kind."""
     total, count, first = 0.0, 0, None
     for ids in windows:
-        logits = model(ids[None])[0].float()
+        if kv_cache == "none":
+            logits = model(ids[None])[0].float()
+        else:
+            cache = KVCache.for_model(model, 1, ids.numel(), kv_cache_dtype=kv_cache)
+            logits = model(ids[None], cache=cache, input_pos=0)[0].float()
         if first is None:
             first = logits
         total += F.cross_entropy(logits[:-1], ids[1:], reduction="sum").item()
@@ -90,6 +99,8 @@ def main() -> None:
                         help="comma-separated ways the quantized layers multiply the windows: decode (the "
                              "decode kernels: activations int8 per token), int8 (the prompt GEMMs, activations int8 per token, where the CPU has "
                              "AMX-INT8 or AVX-512 VNNI), float (dequantized weights)")
+    parser.add_argument("--kv-caches", default="none",
+                        help="comma-separated: none (no cache), auto (a cache of the model's dtype), int8")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args()
@@ -109,9 +120,12 @@ def main() -> None:
     variants = [("float", None, None, None)] + [
         (f"{name}, {how} activations" if len(prompts) > 1 else name, method, group_size, how)
         for name, method, group_size in methods for how in prompts]
+    kv_caches = args.kv_caches.split(",")
+    variants = [(name + ("" if kv == "none" else f", {kv} KV cache"), method, group_size, how, kv)
+                for name, method, group_size, how in variants for kv in kv_caches]
     reference = None
     decode_rows = ops.DECODE_MAX_ROWS
-    for name, method, group_size, how in variants:
+    for name, method, group_size, how, kv_cache in variants:
         model = load_model(directory)
         if method:
             Q.quantize_model(model, method, **({"group_size": group_size} if group_size else {}))
@@ -119,7 +133,7 @@ def main() -> None:
             ops.DECODE_MAX_ROWS = 1 << 30 if how == "decode" else decode_rows
             Q.set_prompt_precision(model, "float" if how == "float" else "int8")
         start = time.perf_counter()
-        loss, logits = evaluate(model, windows)
+        loss, logits = evaluate(model, windows, kv_cache)
         elapsed = time.perf_counter() - start
         row = dict(variant=name, loss=loss, perplexity=math.exp(loss), seconds=elapsed)
         if reference is None:

@@ -40,7 +40,7 @@ from stablecode.inference.speculation import DEFAULT_DRAFT_TOKENS, draft_tokens_
 from stablecode import kernels
 from stablecode.machine import keep_freed_memory
 from stablecode.kernels import DECODE_MAX_ROWS
-from stablecode.kv_cache import KVCache
+from stablecode.kv_cache import KVCache, check_kv_cache_dtype
 from stablecode.model import GPTNeoX
 
 log = logging.getLogger("stablecode.inference")
@@ -159,12 +159,13 @@ class Engine:
     off). speculative: prompt-lookup draft tokens per greedy row and step ("auto": the default
     number where a pass carrying them is measured to cost little more than a plain one, else
     none; True: the default number; False/0: off); a request's own `speculative` overrides it. step_tokens: tokens one
-    decode pass may carry (the decode kernels' row limit).
+    decode pass may carry (the decode kernels' row limit). kv_cache_dtype: "auto" (the activations' dtype) or
+    "int8" (`KVCache`).
     """
 
     def __init__(self, model: GPTNeoX, max_batch: int = 8, max_queue: int = 32, max_seq_len: int | None = None,
                  prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB, speculative: bool | int | str = "auto",
-                 step_tokens: int = DECODE_MAX_ROWS):
+                 step_tokens: int = DECODE_MAX_ROWS, kv_cache_dtype: str = "auto"):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_queue < 0:
@@ -172,6 +173,7 @@ class Engine:
         if prefix_cache_mb < 0:
             raise ValueError(f"prefix_cache_mb must be >= 0, got {prefix_cache_mb}")
         self.model = model
+        self.kv_cache_dtype = check_kv_cache_dtype(kv_cache_dtype)
         self.max_batch = max_batch
         self.max_queue = max_queue
         context = model.config.max_position_embeddings
@@ -297,6 +299,7 @@ class Engine:
             store = self.prefix_cache
             return {"active": self.active, "waiting": self.waiting, "max_batch": self.max_batch,
                     "max_queue": self.max_queue, "kv_cache_bytes": self.kv_cache_bytes,
+                    "kv_cache_dtype": self.kv_cache_dtype,
                     "kv_cache_rows": self.cache.rows if self.cache is not None else 0,
                     "kv_cache_slots": self.cache.slots if self.cache is not None else 0, "steps": self.steps,
                     "rows_per_step": dict(sorted(self.rows_per_step.items())),
@@ -471,7 +474,7 @@ class Engine:
         """Make the cache at least rows x slots (slots rounded up, both within the limits)."""
         slots = min(-(-slots // SLOT_GRANULE) * SLOT_GRANULE, self.max_seq_len)
         if self.cache is None:
-            self.cache = KVCache.for_model(self.model, rows, slots)
+            self.cache = KVCache.for_model(self.model, rows, slots, kv_cache_dtype=self.kv_cache_dtype)
         elif rows > self.cache.rows or slots > self.cache.slots:
             self.cache = self.cache.grown(rows, max(slots, self.cache.slots))
         while len(self._rows) < self.cache.rows:

@@ -51,9 +51,9 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
 
 
 class _Stored:
-    def __init__(self, tokens: list[int], k: torch.Tensor, v: torch.Tensor):
-        self.tokens, self.k, self.v = tokens, k, v
-        self.nbytes = k.nbytes + v.nbytes
+    def __init__(self, tokens: list[int], parts: tuple[torch.Tensor, ...]):
+        self.tokens, self.parts = tokens, parts  # KVCache.read()'s copies
+        self.nbytes = sum(part.nbytes for part in parts)
 
 
 class PrefixCache:
@@ -108,7 +108,7 @@ class PrefixCache:
             if best > 0 and entry is None:
                 cache.copy_row(best_row, target, best)
             elif entry is not None:
-                cache.write(target, entry.k[:, :, :stored_n], entry.v[:, :, :stored_n], entry.tokens)
+                cache.write(target, tuple(part[:, :, :stored_n] for part in entry.parts), entry.tokens)
                 best = stored_n
             else:
                 best = 0
@@ -142,8 +142,7 @@ class PrefixCache:
                                 or len(self._stored) >= MAX_STORED_PREFIXES):
             self._drop(next(iter(self._stored)))
             self.evictions += 1
-        k, v = cache.read(row, len(tokens))
-        self._stored[self._next_id] = _Stored(list(tokens), k, v)
+        self._stored[self._next_id] = _Stored(list(tokens), cache.read(row, len(tokens)))
         self._next_id += 1
         self.stored_bytes += nbytes
 

@@ -114,6 +114,7 @@ inline void prefetch_span_ahead(const void* p, int64_t bytes) {
 
 float to_float(const float* p, int64_t i) { return p[i]; }
 float to_float(const c10::BFloat16* p, int64_t i) { return static_cast<float>(p[i]); }
+float to_float(const int8_t* p, int64_t i) { return static_cast<float>(p[i]); }  // an int8 KV cache's
 
 #if SC_AVX2
 inline float hsum(__m256 v) {
@@ -796,6 +797,9 @@ void bf16_linear_impl(const torch::Tensor& x, const torch::Tensor& weight, const
 
 #if SC_AVX2
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
 inline __m256 load8(const c10::BFloat16* p) {
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
@@ -886,13 +890,19 @@ void add_scaled_row(float* acc, const T* v, float p, int64_t D) {
   for (; d < D; ++d) acc[d] += p * to_float(v, d);
 }
 
-template <typename T>
+// KT: the cache's element type, T's or int8 (then each cached key and value row has its own scale,
+// k_scale and v_scale [R, H, L]: a key's score and a value's weight are multiplied by them).
+template <typename T, typename KT>
 void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                           const torch::Tensor& k_scale, const torch::Tensor& v_scale,
                            const int64_t* rows, const int64_t* lengths, torch::Tensor& out, float scale) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3), L = k.size(2);
   const T* qp = q.data_ptr<T>();
-  const T* kp = k.data_ptr<T>();
-  const T* vp = v.data_ptr<T>();
+  const KT* kp = k.data_ptr<KT>();
+  const KT* vp = v.data_ptr<KT>();
+  constexpr bool scaled = std::is_same<KT, int8_t>::value;
+  const float* ksp = scaled ? k_scale.data_ptr<float>() : nullptr;
+  const float* vsp = scaled ? v_scale.data_ptr<float>() : nullptr;
   T* op = out.data_ptr<T>();
   // Each task reads at least ~64 K elements of cache, so tiny models stay on one thread.
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(2 * L * D, 1));
@@ -903,15 +913,18 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k, const
       const int64_t row = rows ? rows[b] : b, length = lengths ? lengths[b] : L;
       const T* qrow = qp + b * q.stride(0) + h * q.stride(1);
       for (int64_t d = 0; d < D; ++d) query[d] = to_float(qrow, d) * scale;
-      const T* keys = kp + row * k.stride(0) + h * k.stride(1);
-      const T* values = vp + row * v.stride(0) + h * v.stride(1);
+      const KT* keys = kp + row * k.stride(0) + h * k.stride(1);
+      const KT* values = vp + row * v.stride(0) + h * v.stride(1);
+      const float* key_scales = scaled ? ksp + row * k_scale.stride(0) + h * k_scale.stride(1) : nullptr;
+      const float* value_scales = scaled ? vsp + row * v_scale.stride(0) + h * v_scale.stride(1) : nullptr;
       float highest = -INFINITY, total = 0.f;
       int64_t j = 0;
 #if SC_AVX2
       __m256 top = _mm256_set1_ps(-INFINITY);
       for (; j + 8 <= length; j += 8) {
-        prefetch_span_ahead(keys + j * k.stride(2), 8 * k.stride(2) * sizeof(T));
-        const __m256 s = dot_rows8(query.data(), keys + j * k.stride(2), k.stride(2), D);
+        prefetch_span_ahead(keys + j * k.stride(2), 8 * k.stride(2) * sizeof(KT));
+        __m256 s = dot_rows8(query.data(), keys + j * k.stride(2), k.stride(2), D);
+        if (scaled) s = _mm256_mul_ps(s, _mm256_loadu_ps(key_scales + j));
         _mm256_storeu_ps(scores.data() + j, s);
         top = _mm256_max_ps(top, s);
       }
@@ -921,6 +934,7 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k, const
 #endif
       for (; j < length; ++j) {
         scores[j] = dot_row(query.data(), keys + j * k.stride(2), D);
+        if (scaled) scores[j] *= key_scales[j];
         highest = std::max(highest, scores[j]);
       }
       j = 0;
@@ -935,6 +949,9 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k, const
       total = hsum(sum8);
 #endif
       for (; j < length; ++j) total += (scores[j] = std::exp(scores[j] - highest));
+      if (scaled) {  // the normalisation keeps the unscaled weights; each value row carries its scale
+        for (int64_t i = 0; i < length; ++i) scores[i] *= value_scales[i];
+      }
       bool done = false;
 #if SC_AVX2
       const int64_t vs = v.stride(2);
@@ -1240,8 +1257,10 @@ torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& weight,
 // q [B, H, 1, D]; k, v [R, H, L, D] (any strides with a contiguous last dim); softmax(q k^T / sqrt(D)) v.
 // Row b of q reads cache row rows[b] (default b) and its first lengths[b] keys (default all L), so a
 // batch of sequences at different positions attends straight from the shared cache, without a copy.
+// An int8 cache (k and v int8) comes with k_scale and v_scale: float32 [R, H, L], one per key and value.
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                               const c10::optional<torch::Tensor>& rows, const c10::optional<torch::Tensor>& lengths) {
+                               const c10::optional<torch::Tensor>& rows, const c10::optional<torch::Tensor>& lengths,
+                               const c10::optional<torch::Tensor>& k_scale, const c10::optional<torch::Tensor>& v_scale) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(2) == 1, "q must be [B, H, 1, D], k and v [R, H, L, D]");
   TORCH_CHECK(k.sizes() == v.sizes() && k.size(1) == q.size(1) && k.size(3) == q.size(3) &&
               (rows.has_value() || k.size(0) == q.size(0)), "q, k and v shapes disagree");
@@ -1256,16 +1275,43 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
     TORCH_CHECK(!row_ptr || (row_ptr[b] >= 0 && row_ptr[b] < R), "cache row out of range");
     TORCH_CHECK(!length_ptr || (length_ptr[b] >= 1 && length_ptr[b] <= L), "key length out of range");
   }
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type() &&
-              (q.scalar_type() == torch::kFloat32 || q.scalar_type() == torch::kBFloat16),
-              "q, k, v must all be float32 or all bfloat16");
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32 || q.scalar_type() == torch::kBFloat16, "q must be float32 or bfloat16");
+  const bool int8_cache = k.scalar_type() == torch::kInt8;
+  TORCH_CHECK(k.scalar_type() == v.scalar_type() && (int8_cache || k.scalar_type() == q.scalar_type()),
+              "k and v must have q's dtype, or be int8 with scales");
+  TORCH_CHECK(int8_cache == (k_scale.has_value() && v_scale.has_value()), "k_scale and v_scale go with an int8 cache");
+  if (int8_cache) {
+    for (const auto* s : {&k_scale, &v_scale}) {
+      TORCH_CHECK((*s)->scalar_type() == torch::kFloat32 && (*s)->dim() == 3 && (*s)->size(0) == R &&
+                  (*s)->size(1) == k.size(1) && (*s)->size(2) == L && (*s)->stride(2) == 1,
+                  "k_scale and v_scale must be float32 [R, H, L] with contiguous slots");
+    }
+  }
   TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1 && q.device().is_cpu() && k.device().is_cpu(),
               "the head dimension must be contiguous, on the CPU");
   torch::Tensor out = torch::empty({q.size(0), q.size(1), 1, q.size(3)}, q.options());
   const float scale = 1.0f / std::sqrt(static_cast<float>(q.size(3)));
-  if (q.scalar_type() == torch::kBFloat16) decode_attention_impl<c10::BFloat16>(q, k, v, row_ptr, length_ptr, out, scale);
-  else decode_attention_impl<float>(q, k, v, row_ptr, length_ptr, out, scale);
+  const torch::Tensor none;
+  const torch::Tensor& ks = int8_cache ? *k_scale : none;
+  const torch::Tensor& vs = int8_cache ? *v_scale : none;
+  if (q.scalar_type() == torch::kBFloat16) {
+    if (int8_cache) decode_attention_impl<c10::BFloat16, int8_t>(q, k, v, ks, vs, row_ptr, length_ptr, out, scale);
+    else decode_attention_impl<c10::BFloat16, c10::BFloat16>(q, k, v, ks, vs, row_ptr, length_ptr, out, scale);
+  } else {
+    if (int8_cache) decode_attention_impl<float, int8_t>(q, k, v, ks, vs, row_ptr, length_ptr, out, scale);
+    else decode_attention_impl<float, float>(q, k, v, ks, vs, row_ptr, length_ptr, out, scale);
+  }
   return out;
+}
+
+// x [..., D] fp32/bf16 → (int8 [..., D], float32 scales [...]): each row of D values quantized as the
+// kernels quantize activations (what an int8 KV cache stores).
+std::vector<torch::Tensor> quantize_last_dim(const torch::Tensor& x) {
+  TORCH_CHECK(x.dim() >= 1 && x.device().is_cpu() && x.size(-1) > 0 &&
+              (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16),
+              "x must be a float32 or bfloat16 CPU tensor [..., D]");
+  const RowQuantized rows = quantize_rows(x.reshape({-1, x.size(-1)}).contiguous());
+  return {rows.q.view(x.sizes()), rows.scale.view(x.sizes().slice(0, x.dim() - 1))};
 }
 
 
@@ -2587,7 +2633,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_linear", &bf16_linear, "y = x @ W.T + b for bf16 W, fp32 accumulation",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("isa") = "");
   m.def("decode_attention", &decode_attention, "softmax(q k^T / sqrt(D)) v for one query per row and head",
-        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("rows") = py::none(), py::arg("lengths") = py::none());
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("rows") = py::none(), py::arg("lengths") = py::none(),
+        py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none());
+  m.def("quantize_rows", &quantize_last_dim, "(int8 [..., D], float32 scales [...]): each row by its largest magnitude / 127",
+        py::arg("x"));
   m.def("rotary_heads", &rotary_heads, "[3, B, H, T, D]: q, k rotated and v from the fused projection [B, T, H*3D]",
         py::arg("qkv"), py::arg("cos"), py::arg("sin"), py::arg("head_dim"));
   m.def("serial_gelu", &serial_gelu, "exact GELU on the calling thread alone", py::arg("x"));

@@ -106,16 +106,36 @@ def _prompt_int4_linear_shape(x, weight, scale, minimum, group_size, bias):
 
 @_kernel_op
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: Optional[torch.Tensor] = None,
-                     lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     lengths: Optional[torch.Tensor] = None, k_scale: Optional[torch.Tensor] = None,
+                     v_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """softmax(q kᵀ / √D) v for one query per row and head: q [B, H, 1, D], k and v [R, H, L, D].
 
-    Row b attends to cache row rows[b] (default b), keys 0..lengths[b]-1 (default all L)."""
-    return _library().decode_attention(q, k, v, rows, lengths)
+    Row b attends to cache row rows[b] (default b), keys 0..lengths[b]-1 (default all L). An int8
+    cache passes its per-row scales, k_scale and v_scale [R, H, L] (`quantize_rows`)."""
+    return _library().decode_attention(q, k, v, rows, lengths, k_scale, v_scale)
 
 
 @decode_attention.register_fake
-def _decode_attention_shape(q, k, v, rows=None, lengths=None):
+def _decode_attention_shape(q, k, v, rows=None, lengths=None, k_scale=None, v_scale=None):
     return q.new_empty(q.shape)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 [..., D], float32 scales [...]) for x [..., D]: each row of D values times 127 / its largest
+    magnitude, rounded to nearest even; scale = largest / 127 (0 for a row of zeros). The kernels'
+    loop (as they quantize activations) where they are loaded, else the same arithmetic in PyTorch."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and _eager_cpu_inference(x):
+        q, scale = _library().quantize_rows(x)
+        return q, scale
+    largest = x.abs().amax(-1, keepdim=True).float()
+    # A tensor divided, not 127 / largest: PyTorch takes that as 127 * (1 / largest), another rounding.
+    inverse = torch.where(largest > 0, torch.full_like(largest, 127) / largest, torch.zeros_like(largest))
+    return torch.round(x.float() * inverse).to(torch.int8), (largest / 127).squeeze(-1)
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """q [..., D] int8 times scale [...], as `dtype`: what `quantize_rows` stored."""
+    return (q.float() * scale[..., None]).to(dtype)
 
 
 @_kernel_op
@@ -200,19 +220,20 @@ def use_train_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bo
 
 
 def use_decode_attention(q: torch.Tensor, k: torch.Tensor, gathering: bool = False) -> bool:
-    """Whether the decode attention kernel applies: one query per row, CPU, a bf16 cache, no gradients.
+    """Whether the decode attention kernel applies: one query per row, CPU, a bf16 or int8 cache, no gradients.
 
     (With fp32 caches PyTorch's own attention is as fast, unless it would first gather cache rows
     (`gathering`): the engine's passes hold several queries of one sequence, each its own row.)"""
-    return (q.shape[2] == 1 and q.device.type == "cpu"
-            and (q.dtype == torch.bfloat16 or (gathering and q.dtype == torch.float32))
-            and k.dtype == q.dtype and q.stride(-1) == 1 and k.stride(-1) == 1 and not q.requires_grad
+    return (q.shape[2] == 1 and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16)
+            and (q.dtype == torch.bfloat16 or gathering or k.dtype == torch.int8)
+            and k.dtype in (q.dtype, torch.int8) and q.stride(-1) == 1 and k.stride(-1) == 1 and not q.requires_grad
             and build.loaded() is not None)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
               is_causal: bool = False, rows: torch.Tensor | None = None,
-              lengths: torch.Tensor | None = None, start: int | None = None) -> torch.Tensor:
+              lengths: torch.Tensor | None = None, start: int | None = None,
+              scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The model's attention, softmax(q kᵀ / √D + mask) v: q [B, H, T, D], k and v [R, H, L, D].
 
     rows [B]: the cache rows of k/v that query row b reads (default: the first B rows).
@@ -222,6 +243,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     keys from slot 0 (`mask` then is causal from there): the prompt kernel's case, or SDPA over
     that row's keys where SDPA is the faster (`use_prefill_attention`). Training
     (causal, with gradients) takes the training kernel. Elsewhere PyTorch's SDPA.
+    scales: (k_scale, v_scale) [R, H, L] of an int8 cache (k and v int8): the decode kernel reads it
+    as it is; every other path reads the keys and values it needs dequantized to q's dtype.
     """
     if is_causal and mask is None and rows is None and use_train_attention(q, k, v):
         # SDPA's dtype under autocast (rotary leaves q and k in fp32 beside a bf16 v).
@@ -234,6 +257,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
             k, v = k[row:row + 1], v[row:row + 1]
         end = start + q.shape[2]
         k, v = k[:, :, :end], v[:, :, :end]
+        if scales is not None:
+            k, v = _dequantized(k, v, [s[row:row + 1] if rows is not None else s for s in scales], end, q.dtype)
         if use_prefill_attention(q, k):
             return prefill_attention(q, k, v, start)
         if start == 0:  # causal from the first key: SDPA skips the hidden blocks instead of masking them
@@ -241,10 +266,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if not is_causal and use_decode_attention(q, k, gathering=rows is not None):
         # One new token per row on the CPU: one pass over each row's cached keys and values.
-        return decode_attention(q, k, v, rows, lengths)
+        return decode_attention(q, k, v, rows, lengths, *(scales or (None, None)))
     if rows is not None:
         k, v = k[rows], v[rows]
+        scales = None if scales is None else [s[rows] for s in scales]
+    if scales is not None:
+        k, v = _dequantized(k, v, scales, k.shape[2], q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+
+
+def _dequantized(k: torch.Tensor, v: torch.Tensor, scales, end: int, dtype: torch.dtype):
+    return dequantize_rows(k, scales[0][:, :, :end], dtype), dequantize_rows(v, scales[1][:, :, :end], dtype)
 
 
 def _eager_cpu_inference(x: torch.Tensor) -> bool:

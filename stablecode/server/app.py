@@ -183,7 +183,7 @@ def create_app(model: str | os.PathLike | None = None, *, dtype: str | None = No
     `allowed_hosts` ("*": any) get 403: a web page cannot reach the server through DNS rebinding.
     A body not received within `body_timeout` seconds gets 408.
 
-    engine_options: `prefix_cache_mb` and `speculative` of the inference engine.
+    engine_options: `prefix_cache_mb`, `speculative` and `kv_cache_dtype` of the inference engine.
 
     The config and tokenizer are read now (bad paths fail here); the weights load in the
     background once the app starts, while GET /health answers 503.

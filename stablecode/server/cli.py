@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from stablecode.options import add_model_options, apply_threads
+from stablecode.options import add_kv_cache_option, add_model_options, apply_threads
 
 DEFAULT_MAX_CONNECTIONS = 512
 DEFAULT_READ_TIMEOUT = 10.0
@@ -29,6 +29,7 @@ def add_serve_command(subparsers) -> None:
     p.add_argument("--speculative", type=int, default=None,
                    help="prompt-lookup tokens verified per step for greedy requests (default: 8 where a drafted pass "
                         "is measured to cost little more than a plain one, else none; 0 turns it off)")
+    add_kv_cache_option(p)
     index = p.add_mutually_exclusive_group()
     index.add_argument("--index", type=Path, default=None,
                        help="attribution index: adds POST /overlap (llm-vscode's code attribution) and the completion "
@@ -92,7 +93,7 @@ def _serve(args, sock, protocol_options: dict) -> None:
 def engine_options(args) -> dict:
     from stablecode.errors import StablecodeError
 
-    options = {}
+    options = {"kv_cache_dtype": args.kv_cache}
     if args.prefix_cache_mb is not None:
         if args.prefix_cache_mb < 0:
             raise StablecodeError(f"--prefix-cache-mb must be >= 0, got {args.prefix_cache_mb}")

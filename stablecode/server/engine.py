@@ -24,6 +24,7 @@ from stablecode.errors import StablecodeError
 from stablecode.inference.engine import DEFAULT_PREFIX_CACHE_MB, Failed, Finished, Group, Overloaded, TokenEvent
 from stablecode.inference.engine import Engine as InferenceEngine
 from stablecode.inference.request import Request
+from stablecode.kv_cache import check_kv_cache_dtype
 from stablecode.inference.sampling import SamplingParams
 from stablecode.server.validation import (MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY, MIN_TEMPERATURE, ApiError,
                                          GenerationRequest, Limits, ValidRequest, Validator)
@@ -75,7 +76,7 @@ class Engine:
     def __init__(self, model: str | os.PathLike | None = None, *, dtype: str | None = None, device: str | None = None,
                  quantize: str | None = None, max_batch: int = 8, max_queue: int = 32, limits: Limits = Limits(),
                  attributor=None, prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
-                 speculative: bool | int | str = "auto"):
+                 speculative: bool | int | str = "auto", kv_cache_dtype: str = "auto"):
         self.model_dir = resolve_model_dir(model)
         self.config = load_config(self.model_dir)
         self.tokenizer = load_tokenizer(self.model_dir, vocab_size=self.config.vocab_size)
@@ -85,6 +86,7 @@ class Engine:
         self.dtype, self.device, self.quantize = dtype, device, quantize
         self.max_batch, self.max_queue = max_batch, max_queue
         self.prefix_cache_mb, self.speculative = prefix_cache_mb, speculative
+        self.kv_cache_dtype = check_kv_cache_dtype(kv_cache_dtype)
         self.attributor = attributor  # a stablecode.attribution.Attributor, or None: no attribution index
         self.validator = Validator(self.tokenizer, vocab_size=self.config.vocab_size,
                                    context_length=self.context_length, fim=self.config.fim, limits=limits,
@@ -116,7 +118,8 @@ class Engine:
                 if self._stopped:  # the server shut down while the weights were loading
                     return
                 self.scheduler = InferenceEngine(self.model, max_batch=self.max_batch, max_queue=self.max_queue,
-                                                 prefix_cache_mb=self.prefix_cache_mb, speculative=self.speculative)
+                                                 prefix_cache_mb=self.prefix_cache_mb, speculative=self.speculative,
+                                                 kv_cache_dtype=self.kv_cache_dtype)
             self._warm_up()
             with self._lock:
                 if self._stopped:

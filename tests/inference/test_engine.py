@@ -217,3 +217,25 @@ def test_a_request_longer_than_the_engine_fails_clearly(completer):
     events = list(short.run([completer.request(PROMPTS[2], max_new_tokens=20)]))
     assert isinstance(events[-1][1], Failed) and "16 slots" in events[-1][1].message
     assert short.stats()["active"] == 0
+
+
+def test_an_int8_kv_cache_decodes_what_the_model_gives_through_one(tiny_checkpoint):
+    from stablecode.kv_cache import KVCache
+
+    int8 = Completer(tiny_checkpoint, kv_cache_dtype="int8", speculative=False)
+    for prompt in PROMPTS[:2]:
+        ours = int8.complete(prompt, max_new_tokens=16, token_healing=False)
+        ids = int8.tokenizer.encode(prompt)
+        cache = KVCache.for_model(int8.model, 1, len(ids) + 16, kv_cache_dtype="int8")
+        with torch.inference_mode():
+            logits = int8.model(torch.tensor([ids]), cache=cache, input_pos=0)[0, -1]
+            expected = []
+            for position in range(len(ids), len(ids) + 16):
+                expected.append(int(logits.argmax()))
+                logits = int8.model(torch.tensor([[expected[-1]]]), cache=cache, input_pos=torch.tensor([[position]]),
+                                    cache_rows=torch.tensor([0]))[0, -1]
+        assert ours.token_ids == expected[:len(ours.token_ids)] and len(ours.token_ids) >= 12
+    stats = int8.engine.stats()
+    assert stats["kv_cache_dtype"] == "int8" and int8.engine.cache.k.dtype == torch.int8
+    with pytest.raises(ValueError, match="unknown KV cache dtype"):
+        Completer(tiny_checkpoint, kv_cache_dtype="int4")

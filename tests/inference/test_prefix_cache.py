@@ -8,6 +8,7 @@ import pytest
 from stablecode import Completer
 from stablecode.inference.engine import Engine
 from stablecode.inference.prefix_cache import common_prefix_length
+from stablecode.kv_cache import KVCache
 
 BASE = ("import os\n\ndef add(a, b):\n    return a + b\n\nclass Foo:\n    def __init__(self):\n"
         "        self.x = 1\n\nfor i in range(10):\n    print(i)\n")
@@ -17,15 +18,18 @@ FILES = [BASE, OTHER, "class Bar:\n    pass\n" * 4, "for k in range(3):\n    x =
 
 def variant(completer: Completer, **engine_options) -> Completer:
     other = copy.copy(completer)
-    other.engine = Engine(completer.model, **engine_options)
+    other.engine = Engine(completer.model, kv_cache_dtype=completer.engine.kv_cache_dtype, **engine_options)
     return other
 
 
-@pytest.fixture(scope="module", params=[None, "int8"])
+@pytest.fixture(scope="module", params=[(None, "auto"), ("int8", "auto"), (None, "int8")],
+                ids=["float", "int8-weights", "int8-kv-cache"])
 def plain(tiny_checkpoint, request):
-    """int8: prompts run through the int8 prompt GEMMs (where the CPU has them) and the few new
-    tokens of a reuse through the decode kernels, which give the same bits."""
-    return Completer(tiny_checkpoint, prefix_cache_mb=0, quantize=request.param)
+    """int8 weights: prompts run through the int8 prompt GEMMs (where the CPU has them) and the few
+    new tokens of a reuse through the decode kernels, which give the same bits. An int8 KV cache:
+    prefixes are copied and stored with their scales."""
+    quantize, kv_cache_dtype = request.param
+    return Completer(tiny_checkpoint, prefix_cache_mb=0, quantize=quantize, kv_cache_dtype=kv_cache_dtype)
 
 
 @pytest.fixture
@@ -122,7 +126,7 @@ def test_switching_files_keeps_them_in_the_store(plain):
 
 def test_lru_eviction_under_the_budget(plain):
     tokens = [len(plain.tokenizer.encode(f)) + 2 for f in FILES]  # + the completion's tokens kept in the row
-    bytes_per_token = 2 * plain.config.num_layers * plain.config.hidden_size * 4  # fp32 keys and values
+    bytes_per_token = KVCache.for_model(plain.model, 1, 1, kv_cache_dtype=plain.engine.kv_cache_dtype).bytes_per_token
     budget = (max(tokens[0], tokens[1]) + max(tokens[1], tokens[2]) + 1) * bytes_per_token  # two files, not three
     small = variant(plain, max_batch=1, prefix_cache_mb=budget / 2**20)
     for prompt in FILES:  # each new file pushes the previous one out of the row into the store

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from stablecode import GPTNeoX, ModelConfig, kernels
 from stablecode import quantize as Q
-from stablecode.kernels import ops
+from stablecode.kernels import build, ops
 from stablecode.kv_cache import KVCache
 from stablecode import model as M
 
@@ -217,6 +217,36 @@ def test_decode_attention_reads_each_rows_cache_row_and_length(ext, dtype):
         ext.decode_attention(q, cache_k, cache_v, rows, torch.tensor([21, 1, 1]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_rows_gives_the_bits_of_its_pytorch_form(ext, dtype, monkeypatch):
+    torch.manual_seed(4)
+    x = (torch.randn(3, 4, 50, 80) * 3).to(dtype)
+    x[0, 1, 2] = 0  # a row of zeros: scale 0, dequantized to zeros
+    q, scale = ops.quantize_rows(x)
+    assert q.dtype == torch.int8 and q.shape == x.shape and scale.shape == x.shape[:-1] and scale[0, 1, 2] == 0
+    assert torch.equal(ops.dequantize_rows(q, scale, torch.float32), per_row(x))
+    monkeypatch.setattr(build, "loaded", lambda: None)
+    q_torch, scale_torch = ops.quantize_rows(x)
+    assert torch.equal(q, q_torch) and torch.equal(scale, scale_torch)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [80, 64, 20])
+def test_decode_attention_over_an_int8_cache_is_attention_over_its_dequantized_values(ext, dtype, head_dim):
+    torch.manual_seed(5)
+    k, k_scale = ops.quantize_rows(torch.randn(5, 4, 33, head_dim))
+    v, v_scale = ops.quantize_rows(torch.randn(5, 4, 33, head_dim))
+    rows, lengths = torch.tensor([3, 0, 4]), torch.tensor([33, 1, 12])
+    q = torch.randn(3, 4, 1, head_dim, dtype=dtype)
+    y = kernels.decode_attention(q, k, v, rows, lengths, k_scale, v_scale)
+    assert y.dtype == dtype
+    for b in range(3):
+        r, n = rows[b], lengths[b]
+        expected = F.scaled_dot_product_attention(q[b].double(), ops.dequantize_rows(k[r, :, :n], k_scale[r, :, :n], torch.float64),
+                                                  ops.dequantize_rows(v[r, :, :n], v_scale[r, :, :n], torch.float64))
+        assert (y[b].double() - expected).abs().max() <= (1e-5 if dtype == torch.float32 else 2 ** -7)
+
+
 def test_decode_attention_is_what_bf16_decoding_uses(ext, monkeypatch):
     calls = []
     monkeypatch.setattr(ops, "decode_attention",
@@ -238,8 +268,13 @@ def test_decode_attention_refuses_mismatched_inputs(ext):
     q, k = torch.randn(1, 4, 1, 16), torch.randn(1, 4, 10, 16)
     with pytest.raises(RuntimeError, match="shapes disagree"):
         ext.decode_attention(q, k, torch.randn(1, 4, 11, 16))
-    with pytest.raises(RuntimeError, match="float32 or all bfloat16"):
+    with pytest.raises(RuntimeError, match="q's dtype, or be int8"):
         ext.decode_attention(q, k.bfloat16(), k.bfloat16())
+    k8 = torch.zeros(1, 4, 10, 16, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="v_scale go with an int8 cache"):
+        ext.decode_attention(q, k8, k8)
+    with pytest.raises(RuntimeError, match=r"float32 \[R, H, L\]"):
+        ext.decode_attention(q, k8, k8, k_scale=torch.ones(1, 4, 9), v_scale=torch.ones(1, 4, 9))
 
 
 def causal_reference(q, k, v, start):
