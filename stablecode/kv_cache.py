@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from stablecode.kernels import quantize_rows
+from stablecode.kernels.ops import quantize_rows, store_kv
 from stablecode.options import KV_CACHE_DTYPES
 
 
@@ -155,27 +155,32 @@ class KVCache:
         """Write this pass's keys/values [batch, heads, steps, head_dim] of `layer`; return what
         attention reads: keys and values [rows or batch, heads, plan.length, head_dim] (views) and,
         for an int8 cache, their scales [rows or batch, heads, plan.length] (else None)."""
-        if self.quantized:
-            (k, k_scale), (v, v_scale) = quantize_rows(k), quantize_rows(v)
-            written = ((self.k[layer], k), (self.v[layer], v), (self.k_scale[layer], k_scale),
-                       (self.v_scale[layer], v_scale))
-        else:
-            written = ((self.k[layer], k), (self.v[layer], v))
+        layer_buffers = [buffer[layer] for buffer in self.buffers]  # k, v (, k_scale, v_scale)
         batch, _, steps = k.shape[:3]
         if plan.start is not None:  # every row writes the same contiguous slots
-            for buffer, new in written:
+            for buffer, new in zip(layer_buffers, self._stored_form(k, v)):
                 buffer[:batch, :, plan.start:plan.start + steps] = new
             rows = slice(0, batch)
         else:
             slots = plan.cache_slots(self.k.shape[1:])
-            # One index_copy_ over [rows * heads * slots, head_dim]: far cheaper than a mixed
-            # row/position index_put, and the slot numbers are computed once for all layers.
-            for buffer, new in written:
-                buffer.view(-1, *buffer.shape[3:]).index_copy_(0, slots, new.reshape(-1, *new.shape[3:]))
+            scales = layer_buffers[2:] or [None, None]
+            written = [store_kv(layer_buffers[0], scales[0], slots, k), store_kv(layer_buffers[1], scales[1], slots, v)]
+            if not all(written):
+                # One index_copy_ over [rows * heads * slots, head_dim]: far cheaper than a mixed
+                # row/position index_put, and the slot numbers are computed once for all layers.
+                for buffer, new in zip(layer_buffers, self._stored_form(k, v)):
+                    buffer.view(-1, *buffer.shape[3:]).index_copy_(0, slots, new.reshape(-1, *new.shape[3:]))
             # Every cache row: attention picks the plan's rows (the decode kernel without copying them).
             rows = slice(0, batch) if plan.rows is None else slice(None)
-        seen = [buffer[rows, :, :plan.length] for buffer, _ in written]
+        seen = [buffer[rows, :, :plan.length] for buffer in layer_buffers]
         return seen[0], seen[1], (seen[2], seen[3]) if self.quantized else None
+
+    def _stored_form(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """k and v as the buffers hold them: themselves, or int8 with their scales."""
+        if not self.quantized:
+            return k, v
+        (k, k_scale), (v, v_scale) = quantize_rows(k), quantize_rows(v)
+        return k, v, k_scale, v_scale
 
     # ---- the engine's side: whole rows ----------------------------------------------------------
 

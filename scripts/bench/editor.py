@@ -47,6 +47,7 @@ CONFIGS = {
     "reuse": ["--speculative", "0"],
     "speculation": ["--prefix-cache-mb", "0", "--speculative", "8"],
     "neither": ["--prefix-cache-mb", "0", "--speculative", "0"],
+    "int8-kv": ["--kv-cache", "int8"],  # the default with an int8 KV cache
 }
 
 

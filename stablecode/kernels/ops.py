@@ -133,6 +133,18 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(x.float() * inverse).to(torch.int8), (largest / 127).squeeze(-1)
 
 
+def store_kv(cache: torch.Tensor, scales: torch.Tensor | None, slots: torch.Tensor, x: torch.Tensor) -> bool:
+    """Write x [B, H, T, D] into one layer's cache [R, H, S, D] at flat slots [B·H·T] (quantized per row
+    into an int8 cache, whose scales [R, H, S] are written too) with the kernels, one call where
+    PyTorch's index_copy_ takes one per tensor. False (nothing written) where the kernels do not
+    apply: the caller writes with PyTorch."""
+    if not (_eager_cpu_inference(x) and cache.is_contiguous() and x.stride(-1) == 1 and x.dtype in (torch.float32, torch.bfloat16)
+            and (cache.dtype == torch.int8 or cache.dtype == x.dtype)):
+        return False
+    _library().store_kv(cache, scales, slots, x)
+    return True
+
+
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """q [..., D] int8 times scale [...], as `dtype`: what `quantize_rows` stored."""
     return (q.float() * scale[..., None]).to(dtype)

@@ -231,6 +231,30 @@ def test_quantize_rows_gives_the_bits_of_its_pytorch_form(ext, dtype, monkeypatc
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("int8_cache", [False, True])
+def test_store_kv_writes_what_index_copy_writes(ext, dtype, int8_cache):
+    torch.manual_seed(6)
+    rows, heads, slots, head_dim = 3, 4, 10, 80
+    cache = torch.zeros(rows, heads, slots, head_dim, dtype=torch.int8 if int8_cache else dtype)
+    scales = torch.zeros(rows, heads, slots) if int8_cache else None
+    # Two tokens of two rows (one per pass row), as a strided view, the way rotary_heads returns them.
+    x = torch.randn(3, 2, heads, 2, head_dim, dtype=dtype)[1]
+    where = (torch.tensor([2, 0])[:, None] * heads + torch.arange(heads)[None, :]) * slots  # [batch, heads]
+    flat = (where[:, :, None] + torch.tensor([[4, 5], [0, 9]])[:, None, :]).reshape(-1)
+    expected_cache, expected_scales = cache.clone(), None if scales is None else scales.clone()
+    stored = ops.quantize_rows(x) if int8_cache else (x,)
+    expected_cache.view(-1, head_dim).index_copy_(0, flat, stored[0].reshape(-1, head_dim))
+    if int8_cache:
+        expected_scales.view(-1).index_copy_(0, flat, stored[1].reshape(-1))
+    assert ops.store_kv(cache, scales, flat, x)
+    assert torch.equal(cache, expected_cache) and (scales is None or torch.equal(scales, expected_scales))
+    with pytest.raises(RuntimeError, match="cache slot out of range"):
+        ext.store_kv(cache, scales, flat + rows * heads * slots, x)
+    with pytest.raises(RuntimeError, match="scales go with an int8 cache"):
+        ext.store_kv(cache, None if int8_cache else torch.zeros(rows, heads, slots), flat, x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [80, 64, 20])
 def test_decode_attention_over_an_int8_cache_is_attention_over_its_dequantized_values(ext, dtype, head_dim):
     torch.manual_seed(5)
