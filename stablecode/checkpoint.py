@@ -21,6 +21,7 @@ from stablecode import kernels
 from stablecode.atomic import staged_directory
 from stablecode.config import ModelConfig
 from stablecode.errors import CheckpointError, CheckpointWarning, ConfigError
+from stablecode.machine import release_freed_memory
 from stablecode.model import GPTNeoX
 from stablecode.quantize import (DEFAULT_GROUP_SIZE, check_method, prepare_quantized, quantize_model,
                                  use_bf16_kernels)
@@ -251,6 +252,7 @@ def load_model(path: str | os.PathLike | None = None, dtype: str | torch.dtype |
         model.embed_out.weight = model.gpt_neox.embed_in.weight
     model.reset_rotary_tables()
     model.eval()
+    del loaded
     if quantize:
         quantize_model(model, quantize)
     elif stored_quantization is not None and device.type == "cpu":
@@ -258,6 +260,8 @@ def load_model(path: str | os.PathLike | None = None, dtype: str | torch.dtype |
     elif (device.type == "cpu" and final_dtype == torch.bfloat16 and stored_quantization is None
           and kernels.worth_building(config.num_parameters)):
         use_bf16_kernels(model)  # the embedded model keeps nn.Linear: it never waits for a build
+    if device.type == "cpu":
+        release_freed_memory()  # the temporaries of loading, which would otherwise stay resident
     return model
 
 

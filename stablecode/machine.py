@@ -85,6 +85,23 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, MAX_MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
+def release_freed_memory() -> bool:
+    """Return the heap's free pages to the kernel now (glibc's malloc_trim). Loading a checkpoint frees
+    hundreds of MB of temporaries which malloc keeps, scattered between live blocks, where nothing
+    later reuses them: the 3B int8 was left with 0.2-2.1 GB of them (run to run), 7-70% above its
+    weights. Returns whether it applied (False off glibc)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        malloc_trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    malloc_trim(0)
+    return True
+
+
 def _torch_version(import_torch: bool) -> str | None:
     torch = sys.modules.get("torch")
     if torch is None and import_torch:

@@ -44,9 +44,10 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def int8_row_sums(q: torch.Tensor) -> torch.Tensor:
     """Each int8 weight row's sum, int32 [N]: the VNNI kernels multiply x + 128 (unsigned) by the
     weights and take 128 x this sum off, one product per byte instead of a sign flip and a product.
-    Summed a block of rows at a time: torch widens the whole input to int32 first, which for the 3B's
-    output layer was a 503 MB temporary at the peak of loading."""
-    rows = max(1, (1 << 22) // max(q.shape[1], 1))
+    Summed a block of rows (about 1M values) at a time: torch widens its input to int32 first, which
+    for the whole of the 3B's output layer was a 503 MB temporary, and blocks of 4M values left
+    0.2-2 GB of freed heap behind after loading the 3B int8 (it varied run to run; 1M: none)."""
+    rows = max(1, (1 << 20) // max(q.shape[1], 1))
     if q.shape[0] <= rows:
         return q.sum(dim=1, dtype=torch.int32)
     return torch.cat([q[i:i + rows].sum(dim=1, dtype=torch.int32) for i in range(0, q.shape[0], rows)])

@@ -100,3 +100,32 @@ def test_freed_activation_blocks_are_reused_without_faulting_in_new_pages():
     out = subprocess.run([sys.executable, "-c", FAULTS_OF_A_SECOND_ROUND, "keep"], capture_output=True, text=True,
                          check=True).stdout.split()
     assert out[0] == "True" and int(out[1]) < 1000
+
+
+HEAP_LEFT_BEHIND = """
+import ctypes, sys
+from stablecode import machine
+machine.keep_freed_memory()  # freed blocks stay in the heap, as after a checkpoint's temporaries
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+
+def resident_mb():
+    return int(next(line for line in open("/proc/self/status") if line.startswith("RssAnon")).split()[1]) // 1024
+
+blocks = [libc.malloc(4 << 20) for _ in range(64)]
+for block in blocks:
+    ctypes.memset(block, 1, 4 << 20)
+kept = [libc.malloc(4096) for _ in blocks]  # small live blocks between the big ones, as loading leaves
+for block in blocks:
+    libc.free(block)
+before = resident_mb()
+print(machine.release_freed_memory(), before, resident_mb())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_release_freed_memory_gives_the_heaps_free_pages_back():
+    applied, before, after = subprocess.run([sys.executable, "-c", HEAP_LEFT_BEHIND], capture_output=True, text=True,
+                                            check=True).stdout.split()
+    assert applied == "True" and int(before) - int(after) >= 200  # of the 256 MB freed

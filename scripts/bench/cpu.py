@@ -40,8 +40,9 @@ ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER = next((p / "shared" / "tokenizers" / "starcoder-49k" / "tokenizer.json" for p in (ROOT.parent, ROOT.parent.parent)
                   if (p / "shared" / "tokenizers" / "starcoder-49k" / "tokenizer.json").exists()),
                  ROOT.parent / "shared" / "tokenizers" / "starcoder-49k" / "tokenizer.json")
-ENGINES = ["ours-bf16", "ours-int8", "ours-int4", "ours-int8-float", "torch-int8", "torch-int4", "transformers-bf16",
-           "ct2-int8", "llamacpp-q8_0", "llamacpp-q4_0", "llamacpp-bf16"]
+# ours-int8-kv8: the int8 weights with an int8 KV cache (--kv-cache int8).
+ENGINES = ["ours-bf16", "ours-int8", "ours-int4", "ours-int8-float", "ours-int8-kv8", "torch-int8", "torch-int4",
+           "transformers-bf16", "ct2-int8", "llamacpp-q8_0", "llamacpp-q4_0", "llamacpp-bf16"]
 
 
 # ---- helpers used by the workers ---------------------------------------------------------------
@@ -126,7 +127,7 @@ def worker_ours(args) -> dict:
     ids = prompt_ids(max(lengths), model.config.vocab_size)
     prefill, decode = {}, []
     with torch.inference_mode():
-        cache = KVCache.for_model(model, 1, max(lengths) + args.new_tokens)
+        cache = KVCache.for_model(model, 1, max(lengths) + args.new_tokens, kv_cache_dtype=args.kv_cache)
         model(torch.tensor([ids[:WARMUP_TOKENS]]), cache=cache, input_pos=0, logit_positions=torch.tensor([[0]]))
         load_s = time.perf_counter() - start
         for length in lengths:  # in the engine's chunks, as a long prompt runs there
@@ -146,7 +147,7 @@ def worker_ours(args) -> dict:
             decode.append((args.new_tokens - 1) / (time.perf_counter() - start))
     return dict(load_s=load_s, prefill_s=prefill, decode_tok_s=statistics.median(decode),
                 peak_rss=peak_rss_bytes(), weight_bytes=weight_bytes(Path(args.model)),
-                kv_bytes=2 * cache.k.numel() * cache.k.element_size())
+                kv_bytes=cache.nbytes)
 
 
 def worker_transformers(args) -> dict:
@@ -399,6 +400,7 @@ def main() -> None:
     parser.add_argument("--source", help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--prompt-precision", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--kv-cache", default="auto", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
@@ -423,6 +425,7 @@ def main() -> None:
         results["read_gb_s"] = read_bandwidth(args.threads)
     where = {"ours-bf16": ("ours", dirs["bf16"]), "ours-int8": ("ours", dirs["int8"]),
              "ours-int4": ("ours", dirs["int4"]), "ours-int8-float": ("ours", dirs["int8"]),
+             "ours-int8-kv8": ("ours", dirs["int8"]),
              "torch-int8": ("torch", dirs["int8"]), "torch-int4": ("torch", dirs["int4"]),
              "transformers-bf16": ("transformers", dirs["bf16"]), "ct2-int8": ("ct2", dirs["ct2-int8"])}
     if args.llamacpp:
@@ -442,6 +445,8 @@ def main() -> None:
             extra += ["--llamacpp", str(args.llamacpp)] + (["--llamacpp-no-repack"] if args.llamacpp_no_repack else [])
         if engine == "ours-int8-float":  # prompts through dequantize + float GEMM, for comparison
             extra += ["--prompt-precision", "float"]
+        if engine == "ours-int8-kv8":  # the int8 weights with an int8 KV cache
+            extra += ["--kv-cache", "int8"]
         env = None
         if kind == "torch":  # our layers on PyTorch's weight-only kernels (the prefill path is the same)
             env = {"STABLECODE_KERNELS": "torch"}
@@ -615,7 +620,8 @@ def report(results: dict) -> str:
 def ratios(results: dict, lengths: list[int], context: int) -> list[str]:
     """The issue's target ratios, where both engines ran."""
     pairs = [("ours-int8", "ct2-int8"), ("ours-int8", "llamacpp-q8_0"), ("ours-int4", "llamacpp-q4_0"),
-             ("ours-bf16", "llamacpp-bf16"), ("ours-bf16", "transformers-bf16"), ("ours-int8", "ours-int8-float")]
+             ("ours-bf16", "llamacpp-bf16"), ("ours-bf16", "transformers-bf16"), ("ours-int8", "ours-int8-float"),
+             ("ours-int8-kv8", "ours-int8")]
     lines = []
     for ours, peer in pairs:
         a, b = results.get(ours), results.get(peer)
