@@ -56,16 +56,18 @@ class AttentionPlan:
             if int(positions[0, -1]) - first == steps - 1 and bool((positions[0].diff() == 1).all()):
                 self.prompt_start = first
 
-    def cache_slots(self, layer_shape: torch.Size) -> torch.Tensor:
+    def cache_slots(self, layer_shape: torch.Size, batch: int) -> torch.Tensor:
         """Flat indices into one layer's cache [rows, heads, slots, head_dim] viewed as [-1, head_dim],
-        in the order of keys [batch, heads, steps, head_dim] written at `positions`."""
+        in the order of keys [batch, heads, steps, head_dim] written at `positions` (or from `start`)."""
         if self._slots is None:
-            batch = self.positions.shape[0]
-            device = self.positions.device
+            device = self.cos.device
+            positions = self.positions
+            if positions is None:
+                positions = torch.arange(self.start, self.start + self.steps, device=device).expand(batch, -1)
             rows = self.rows if self.rows is not None else torch.arange(batch, device=device)
             heads = torch.arange(layer_shape[1], device=device)
             per_head = (rows[:, None] * layer_shape[1] + heads[None, :]) * layer_shape[2]  # [batch, heads]
-            self._slots = (per_head[:, :, None] + self.positions[:, None, :]).reshape(-1)
+            self._slots = (per_head[:, :, None] + positions[:, None, :]).reshape(-1)
         return self._slots
 
 
@@ -156,22 +158,16 @@ class KVCache:
         attention reads: keys and values [rows or batch, heads, plan.length, head_dim] (views) and,
         for an int8 cache, their scales [rows or batch, heads, plan.length] (else None)."""
         layer_buffers = [buffer[layer] for buffer in self.buffers]  # k, v (, k_scale, v_scale)
-        batch, _, steps = k.shape[:3]
-        if plan.start is not None:  # every row writes the same contiguous slots
+        slots = plan.cache_slots(self.k.shape[1:], k.shape[0])
+        scales = layer_buffers[2:] or [None, None]
+        if not (store_kv(layer_buffers[0], scales[0], slots, k) and store_kv(layer_buffers[1], scales[1], slots, v)):
+            # One index_copy_ over [rows * heads * slots, head_dim]: far cheaper than a mixed
+            # row/position index_put, and the slot numbers are computed once for all layers.
             for buffer, new in zip(layer_buffers, self._stored_form(k, v)):
-                buffer[:batch, :, plan.start:plan.start + steps] = new
-            rows = slice(0, batch)
-        else:
-            slots = plan.cache_slots(self.k.shape[1:])
-            scales = layer_buffers[2:] or [None, None]
-            written = [store_kv(layer_buffers[0], scales[0], slots, k), store_kv(layer_buffers[1], scales[1], slots, v)]
-            if not all(written):
-                # One index_copy_ over [rows * heads * slots, head_dim]: far cheaper than a mixed
-                # row/position index_put, and the slot numbers are computed once for all layers.
-                for buffer, new in zip(layer_buffers, self._stored_form(k, v)):
-                    buffer.view(-1, *buffer.shape[3:]).index_copy_(0, slots, new.reshape(-1, *new.shape[3:]))
-            # Every cache row: attention picks the plan's rows (the decode kernel without copying them).
-            rows = slice(0, batch) if plan.rows is None else slice(None)
+                buffer.view(-1, *buffer.shape[3:]).index_copy_(0, slots, new.reshape(-1, *new.shape[3:]))
+        # Every cache row for per-row positions: attention picks the plan's rows (the decode kernel
+        # without copying them).
+        rows = slice(0, k.shape[0]) if plan.rows is None else slice(None)
         seen = [buffer[rows, :, :plan.length] for buffer in layer_buffers]
         return seen[0], seen[1], (seen[2], seen[3]) if self.quantized else None
 
