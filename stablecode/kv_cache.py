@@ -72,6 +72,7 @@ class AttentionPlan:
 
 
 def check_kv_cache_dtype(kv_cache_dtype: str) -> str:
+    """kv_cache_dtype itself, if it names what a cache can store (`KV_CACHE_DTYPES`); else ValueError."""
     if kv_cache_dtype not in KV_CACHE_DTYPES:
         raise ValueError(f"unknown KV cache dtype {kv_cache_dtype!r}: choose one of {', '.join(KV_CACHE_DTYPES)}")
     return kv_cache_dtype
