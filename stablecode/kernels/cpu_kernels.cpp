@@ -1309,19 +1309,10 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
   return out;
 }
 
-// x [..., D] fp32/bf16 → (int8 [..., D], float32 scales [...]): each row of D values quantized as the
-// kernels quantize activations (what an int8 KV cache stores).
-std::vector<torch::Tensor> quantize_last_dim(const torch::Tensor& x) {
-  TORCH_CHECK(x.dim() >= 1 && x.device().is_cpu() && x.size(-1) > 0 &&
-              (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16),
-              "x must be a float32 or bfloat16 CPU tensor [..., D]");
-  const RowQuantized rows = quantize_rows(x.reshape({-1, x.size(-1)}).contiguous());
-  return {rows.q.view(x.sizes()), rows.scale.view(x.sizes().slice(0, x.dim() - 1))};
-}
-
 // Writes one layer's new keys or values x [B, H, T, D] (contiguous rows of D) into the cache's slots:
 // row i of x (in [B, H, T] order) goes to flat slot slots[i] of cache [R, H, S, D]. An int8 cache
-// (with scales [R, H, S]) gets each row quantized as quantize_rows does. One call where index_copy_
+// (with scales [R, H, S]) gets each row quantized as activations are (quantize_row; in PyTorch:
+// ops.quantize_rows). One call where index_copy_
 // took ~19 us a call for a decode step's 32 x 80 values (and an int8 cache needs four of them).
 void store_kv(torch::Tensor& cache, const c10::optional<torch::Tensor>& scales, const torch::Tensor& slots,
               const torch::Tensor& x) {
@@ -2681,8 +2672,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none());
   m.def("store_kv", &store_kv, "write x [B, H, T, D] into flat slots of one layer's cache [R, H, S, D] (quantized for int8)",
         py::arg("cache"), py::arg("scales"), py::arg("slots"), py::arg("x"));
-  m.def("quantize_rows", &quantize_last_dim, "(int8 [..., D], float32 scales [...]): each row by its largest magnitude / 127",
-        py::arg("x"));
   m.def("rotary_heads", &rotary_heads, "[3, B, H, T, D]: q, k rotated and v from the fused projection [B, T, H*3D]",
         py::arg("qkv"), py::arg("cos"), py::arg("sin"), py::arg("head_dim"));
   m.def("serial_gelu", &serial_gelu, "exact GELU on the calling thread alone", py::arg("x"));

@@ -123,10 +123,7 @@ def _decode_attention_shape(q, k, v, rows=None, lengths=None, k_scale=None, v_sc
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 [..., D], float32 scales [...]) for x [..., D]: each row of D values times 127 / its largest
     magnitude, rounded to nearest even; scale = largest / 127 (0 for a row of zeros). The kernels'
-    loop (as they quantize activations) where they are loaded, else the same arithmetic in PyTorch."""
-    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and _eager_cpu_inference(x):
-        q, scale = _library().quantize_rows(x)
-        return q, scale
+    activation quantization (`store_kv` writes an int8 cache with it), in PyTorch."""
     largest = x.abs().amax(-1, keepdim=True).float()
     # A tensor divided, not 127 / largest: PyTorch takes that as 127 * (1 / largest), another rounding.
     inverse = torch.where(largest > 0, torch.full_like(largest, 127) / largest, torch.zeros_like(largest))
