@@ -133,3 +133,16 @@ def test_torch_free_modules_stay_torch_free():
                "stablecode.config", "stablecode.tokenizer", "stablecode.cli", "stablecode.attribution",
                "stablecode.data.packing", "stablecode.eval.humaneval"]
     assert python(f"import sys\nfor m in {modules!r}: __import__(m)\nprint('torch' in sys.modules)") == "False"
+
+
+def test_a_completion_does_not_import_the_compiler():
+    # torch._dynamo (and sympy with it) takes about a second and 70 MB to import: a completion,
+    # kernels loaded, never needs it.
+    imported = python(
+        "import sys\n"
+        "from stablecode import kernels\n"
+        "from stablecode.api import Completer\n"
+        "kernels.load(build=False)\n"
+        "Completer('stablecode-nano').complete('def add(a, b):', max_new_tokens=4)\n"
+        "print(sorted(m for m in ('torch._dynamo', 'sympy') if m in sys.modules))")
+    assert imported.splitlines()[-1] == "[]"

@@ -171,7 +171,7 @@ def use_prefill_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
     library = build.loaded()
     return (q.shape[2] > 1 and q.device.type == "cpu" and q.dtype == torch.bfloat16 and k.dtype == torch.bfloat16
             and q.shape[-1] % 16 == 0 and q.shape[-1] <= 256 and not q.requires_grad
-            and library is not None and library.bf16_attention_available() and not sdpa_on_tiles())
+            and library is not None and _answer(library, "bf16_attention_available") and not sdpa_on_tiles())
 
 
 @torch.library.custom_op("stablecode::train_attention", mutates_args=())
@@ -210,11 +210,23 @@ def _train_attention_grad(ctx, grad_out, _grad_lse):
 train_attention.register_autograd(_train_attention_grad, setup_context=_train_attention_save)
 
 
-@torch.compiler.assume_constant_result  # a question for the extension, not a graph break
+# The extension's answers about this CPU, asked once per library: a plain value, which torch.compile
+# reads as a constant, where a call into the extension would break its graph. (Not
+# torch.compiler.assume_constant_result: applying it imports torch._dynamo, a second on every start.)
+_ANSWERS: dict[tuple[int, str], object] = {}
+
+
+def _answer(library, question: str):
+    key = (id(library), question)
+    if key not in _ANSWERS:
+        _ANSWERS[key] = getattr(library, question)()
+    return _ANSWERS[key]
+
+
 def train_attention_available() -> bool:
     """Whether training runs on the training attention kernel here (kernels loaded, AVX-512)."""
     library = build.loaded()
-    return library is not None and library.train_attention_available()
+    return library is not None and bool(_answer(library, "train_attention_available"))
 
 
 def use_train_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -347,7 +359,7 @@ def use_prompt_kernels(rows: torch.Tensor, out_features: int) -> bool:
 def prompt_isa() -> str:
     """The prompt GEMM this CPU runs: "amx", "avx512-vnni", "avx2", or "" (none, or the kernels not loaded)."""
     library = build.loaded()
-    return library.prompt_isa() if library is not None else ""
+    return _answer(library, "prompt_isa") if library is not None else ""
 
 
 def gemm_dtype(x: torch.Tensor) -> torch.dtype:
