@@ -19,6 +19,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -81,6 +82,33 @@ SC_VNNI inline __m256i dpbusd(__m256i acc, __m256i u8, __m256i s8) {
 // Rows per task: at least ~256 KiB of weights each, so small layers stay on one thread (a
 // fork/join costs more than they do) and large ones split evenly across all threads.
 inline int64_t grain_rows(int64_t row_bytes) { return std::max<int64_t>(16, (256 << 10) / std::max<int64_t>(row_bytes, 1)); }
+
+// fn(begin, end) over 0..n, each span taken by whichever thread is free next: first large ones
+// (a quarter of the rows each, with two threads), then smaller, down to `grain` rows (guided
+// scheduling). at::parallel_for splits the rows evenly up front, and on a shared machine one core
+// is often slower than the other: the faster one then waited at the end of every call. Equal
+// small tasks instead cut every thread's stream of weights short (docs/performance.md).
+// Rows that fit one task (or a call from inside a parallel region) run on the calling thread.
+template <typename F>
+void parallel_rows(int64_t n, int64_t grain, const F& fn) {
+  const int64_t tasks = (n + grain - 1) / std::max<int64_t>(grain, 1);
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), tasks);
+  if (threads <= 1 || at::in_parallel_region()) {
+    if (n > 0) fn(0, n);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    int64_t start = next.load(std::memory_order_relaxed);
+    while (start < n) {
+      const int64_t size = std::max<int64_t>(grain, (n - start) / (2 * threads));
+      if (next.compare_exchange_weak(start, start + size, std::memory_order_relaxed)) {
+        fn(start, std::min(n, start + size));
+        start = next.load(std::memory_order_relaxed);
+      }
+    }
+  });
+}
 
 // The decode loops read each weight row once, front to back; asking for the line kPrefetchBytes
 // ahead of the one being read keeps more misses in flight than the hardware prefetcher alone does
@@ -366,14 +394,14 @@ void int8_linear_impl(const RowQuantized& a, const torch::Tensor& weight, const 
 #if SC_VNNI_DECODE
   const int32_t* sums = row_sums.data_ptr<int32_t>();
   if (vnni && M == 1) {
-    at::parallel_for(0, N, grain_rows(K), [&](int64_t begin, int64_t end) {
+    parallel_rows(N, grain_rows(K), [&](int64_t begin, int64_t end) {
       int8_vector_vnni(a.shifted.data_ptr<uint8_t>(), xs[0], w, ws, sums, bias, K, begin, end, y);
     });
     return;
   }
   if (vnni) {
     const int64_t groups = (N + kVnniWeightRows - 1) / kVnniWeightRows;
-    at::parallel_for(0, groups, std::max<int64_t>(1, grain_rows(K) / kVnniWeightRows), [&](int64_t begin, int64_t end) {
+    parallel_rows(groups, std::max<int64_t>(1, grain_rows(K) / kVnniWeightRows), [&](int64_t begin, int64_t end) {
       for (int64_t g = begin; g < end; ++g) {
         const int64_t n0 = g * kVnniWeightRows;
         if (n0 + kVnniWeightRows <= N) {
@@ -386,7 +414,7 @@ void int8_linear_impl(const RowQuantized& a, const torch::Tensor& weight, const 
     return;
   }
 #endif
-  at::parallel_for(0, N, grain_rows(K), [&](int64_t begin, int64_t end) {
+  parallel_rows(N, grain_rows(K), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const float b = bias ? bias[n] : 0.f;
       for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
@@ -672,7 +700,7 @@ void int4_linear_impl(const RowQuantized& a, const torch::Tensor& weight, const 
     const int64_t paired = vnni ? K / 512 * 512 : 0;
     const std::vector<int8_t> permuted = pair_order(xq, M, K, paired);
     const int8_t* xp = permuted.data();
-    at::parallel_for(0, N, grain_rows(K / 2), [&](int64_t begin, int64_t end) {
+    parallel_rows(N, grain_rows(K / 2), [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         const uint8_t* row = w + n * (K / 2);
 #if SC_VNNI_DECODE
@@ -692,7 +720,7 @@ void int4_linear_impl(const RowQuantized& a, const torch::Tensor& weight, const 
     const int64_t paired = K / 512 * 512;
     const std::vector<int8_t> permuted = pair_order(xq, M, K, paired);
     const int8_t* xp = permuted.data();
-    at::parallel_for(0, N, grain_rows(K / 2), [&](int64_t begin, int64_t end) {
+    parallel_rows(N, grain_rows(K / 2), [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         const uint8_t* row = w + n * (K / 2);
         const float b = bias ? bias[n] : 0.f;
@@ -709,7 +737,7 @@ void int4_linear_impl(const RowQuantized& a, const torch::Tensor& weight, const 
     return;
   }
 #endif
-  at::parallel_for(0, N, grain_rows(K / 2), [&](int64_t begin, int64_t end) {
+  parallel_rows(N, grain_rows(K / 2), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const float b = bias ? bias[n] : 0.f;
       for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
@@ -780,7 +808,7 @@ void bf16_linear_impl(const torch::Tensor& x, const torch::Tensor& weight, const
   const float* xr = xf.data_ptr<float>();
   const c10::BFloat16* w = weight.data_ptr<c10::BFloat16>();
   T* y = out.data_ptr<T>();
-  at::parallel_for(0, N, grain_rows(2 * K), [&](int64_t begin, int64_t end) {
+  parallel_rows(N, grain_rows(2 * K), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const float b = bias_at(bias, n);
       for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
@@ -911,7 +939,7 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k, const
   T* op = out.data_ptr<T>();
   // Each task reads at least ~64 K elements of cache, so tiny models stay on one thread.
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(2 * L * D, 1));
-  at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
+  parallel_rows(B * H, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> query(D), acc(D), scores(L + 8);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
@@ -1413,7 +1441,7 @@ void bf16_linear_dpbf16(const torch::Tensor& x, const torch::Tensor& weight, con
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<c10::BFloat16>());
   const uint16_t* w = reinterpret_cast<const uint16_t*>(weight.data_ptr<c10::BFloat16>());
   T* y = out.data_ptr<T>();
-  at::parallel_for(0, N, grain_rows(2 * K), [&](int64_t begin, int64_t end) {
+  parallel_rows(N, grain_rows(2 * K), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n)
       for (int64_t m0 = 0; m0 < M; m0 += kRowTile)
         dispatch_rows<kRowTile>(M - m0, [&](auto rows) {
@@ -1929,7 +1957,7 @@ int64_t read_bytes(const torch::Tensor& data) {
   const int64_t n = data.numel() / 32;
   const auto* p = reinterpret_cast<const uint8_t*>(data.data_ptr());
   std::vector<int64_t> partial(at::get_num_threads(), 0);
-  at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
+  parallel_rows(n, 4096, [&](int64_t begin, int64_t end) {
 #if SC_AVX2
     // Four independent sums, so the loop is bound by the loads, not by one chain of additions.
     __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};

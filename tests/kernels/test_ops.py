@@ -182,6 +182,34 @@ def test_kernels_refuse_bad_shapes(ext):
         ext.int4_linear(torch.randn(1, 64), packed, s, m, 48, None)
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+def test_rows_shared_out_among_threads_give_one_threads_bits(ext, rows):
+    # Large enough that the decode kernels hand out many spans of rows to whichever thread is free
+    # (an odd count, so the last span is short): every output row is computed once, as alone.
+    torch.manual_seed(5)
+    N, K = 1001, 2560
+    x = torch.randn(rows, K).bfloat16()
+    q, scale = Q.quantize_int8(torch.randn(N, K))
+    packed, s4, m4 = Q.quantize_int4(torch.randn(N, K), 64)
+    w16, b = torch.randn(N, K).bfloat16(), torch.randn(N).bfloat16()
+    cache_k, cache_v = torch.randn(2, 37, 300, 80).bfloat16(), torch.randn(2, 37, 300, 80).bfloat16()
+    query = torch.randn(2, 37, 1, 80).bfloat16()
+    calls = [lambda: ext.int8_linear(x, q, scale, Q.int8_row_sums(q), b),
+             lambda: ext.int4_linear(x, packed, s4, m4, 64, b),
+             lambda: ext.bf16_linear(x, w16, b),
+             lambda: ext.decode_attention(query, cache_k, cache_v, None, torch.tensor([300, 123]), None, None)]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = [call() for call in calls]
+        torch.set_num_threads(max(threads, 2))
+        shared = [call() for call in calls]
+    finally:
+        torch.set_num_threads(threads)
+    for one, many in zip(alone, shared):
+        assert torch.equal(one, many)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch, heads, length, head_dim",
                          [(1, 32, 300, 80), (3, 4, 37, 64), (2, 2, 1, 12), (1, 8, 45, 32), (1, 2, 19, 20), (1, 2, 16, 96)])
