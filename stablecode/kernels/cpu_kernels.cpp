@@ -136,6 +136,16 @@ inline void prefetch_kept_ahead(const void* p) {
 #endif
 }
 
+// The first kPrefetchBytes of a stream about to be read (at most `bytes`), which prefetch_ahead
+// never asks for: for the short streams of decode attention (a head's keys or values at a
+// 512-token context are 80 KB) those lines were a fifth of the stream.
+inline void prefetch_start(const void* p, int64_t bytes) {
+#if defined(__GNUC__)
+  for (int64_t offset = 0; offset < std::min(bytes, kPrefetchBytes); offset += 64)
+    __builtin_prefetch(static_cast<const char*>(p) + offset, 0, 0);
+#endif
+}
+
 // The same for every cache line of bytes [p, p + bytes).
 inline void prefetch_span_ahead(const void* p, int64_t bytes) {
   for (int64_t offset = 0; offset < bytes; offset += 64) prefetch_ahead(static_cast<const char*>(p) + offset);
@@ -952,6 +962,7 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k, const
       const float* value_scales = scaled ? vsp + row * v_scale.stride(0) + h * v_scale.stride(1) : nullptr;
       float highest = -INFINITY, total = 0.f;
       int64_t j = 0;
+      prefetch_start(keys, length * k.stride(2) * int64_t(sizeof(KT)));
 #if SC_AVX2
       __m256 top = _mm256_set1_ps(-INFINITY);
       for (; j + 8 <= length; j += 8) {
@@ -971,6 +982,7 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k, const
         highest = std::max(highest, scores[j]);
       }
       j = 0;
+      prefetch_start(values, length * v.stride(2) * int64_t(sizeof(KT)));  // in flight during the softmax
 #if SC_AVX2
       const __m256 top8 = _mm256_set1_ps(highest);
       __m256 sum8 = _mm256_setzero_ps();
