@@ -80,7 +80,7 @@ SC_VNNI inline __m256i dpbusd(__m256i acc, __m256i u8, __m256i s8) {
 #endif
 
 // Rows per task: at least ~256 KiB of weights each, so small layers stay on one thread (a
-// fork/join costs more than they do) and large ones split evenly across all threads.
+// fork/join costs more than they do) and large ones are shared among all threads (parallel_rows).
 inline int64_t grain_rows(int64_t row_bytes) { return std::max<int64_t>(16, (256 << 10) / std::max<int64_t>(row_bytes, 1)); }
 
 // fn(begin, end) over 0..n, each span taken by whichever thread is free next: first large ones
